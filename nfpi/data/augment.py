@@ -1,0 +1,93 @@
+"""Training augmentation of the paper (method notes, section 7), on uint8 image tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from nfpi.errors import ConfigError
+
+__all__ = ["paper_augmentation"]
+
+# Released CIFAR values: ColorJitter(0.1, 0.1, 0.05), RandomRotation(12).
+BRIGHTNESS, CONTRAST, SATURATION = 0.1, 0.1, 0.05
+ROTATION_DEGREES = 12.0
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ConfigError("shape", shape, "(C, H, W) with three positive ints")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def paper_augmentation(
+    shape: Sequence[int],
+    *,
+    flip: bool = True,
+    color: bool | None = None,
+    degrees: float = ROTATION_DEGREES,
+    pad: int | None = None,
+    max_shift: int | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Build the paper's training augmentation for uint8 images of ``shape = (C, H, W)``.
+
+    Order as in the authors' release (CIFAR): horizontal flip (p = 0.5) -> colour jitter
+    (brightness 0.1, contrast 0.1, saturation 0.05) -> edge padding by ``pad`` -> rotation by
+    U(-degrees, degrees) (nearest neighbour, as the release) -> centre crop to
+    ``(H + 2 max_shift, W + 2 max_shift)`` -> random crop back to ``(H, W)``, i.e. a random
+    translation of at most ``max_shift`` pixels. Edge padding before the rotation keeps the
+    rotated corners filled with image content instead of black.
+
+    Args:
+        shape: ``(C, H, W)`` of the images; the output has the same shape and dtype (uint8).
+        flip: random horizontal flip. Pass ``False`` for glyphs (digits): a mirrored digit is
+            another glyph (or none), not the same class.
+        color: colour jitter; default on for 3 channels and off otherwise (saturation needs
+            RGB, and brightness/contrast jitter of a grayscale glyph is not part of the recipe;
+            the release does not jitter MNIST either).
+        degrees: rotation range in degrees (12 in the paper).
+        pad: edge padding before rotation; default ``max(1, H // 4)`` (8 for 32 x 32).
+        max_shift: random translation in pixels; default ``2`` for images of side >= 16
+            (the release's CenterCrop(36) -> RandomCrop(32)) and ``1`` below.
+
+    Randomness comes from torch's global RNG (torchvision transforms take no generator):
+    ``torch.manual_seed`` makes a call reproducible; in DataLoader workers, PyTorch seeds each
+    worker from the loader's generator (see :func:`nfpi.data.make_loader`).
+
+    Example:
+        >>> aug = paper_augmentation((3, 32, 32))
+        >>> aug(torch.zeros(3, 32, 32, dtype=torch.uint8)).shape
+        torch.Size([3, 32, 32])
+    """
+    c, h, w = _check_shape(shape)
+    if color is None:
+        color = c == 3
+    if color and c != 3:
+        raise ConfigError("color", color, f"colour jitter needs 3 channels, the images have {c}")
+    if degrees < 0:
+        raise ConfigError("degrees", degrees, "a rotation range >= 0")
+    if pad is None:
+        pad = max(1, min(h, w) // 4)
+    if max_shift is None:
+        max_shift = 2 if min(h, w) >= 16 else 1
+    if pad < 0:
+        raise ConfigError("pad", pad, "an int >= 0")
+    if max_shift < 0 or max_shift > pad:
+        raise ConfigError("max_shift", max_shift, f"an int in [0, pad = {pad}]")
+
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if flip:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    if color:
+        steps.append(
+            v2.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION)
+        )
+    if pad > 0:
+        steps.append(v2.Pad(pad, padding_mode="edge"))
+    if degrees > 0:
+        steps.append(v2.RandomRotation(degrees, interpolation=v2.InterpolationMode.NEAREST))
+    steps.append(v2.CenterCrop((h + 2 * max_shift, w + 2 * max_shift)))
+    steps.append(v2.RandomCrop((h, w)))
+    return v2.Compose(steps)
