@@ -127,6 +127,8 @@ def extract_archive(
                     tf.extractall(tmp, members=members, filter="data")
                 else:  # Python < 3.10.12 / 3.11.4: our own member check is the only guard
                     tf.extractall(tmp, members=members)
+        except getattr(tarfile, "FilterError", ()) as e:
+            raise UnsafeArchiveError(f"archive {archive}: unsafe member refused: {e}") from e
         except tarfile.TarError as e:
             raise DatasetNotFoundError(f"cannot read {archive} as a tar archive: {e}") from e
         try:
