@@ -152,7 +152,7 @@ def test_imagefolder_tree_labels_pixels_and_gray(tmp_path):
     train, info = load_dataset("imagefolder", "train", root=root)
     test, info_test = load_dataset("imagefolder", "test", root=root)
     assert info.class_names == ("ant", "cat", "dog")  # sorted folder names
-    assert info == dataclasses.replace(info_test)
+    assert info == info_test
     assert info.shape == (3, 8, 8) and info.num_classes == 3
     assert len(train) == 10 and len(test) == 6  # txt file ignored, gray image kept
     assert train.class_counts(3).tolist() == [3, 3, 4]
@@ -518,6 +518,9 @@ def test_make_loader_is_seeded_per_epoch():
     ev = make_loader(ds, 8, shuffle=False, seed=0)
     assert len(ev) == 4 and torch.cat([y for _, y in ev]).tolist() == ds.targets.tolist()
     assert epoch_seed(0, 1) != epoch_seed(1, 0)
+    with pytest.raises(ConfigError) as err:
+        make_loader(ds, 8, shuffle=True, seed=-1)
+    assert err.value.field == "seed"
     with pytest.raises(ConfigError):
         make_loader(ds, 0, shuffle=True, seed=0)
 

@@ -199,8 +199,8 @@ def load_dataset(
         raise ConfigError("name", name, f"one of {DATASET_NAMES}")
     if split not in SPLITS:
         raise ConfigError("split", split, f"one of {SPLITS}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError("seed", seed, "an int")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError("seed", seed, "an int >= 0")
     if augment and split != "train":
         raise ConfigError(
             "augment",

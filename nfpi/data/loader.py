@@ -17,7 +17,10 @@ __all__ = ["epoch_seed", "make_loader", "set_loader_epoch"]
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed that depends on ``(seed, epoch)`` only (numpy ``SeedSequence`` mixing, so
     nearby pairs give unrelated streams)."""
-    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+    for field, value in (("seed", seed), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(field, value, "an int >= 0")
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
