@@ -1,0 +1,287 @@
+"""Gradient-descent baseline NF^GD: the objective of Prop. 1 minimised by Adam instead of FPI.
+
+Variances are reparametrised as v = a * sigmoid(b * theta) + c (released values (a, b, c) =
+(1, 1, 0.25): v in (0.25, 1.25), v = 0.75 at theta = 0), so gradient steps can never leave the
+positive range. Adam (0.9, 0.999, 1e-8) runs on mu and theta in float64, with the learning rate
+set by a policy at every step.
+
+Learning-rate policies (the paper names five without defining them; these are our definitions):
+
+=================  ===========================================================================
+``constant``        lr0
+``sublinear_v1``    lr_min + (lr0 - lr_min) (1 - t/T)^(1/2)   concave: stays high, drops late
+``sublinear_v2``    lr_min + (lr0 - lr_min) (1 - t/T)^(1/4)
+``linear``          lr_min + (lr0 - lr_min) (1 - t/T)
+``superlinear_v1``  lr_min + (lr0 - lr_min) (1 - t/T)^2       convex: drops early, tails off
+``superlinear_v2``  lr_min + (lr0 - lr_min) (1 - t/T)^4
+``geometric_knots`` the release's default: log-linear interpolation between knots
+                    (0, 0.1), (10, 0.1), (11, 0.01), (100, 0.001), constant after the last
+=================  ===========================================================================
+
+t is the GD step count (over the whole run), T = ``total_steps`` (t > T keeps lr_min).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from nfpi.errors import ConfigError, NonFiniteError, ShapeError
+from nfpi.prior.gaussian import GaussianPrior
+from nfpi.prior.objective import PiMode, pairwise_potential, prior_objective
+from nfpi.prior.stats import ClassStatistics
+
+__all__ = ["POLICY_POWERS", "GDConfig", "GDReport", "GDSolver", "LRPolicy"]
+
+PolicyName = Literal[
+    "constant",
+    "sublinear_v1",
+    "sublinear_v2",
+    "linear",
+    "superlinear_v1",
+    "superlinear_v2",
+    "geometric_knots",
+]
+POLICY_POWERS: dict[str, float] = {
+    "sublinear_v1": 0.5,
+    "sublinear_v2": 0.25,
+    "linear": 1.0,
+    "superlinear_v1": 2.0,
+    "superlinear_v2": 4.0,
+}
+_RELEASE_KNOTS = ((0, 0.1), (10, 0.1), (11, 0.01), (100, 0.001))
+
+
+@dataclass(frozen=True)
+class LRPolicy:
+    """A learning-rate schedule over GD steps; ``lr(t)`` gives the rate of step t (0-based)."""
+
+    name: PolicyName = "geometric_knots"
+    lr0: float = 0.1
+    lr_min: float = 1e-3
+    total_steps: int = 1000
+    knots: tuple[tuple[int, float], ...] = _RELEASE_KNOTS
+
+    def __post_init__(self) -> None:
+        allowed = ("constant", "geometric_knots", *POLICY_POWERS)
+        if self.name not in allowed:
+            raise ConfigError("gd.policy.name", self.name, f"one of {allowed}")
+        if not (self.lr0 > 0 and math.isfinite(self.lr0)):
+            raise ConfigError("gd.policy.lr0", self.lr0, "a finite learning rate > 0")
+        if not (0 <= self.lr_min <= self.lr0):
+            raise ConfigError("gd.policy.lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}")
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ConfigError("gd.policy.total_steps", self.total_steps, "an integer >= 1")
+        steps = [k for k, _ in self.knots]
+        if (
+            not self.knots
+            or steps != sorted(set(steps))
+            or steps[0] != 0
+            or any(not lr > 0 for _, lr in self.knots)
+        ):
+            raise ConfigError(
+                "gd.policy.knots",
+                self.knots,
+                "((0, lr), (t1, lr1), ...) with increasing steps and lr > 0",
+            )
+
+    def lr(self, step: int) -> float:
+        if self.name == "constant":
+            return self.lr0
+        if self.name == "geometric_knots":
+            for (t0, lr0), (t1, lr1) in zip(self.knots, self.knots[1:]):
+                if step < t1:
+                    frac = (step - t0) / (t1 - t0)
+                    return math.exp((1 - frac) * math.log(lr0) + frac * math.log(lr1))
+            return self.knots[-1][1]
+        frac = 1.0 - min(step, self.total_steps) / self.total_steps
+        return self.lr_min + (self.lr0 - self.lr_min) * frac ** POLICY_POWERS[self.name]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LRPolicy:
+        _reject_unknown(cls, values, "gd.policy")
+        values = dict(values)
+        if "knots" in values:
+            values["knots"] = tuple((int(t), float(lr)) for t, lr in values["knots"])
+        return cls(**values)
+
+
+def _reject_unknown(cls: type, values: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(prefix, unknown, f"unknown keys; allowed: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class GDConfig:
+    """Settings of the gradient-descent baseline (same objective as the FPI)."""
+
+    lam: float = 100.0
+    alpha: float = 10.0
+    pi: PiMode = "pairwise"
+    update: Literal["both", "mean", "variance"] = "both"
+    policy: LRPolicy = field(default_factory=LRPolicy)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    sigmoid: tuple[float, float, float] = (1.0, 1.0, 0.25)  # (a, b, c): v = a sigmoid(b theta) + c
+    steps_per_solve: int = 100
+
+    def __post_init__(self) -> None:
+        if self.pi not in ("pairwise", "mean"):
+            raise ConfigError("gd.pi", self.pi, "one of ('pairwise', 'mean')")
+        if self.update not in ("both", "mean", "variance"):
+            raise ConfigError("gd.update", self.update, "one of ('both', 'mean', 'variance')")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ConfigError("gd.lam", self.lam, "a finite lambda >= 0")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError("gd.alpha", self.alpha, "a finite alpha > 0")
+        a, b, c = self.sigmoid
+        if not (a > 0 and b > 0 and c > 0):
+            raise ConfigError(
+                "gd.sigmoid", self.sigmoid, "(a, b, c) all > 0 so that v lies in (c, a + c)"
+            )
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ConfigError("gd.betas", self.betas, "Adam betas in [0, 1)")
+        if not isinstance(self.steps_per_solve, int) or self.steps_per_solve < 1:
+            raise ConfigError("gd.steps_per_solve", self.steps_per_solve, "an integer >= 1")
+
+    @property
+    def var_range(self) -> tuple[float, float]:
+        a, _, c = self.sigmoid
+        return c, a + c
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GDConfig:
+        _reject_unknown(cls, values, "gd")
+        values = dict(values)
+        if isinstance(values.get("policy"), dict):
+            values["policy"] = LRPolicy.from_dict(values["policy"])
+        for key in ("betas", "sigmoid"):
+            if key in values:
+                values[key] = tuple(float(x) for x in values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GDReport:
+    """One call of :meth:`GDSolver.run`: merit before/after and the learning rates used.
+
+    The merit is the function the detached-pi gradient descends: the log-KL barrier
+    :func:`~nfpi.prior.objective.pairwise_potential` for ``pi="pairwise"`` (whose objective value
+    is constant in the repulsion), the objective itself for ``pi="mean"``.
+    """
+
+    steps: int = 0
+    first_step: int = 0
+    merit_before: float = float("nan")
+    merit_after: float = float("nan")
+    lrs: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GDSolver:
+    """Adam on (mu, theta) of the sigmoid-reparametrised prior; stateful across calls.
+
+    Example:
+        >>> z, y = torch.randn(300, 3, dtype=torch.float64), torch.arange(300) % 3
+        >>> stats = ClassStatistics.from_batch(z, y, 3)
+        >>> solver = GDSolver(GaussianPrior.from_statistics(stats), GDConfig(lam=10.0))
+        >>> prior, report = solver.run(stats, steps=20)
+        >>> report.steps
+        20
+    """
+
+    def __init__(self, init: GaussianPrior, config: GDConfig) -> None:
+        if init.covariance != "diag":
+            raise ShapeError("the GD baseline supports diagonal covariances only")
+        self.config = config
+        self.mu = init.means.detach().clone().requires_grad_(config.update != "variance")
+        self.theta = self._theta_of(init.var).requires_grad_(config.update != "mean")
+        params = [p for p in (self.mu, self.theta) if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            params, lr=config.policy.lr(0), betas=config.betas, eps=config.eps
+        )
+        self.step_count = 0
+
+    def _theta_of(self, var: Tensor) -> Tensor:
+        a, b, c = self.config.sigmoid
+        # Start variances outside (c, a + c) are pulled just inside the representable range.
+        frac = ((var.detach() - c) / a).clamp(1e-6, 1 - 1e-6)
+        return torch.logit(frac) / b
+
+    def variances(self) -> Tensor:
+        a, b, c = self.config.sigmoid
+        return a * torch.sigmoid(b * self.theta) + c
+
+    def prior(self) -> GaussianPrior:
+        return GaussianPrior(self.mu.detach(), var=self.variances().detach())
+
+    def _objective(self, m: Tensor, s: Tensor) -> Tensor:
+        cfg = self.config
+        return prior_objective(
+            self.mu, self.variances(), m, s, lam=cfg.lam, alpha=cfg.alpha, pi=cfg.pi
+        )
+
+    @torch.no_grad()
+    def merit(self, stats: ClassStatistics) -> float:
+        """The value GD steps decrease (see :class:`GDReport`), at the current parameters."""
+        cfg, m, s = self.config, stats.mean().to(self.mu), stats.var().to(self.mu)
+        if cfg.pi == "pairwise":
+            value = pairwise_potential(
+                self.mu, self.variances(), m, s, lam=cfg.lam, alpha=cfg.alpha
+            )
+        else:
+            value = self._objective(m, s)
+        return float(value)
+
+    def run(
+        self, stats: ClassStatistics, steps: int | None = None
+    ) -> tuple[GaussianPrior, GDReport]:
+        """``steps`` (default ``config.steps_per_solve``) Adam steps on the objective of ``stats``."""
+        steps = self.config.steps_per_solve if steps is None else steps
+        m, s = stats.mean().to(self.mu), stats.var().to(self.mu)
+        if m.shape != self.mu.shape:
+            raise ShapeError(
+                f"statistics of shape {tuple(m.shape)} do not match the prior {tuple(self.mu.shape)}"
+            )
+        report = GDReport(first_step=self.step_count, merit_before=self.merit(stats))
+        for _ in range(steps):
+            lr = self.config.policy.lr(self.step_count)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._objective(m, s)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"GD objective is {float(loss)} at step {self.step_count}")
+            loss.backward()
+            self.optimizer.step()
+            self.step_count += 1
+            report.steps += 1
+            report.lrs.append(lr)
+        report.merit_after = self.merit(stats)
+        return self.prior(), report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mu": self.mu.detach().clone(),
+            "theta": self.theta.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.mu.copy_(state["mu"])
+            self.theta.copy_(state["theta"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])

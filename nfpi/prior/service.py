@@ -1,0 +1,154 @@
+"""The object that owns the prior during training: a plain class (made a Ray actor in ray_jobs/).
+
+Workers reduce their class statistics (all-reduce of :meth:`ClassStatistics.flat`) and hand the
+result to :meth:`PriorService.update`; the service runs the configured solver and returns the new
+prior's state with a version number that increases by one per update. Its whole state (prior,
+version, solver reports, GD optimiser state) round-trips through :meth:`state_dict`, which goes
+into every training checkpoint so that a restarted service can be re-seeded exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from torch import Tensor
+
+from nfpi.errors import ConfigError, ShapeError
+from nfpi.prior.fpi import FPIConfig, solve_fpi
+from nfpi.prior.gaussian import Covariance, GaussianPrior
+from nfpi.prior.gd import GDConfig, GDSolver
+from nfpi.prior.stats import ClassStatistics
+
+__all__ = ["PriorMethod", "PriorService"]
+
+log = logging.getLogger(__name__)
+PriorMethod = Literal["fpi", "gd", "data-init"]
+
+
+class PriorService:
+    """Holds the prior, its version and the solver reports; solves on request.
+
+    Args:
+        method: ``fpi`` (solve the FPI on :meth:`update`), ``gd`` (run GD steps) or
+            ``data-init`` (class moments at :meth:`initialize`, never updated).
+        num_classes, dim: K and d.
+        fpi, gd: solver configs for the two methods.
+        covariance: ``diag`` or ``full`` (full with ``fpi`` only).
+    """
+
+    def __init__(
+        self,
+        method: PriorMethod,
+        num_classes: int,
+        dim: int,
+        *,
+        fpi: FPIConfig | None = None,
+        gd: GDConfig | None = None,
+        covariance: Covariance = "diag",
+    ) -> None:
+        if method not in ("fpi", "gd", "data-init"):
+            raise ConfigError("prior.method", method, "one of ('fpi', 'gd', 'data-init')")
+        if covariance == "full" and method == "gd":
+            raise ConfigError(
+                "prior.covariance", covariance, "the GD baseline supports 'diag' only"
+            )
+        self.method, self.num_classes, self.dim = method, num_classes, dim
+        self.fpi = fpi if fpi is not None else FPIConfig(covariance=covariance)
+        self.gd = gd if gd is not None else GDConfig()
+        if self.fpi.covariance != covariance:
+            raise ConfigError(
+                "fpi.covariance", self.fpi.covariance, f"must match prior.covariance={covariance!r}"
+            )
+        self.covariance: Covariance = covariance
+        self.prior = GaussianPrior.standard(num_classes, dim, covariance)
+        self.version = 0
+        self.reports: list[dict[str, Any]] = []
+        self._gd: GDSolver | None = None
+
+    # ------------------------------------------------------------------------------- requests
+    def _check(self, stats: ClassStatistics) -> None:
+        if (stats.num_classes, stats.dim) != (self.num_classes, self.dim):
+            raise ShapeError(
+                f"statistics for (K, d) = {(stats.num_classes, stats.dim)} sent to a prior service "
+                f"of (K, d) = {(self.num_classes, self.dim)}"
+            )
+
+    def _publish(self, prior: GaussianPrior, report: dict[str, Any]) -> dict[str, Tensor]:
+        self.prior = prior
+        self.version += 1
+        report = {"version": self.version, **report}
+        self.reports.append(report)
+        log.info("prior v%d (%s): %s", self.version, report.get("kind"), report.get("summary", ""))
+        return self.state()
+
+    def initialize(self, stats: ClassStatistics) -> dict[str, Tensor]:
+        """Data-init: the class moments of ``stats`` (identity variances if the FPI asks so)."""
+        self._check(stats)
+        variance_init = self.fpi.variance_init if self.method == "fpi" else "data"
+        prior = GaussianPrior.from_statistics(stats, self.covariance, variance_init)
+        if self.method == "gd":
+            self._gd = GDSolver(prior, self.gd)
+            prior = self._gd.prior()  # variances as the sigmoid range represents them
+        return self._publish(
+            prior, {"kind": "data-init", "summary": f"{int(stats.count.sum())} samples"}
+        )
+
+    def update(self, stats: ClassStatistics) -> dict[str, Tensor]:
+        """One scheduled prior update from the reduced statistics: an FPI solve (from the
+        statistics' moments, as in the paper) or ``gd.steps_per_solve`` GD steps."""
+        self._check(stats)
+        if self.method == "data-init":
+            raise ConfigError(
+                "prior.method", self.method, "data-init priors are frozen; no update is scheduled"
+            )
+        if self.method == "fpi":
+            prior, report = solve_fpi(stats, self.fpi)
+            return self._publish(
+                prior, {"kind": "fpi", "summary": report.summary(), **report.to_dict()}
+            )
+        if self._gd is None:
+            self._gd = GDSolver(self.prior, self.gd)
+        prior, report = self._gd.run(stats)
+        return self._publish(
+            prior, {"kind": "gd", "summary": f"{report.steps} steps", **report.to_dict()}
+        )
+
+    def state(self) -> dict[str, Tensor]:
+        """The current prior's tensors (``GaussianPrior.from_state_dict`` rebuilds it)."""
+        return {k: v.clone() for k, v in self.prior.state_dict().items()}
+
+    def get(self) -> tuple[dict[str, Tensor], int]:
+        return self.state(), self.version
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "prior": self.state(),
+            "version": self.version,
+            "reports": list(self.reports),
+            "gd": None if self._gd is None else self._gd.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["method"] != self.method:
+            raise ConfigError(
+                "prior.method", self.method, f"checkpoint was written by method {state['method']!r}"
+            )
+        prior = GaussianPrior.from_state_dict(state["prior"])
+        if (prior.num_classes, prior.dim, prior.covariance) != (
+            self.num_classes,
+            self.dim,
+            self.covariance,
+        ):
+            raise ShapeError("checkpointed prior does not match this service's (K, d, covariance)")
+        self.prior, self.version, self.reports = (
+            prior,
+            int(state["version"]),
+            list(state["reports"]),
+        )
+        self._gd = None
+        if state.get("gd") is not None:
+            self._gd = GDSolver(prior, self.gd)
+            self._gd.load_state_dict(state["gd"])
