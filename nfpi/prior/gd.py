@@ -23,6 +23,7 @@ t is the GD step count (over the whole run), T = ``total_steps`` (t > T keeps lr
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -275,7 +276,8 @@ class GDSolver:
         return {
             "mu": self.mu.detach().clone(),
             "theta": self.theta.detach().clone(),
-            "optimizer": self.optimizer.state_dict(),
+            # deepcopy: optimizer.state_dict() aliases the live Adam moments.
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "step_count": self.step_count,
         }
 
@@ -283,5 +285,5 @@ class GDSolver:
         with torch.no_grad():
             self.mu.copy_(state["mu"])
             self.theta.copy_(state["theta"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.step_count = int(state["step_count"])

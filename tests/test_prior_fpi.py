@@ -1,0 +1,251 @@
+"""The fixed-point iteration: exact equations, fixed points, divergence, golden 2-D case."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nfpi.errors import (
+    ConfigError,
+    DegenerateGaussiansError,
+    FPIDivergenceError,
+    FPINotConvergedError,
+    ShapeError,
+)
+from nfpi.prior import (
+    ClassStatistics,
+    FPIConfig,
+    GaussianPrior,
+    fpi_step,
+    prior_objective,
+    solve_fpi,
+)
+from nfpi.prior.naive import fpi_step_broadcast
+
+GOLDEN = Path(
+    os.environ.get("NFPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+GOLDEN = GOLDEN / "cifar10_tsne2d.npz"
+
+
+def _blobs(k=5, d=3, n=400, spread=1.0, seed=0, full=False):
+    """Overlapping anisotropic class blobs: a small real-valued stand-in for latents."""
+    g = torch.Generator().manual_seed(seed)
+    centers = spread * torch.randn(k, d, generator=g, dtype=torch.float64)
+    scales = 0.5 + torch.rand(k, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n * k) % k
+    z = centers[y] + scales[y] * torch.randn(n * k, d, generator=g, dtype=torch.float64)
+    return ClassStatistics.from_batch(z, y, k, full=full)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not GOLDEN.exists():
+        pytest.skip(f"golden 2-D data not found at {GOLDEN} (set NFPI_SHARED_DATA to its folder)")
+    data = np.load(GOLDEN)
+    return ClassStatistics.from_batch(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]), 10)
+
+
+def _grads(prior, stats, cfg):
+    means = prior.means.clone().requires_grad_()
+    scale = prior.scale_param.clone().requires_grad_()
+    data_scale = stats.var() if prior.covariance == "diag" else stats.cov()
+    loss = prior_objective(
+        means, scale, stats.mean(), data_scale, lam=cfg.lam, alpha=cfg.alpha, pi=cfg.pi
+    )
+    return torch.autograd.grad(loss, [means, scale])
+
+
+# ---------------------------------------------------------------------------------- lambda = 0
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_lambda_zero_returns_class_moments_in_one_iteration(covariance):
+    stats = _blobs(full=covariance == "full")
+    prior, report = solve_fpi(stats, FPIConfig(lam=0.0, covariance=covariance, tol=1e-12))
+    assert report.iterations == 1 and report.converged
+    torch.testing.assert_close(prior.means, stats.mean(), rtol=0, atol=1e-12)
+    expected = stats.var() if covariance == "diag" else stats.cov()
+    torch.testing.assert_close(prior.scale_param, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lambda_zero_from_another_positive_start():
+    stats = _blobs()
+    start = GaussianPrior(stats.mean() + 3.0, var=torch.full_like(stats.mean(), 7.0))
+    mu1, _ = fpi_step(start.means, start.var, stats.mean(), stats.var(), FPIConfig(lam=0.0))
+    torch.testing.assert_close(mu1, stats.mean(), rtol=0, atol=1e-12)  # Eq. 5 at lambda = 0: m
+    prior, report = solve_fpi(stats, FPIConfig(lam=0.0, tol=1e-12), init=start)
+    # Eq. 6 is the geometric mean v_old # (s + (m - mu)^2): the log-error halves per plain step;
+    # the Anderson mixing solves this linear recursion in a handful of iterations.
+    assert report.converged and report.iterations <= 8
+    torch.testing.assert_close(prior.var, stats.var(), rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------------- GEMM == broadcast
+CONFIGS = [
+    FPIConfig(lam=50.0),
+    FPIConfig(lam=50.0, pi="mean"),
+    FPIConfig(lam=5.0, update="mean"),
+    FPIConfig(lam=5.0, update="variance"),
+    FPIConfig.reference(lam=50.0),
+    FPIConfig.reference(lam=50.0, summed_q=False),
+    FPIConfig.reference(lam=50.0, isotropic_mean=False, pi="mean"),
+]
+
+
+@pytest.mark.parametrize("k", [2, 13, 130])
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.form}-{c.pi}-{c.update}-q{c.summed_q:d}i{c.isotropic_mean:d}"
+)
+def test_gemm_step_equals_broadcast_step(k, cfg):
+    g = torch.Generator().manual_seed(k)
+    mu, m = (torch.randn(k, 6, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    v, s = (torch.rand(k, 6, generator=g, dtype=torch.float64) + 0.4 for _ in range(2))
+    got, ref = fpi_step(mu, v, m, s, cfg), fpi_step_broadcast(mu, v, m, s, cfg)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------- fixed point = stationary point
+@pytest.mark.parametrize("pi", ["pairwise", "mean"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_joint_fixed_point_zeroes_the_gradient(pi, covariance):
+    stats = _blobs(full=covariance == "full")
+    cfg = FPIConfig(lam=2.0, pi=pi, covariance=covariance, tol=1e-12, max_iter=2000)
+    prior, report = solve_fpi(stats, cfg)
+    assert report.converged
+    g_mu, g_scale = _grads(prior, stats, cfg)
+    assert g_mu.abs().max() < 1e-8 and g_scale.abs().max() < 1e-8
+    assert report.kl_min_after > report.kl_min_before  # the repulsion separated the classes
+
+
+@pytest.mark.parametrize("pi", ["pairwise", "mean"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_mean_only_fixed_point_at_large_lambda(pi, covariance):
+    stats = _blobs(full=covariance == "full")
+    cfg = FPIConfig(lam=1e4, pi=pi, update="mean", covariance=covariance, tol=1e-11, max_iter=3000)
+    prior, report = solve_fpi(stats, cfg)
+    assert report.converged
+    g_mu, _ = _grads(prior, stats, cfg)
+    assert g_mu.abs().max() < 1e-8
+    expected = stats.var() if covariance == "diag" else stats.cov()
+    assert torch.equal(prior.scale_param, expected)  # the variances did not move
+
+
+def test_variance_only_keeps_means_and_stays_positive():
+    stats = _blobs()
+    cfg = FPIConfig(lam=2.0, update="variance", tol=1e-12)
+    prior, report = solve_fpi(stats, cfg)
+    assert report.converged and torch.equal(prior.means, stats.mean())
+    assert (prior.var > 0).all() and torch.isfinite(prior.var).all()
+    _, g_v = _grads(prior, stats, cfg)
+    assert g_v.abs().max() < 1e-8
+
+
+def test_identity_variance_start_keeps_unit_variances_with_mean_update():
+    stats = _blobs()
+    prior, _ = solve_fpi(
+        stats, FPIConfig(lam=100.0, update="mean", variance_init="identity", tol=1e-10)
+    )
+    assert torch.equal(prior.var, torch.ones_like(prior.var))
+
+
+# --------------------------------------------------------------------------------- golden 2-D
+def test_golden_reference_form_reproduces_release(golden):
+    cfg = FPIConfig.reference(
+        lam=1000.0, alpha=10.0, pi="pairwise", summed_q=False, isotropic_mean=True
+    )
+    prior, report = solve_fpi(golden, cfg)
+    assert report.iterations == 20 and report.converged
+    assert round(report.residuals_mean[-1], 4) == 0.0753
+    assert round(report.residuals_var[-1], 4) == 0.0119
+    assert report.residuals_mean[-2] > 0.1  # it really stopped at the first step within eps
+
+
+def test_reference_variance_fixed_point_is_cube_root(golden):
+    s = golden.var()
+    mu, v = fpi_step(golden.mean(), s, golden.mean(), s, FPIConfig.reference(lam=0.0))
+    torch.testing.assert_close(v, torch.ones_like(v))  # first iterate from v = s is 1
+    prior, _ = solve_fpi(golden, FPIConfig.reference(lam=0.0, tol=1e-9, round_float32=False))
+    torch.testing.assert_close(prior.var, s ** (1 / 3), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("lam", [1000.0, 1e5])
+def test_golden_paper_mean_only_converges(golden, lam):
+    cfg = FPIConfig(lam=lam, update="mean", tol=1e-9, max_iter=2000)
+    prior, report = solve_fpi(golden, cfg)
+    assert report.converged and report.final_residual < 1e-9
+    assert report.iterations < 600
+    g_mu, _ = _grads(prior, golden, cfg)
+    assert g_mu.abs().max() < 1e-8
+
+
+def test_golden_paper_joint_diverges_with_named_error(golden):
+    with pytest.raises(FPIDivergenceError, match="var_bounds") as info:
+        solve_fpi(golden, FPIConfig(lam=1000.0, update="both", tol=1e-9, max_iter=2000))
+    report = info.value.report
+    assert report.stop_reason == "diverged" and not report.converged
+    assert report.iterations < 2000 and all(np.isfinite(report.residuals))
+
+
+def test_golden_paper_joint_with_bounds_converges_to_constrained_stationary_point(golden):
+    lo, hi = 1.0, 2000.0
+    cfg = FPIConfig(lam=1000.0, update="both", var_bounds=(lo, hi), tol=1e-9, max_iter=2000)
+    prior, report = solve_fpi(golden, cfg)
+    assert report.converged
+    v = prior.var
+    assert (v >= lo).all() and (v <= hi).all()
+    g_mu, g_v = _grads(prior, golden, cfg)
+    at_lo, at_hi = v <= lo * (1 + 1e-12), v >= hi * (1 - 1e-12)
+    assert report.at_upper_bound == int(at_hi.sum()) > 0
+    assert report.at_lower_bound == int(at_lo.sum())
+    assert g_mu.abs().max() < 1e-8
+    free = ~(at_lo | at_hi)
+    assert g_v[free].abs().max() < 1e-8
+    # At a bound the objective would still decrease by moving outward.
+    assert (g_v[at_hi] < 0).all() and (g_v[at_lo] > 0).all()
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_config_validation_names_the_field():
+    for kwargs, field in [
+        ({"lam": -1.0}, "fpi.lam"),
+        ({"alpha": 0.0}, "fpi.alpha"),
+        ({"pi": "max"}, "fpi.pi"),
+        ({"update": "all"}, "fpi.update"),
+        ({"tol": 0.0}, "fpi.tol"),
+        ({"max_iter": 0}, "fpi.max_iter"),
+        ({"var_bounds": (2.0, 1.0)}, "fpi.var_bounds"),
+        ({"summed_q": True}, "fpi.form"),
+        ({"form": "reference", "covariance": "full"}, "fpi.covariance"),
+        ({"anderson_memory": 0}, "fpi.anderson_memory"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            FPIConfig(**kwargs)
+    with pytest.raises(ConfigError, match="unknown"):
+        FPIConfig.from_dict({"lam": 1.0, "lambda": 2.0})
+
+
+def test_unconverged_solve_raises_or_reports():
+    stats = _blobs()
+    with pytest.raises(FPINotConvergedError) as info:
+        solve_fpi(stats, FPIConfig(lam=50.0, update="mean", tol=1e-14, max_iter=3))
+    assert info.value.report.iterations == 3
+    _, report = solve_fpi(
+        stats, FPIConfig(lam=50.0, update="mean", tol=1e-14, max_iter=3, require_convergence=False)
+    )
+    assert not report.converged and report.stop_reason == "max_iter"
+
+
+def test_coinciding_classes_raise_degenerate_error():
+    z = torch.randn(400, 3, dtype=torch.float64)
+    y = torch.arange(400) % 2
+    stats = ClassStatistics.from_batch(torch.cat([z, z]), torch.cat([y * 0, y * 0 + 1]), 2)
+    with pytest.raises(DegenerateGaussiansError, match="classes 0 and 1"):
+        solve_fpi(stats, FPIConfig(lam=10.0))
+
+
+def test_mismatched_init_is_rejected():
+    stats = _blobs()
+    with pytest.raises(ShapeError):
+        solve_fpi(stats, FPIConfig(), init=GaussianPrior.standard(4, 3))

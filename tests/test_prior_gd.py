@@ -1,0 +1,171 @@
+"""The gradient-descent baseline and its learning-rate policies; the PriorService."""
+
+import math
+
+import pytest
+import torch
+
+from nfpi.errors import ConfigError, ShapeError
+from nfpi.prior import (
+    POLICY_POWERS,
+    ClassStatistics,
+    FPIConfig,
+    GaussianPrior,
+    GDConfig,
+    GDSolver,
+    LRPolicy,
+    PriorService,
+    solve_fpi,
+)
+
+
+def _stats(k=4, d=3, n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n * k) % k
+    z = 0.3 * torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+    z = z + 0.7 * torch.randn(n * k, d, generator=g, dtype=torch.float64)
+    return ClassStatistics.from_batch(z, y, k)
+
+
+# --------------------------------------------------------------------------------- policies
+@pytest.mark.parametrize("name", list(POLICY_POWERS))
+def test_polynomial_policy_shapes(name):
+    pol = LRPolicy(name=name, lr0=0.1, lr_min=0.001, total_steps=100)
+    lrs = [pol.lr(t) for t in range(151)]
+    assert (
+        lrs[0] == pytest.approx(0.1) and lrs[100] == pytest.approx(0.001) and lrs[150] == lrs[100]
+    )
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # non-increasing
+    p = POLICY_POWERS[name]
+    assert pol.lr(50) == pytest.approx(0.001 + 0.099 * 0.5**p)
+    linear_mid = 0.001 + 0.099 * 0.5
+    # sublinear: above the linear decay mid-way (concave); superlinear: below it (convex)
+    if name.startswith("sublinear"):
+        assert pol.lr(50) > linear_mid
+    elif name.startswith("superlinear"):
+        assert pol.lr(50) < linear_mid
+    else:
+        assert pol.lr(50) == pytest.approx(linear_mid)
+
+
+def test_v2_policies_are_more_extreme_than_v1():
+    mk = lambda n: LRPolicy(name=n, total_steps=100).lr(50)
+    assert mk("sublinear_v2") > mk("sublinear_v1") and mk("superlinear_v2") < mk("superlinear_v1")
+
+
+def test_release_geometric_knots_and_constant():
+    pol = LRPolicy(name="geometric_knots")
+    assert [pol.lr(t) for t in (0, 5, 10)] == pytest.approx([0.1, 0.1, 0.1])
+    assert pol.lr(11) == pytest.approx(0.01) and pol.lr(100) == pytest.approx(0.001)
+    assert pol.lr(5000) == pytest.approx(0.001)
+    mid = 11 + (100 - 11) // 2
+    assert math.log(pol.lr(mid)) == pytest.approx(math.log(0.01) + (mid - 11) / 89 * math.log(0.1))
+    assert LRPolicy(name="constant", lr0=0.02).lr(999) == 0.02
+
+
+def test_policy_validation():
+    with pytest.raises(ConfigError, match="gd.policy.name"):
+        LRPolicy(name="cosine")
+    with pytest.raises(ConfigError, match="gd.policy.lr_min"):
+        LRPolicy(lr0=0.01, lr_min=0.1)
+    with pytest.raises(ConfigError, match="gd.policy.knots"):
+        LRPolicy(knots=((5, 0.1), (2, 0.01)))
+    with pytest.raises(ConfigError, match="unknown"):
+        GDConfig.from_dict({"lam": 1.0, "policy": {"name": "linear", "power": 3}})
+    with pytest.raises(ConfigError, match="gd.sigmoid"):
+        GDConfig(sigmoid=(1.0, 1.0, 0.0))
+
+
+# ---------------------------------------------------------------------------------------- GD
+@pytest.mark.parametrize("name", ["constant", "linear", "superlinear_v2", "geometric_knots"])
+def test_gd_lowers_the_pairwise_potential_and_keeps_the_sigmoid_range(name):
+    stats = _stats()
+    cfg = GDConfig(lam=20.0, policy=LRPolicy(name=name, lr0=0.02, total_steps=150))
+    solver = GDSolver(GaussianPrior.from_statistics(stats), cfg)
+    prior, report = solver.run(stats, steps=150)
+    assert report.merit_after < report.merit_before
+    lo, hi = cfg.var_range
+    assert (prior.var > lo).all() and (prior.var < hi).all()
+    assert report.lrs == [cfg.policy.lr(t) for t in range(150)]
+
+
+def test_gd_with_mean_pi_and_no_repulsion_reaches_the_class_means():
+    stats = _stats()
+    start = GaussianPrior(stats.mean() + 0.5, var=torch.full_like(stats.mean(), 1.0))
+    cfg = GDConfig(lam=0.0, pi="mean", policy=LRPolicy(name="constant", lr0=0.02))
+    solver = GDSolver(start, cfg)
+    prior, report = solver.run(stats, steps=400)
+    assert report.merit_after < report.merit_before
+    torch.testing.assert_close(prior.means, stats.mean(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(prior.var, stats.var(), atol=1e-3, rtol=0)  # inside (0.25, 1.25)
+
+
+def test_gd_approaches_the_fpi_solution_of_the_same_objective():
+    stats = _stats()
+    fpi_prior, _ = solve_fpi(stats, FPIConfig(lam=20.0, update="mean", tol=1e-10))
+    init = GaussianPrior.from_statistics(stats)
+    solver = GDSolver(
+        init, GDConfig(lam=20.0, update="mean", policy=LRPolicy(name="constant", lr0=0.01))
+    )
+    gd_prior, _ = solver.run(stats, steps=1500)
+    # GD keeps the sigmoid-mapped variances; the FPI's mean-only fixed point uses the data
+    # variances: compare on a GD run whose variances are frozen at the same representable values.
+    ref, _ = solve_fpi(
+        stats,
+        FPIConfig(lam=20.0, update="mean", tol=1e-10),
+        init=GaussianPrior(stats.mean(), var=solver.variances().detach()),
+    )
+    torch.testing.assert_close(gd_prior.means, ref.means, atol=2e-3, rtol=0)
+    assert not torch.allclose(fpi_prior.means, stats.mean())  # the repulsion did move the means
+
+
+def test_gd_state_round_trip_continues_identically():
+    stats = _stats()
+    cfg = GDConfig(lam=10.0)
+    a = GDSolver(GaussianPrior.from_statistics(stats), cfg)
+    a.run(stats, steps=7)
+    b = GDSolver(GaussianPrior.standard(4, 3), cfg)
+    b.load_state_dict(a.state_dict())
+    pa, _ = a.run(stats, steps=5)
+    pb, _ = b.run(stats, steps=5)
+    assert torch.equal(pa.means, pb.means) and torch.equal(pa.var, pb.var)
+
+
+def test_gd_rejects_full_covariance():
+    cov = torch.eye(2, dtype=torch.float64).expand(3, 2, 2)
+    with pytest.raises(ShapeError):
+        GDSolver(GaussianPrior(torch.zeros(3, 2), cov=cov), GDConfig())
+
+
+# ------------------------------------------------------------------------------ PriorService
+@pytest.mark.parametrize("method", ["fpi", "gd", "data-init"])
+def test_service_versions_and_state_round_trip(method):
+    stats = _stats()
+    svc = PriorService(
+        method, 4, 3, fpi=FPIConfig(lam=5.0, tol=1e-8), gd=GDConfig(lam=5.0, steps_per_solve=3)
+    )
+    state = svc.initialize(stats)
+    assert svc.version == 1
+    torch.testing.assert_close(GaussianPrior.from_state_dict(state).means, stats.mean())
+    if method == "data-init":
+        with pytest.raises(ConfigError, match="frozen"):
+            svc.update(stats)
+    else:
+        svc.update(stats)
+        assert svc.version == 2 and svc.reports[-1]["kind"] == method
+    clone = PriorService(
+        method, 4, 3, fpi=FPIConfig(lam=5.0, tol=1e-8), gd=GDConfig(lam=5.0, steps_per_solve=3)
+    )
+    clone.load_state_dict(svc.state_dict())
+    assert clone.version == svc.version and clone.reports == svc.reports
+    if method != "data-init":
+        a, b = svc.update(stats), clone.update(stats)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_service_rejects_mismatched_statistics():
+    svc = PriorService("fpi", 4, 3)
+    with pytest.raises(ShapeError, match=r"\(K, d\)"):
+        svc.update(_stats(k=3))
+    with pytest.raises(ConfigError, match="prior.method"):
+        PriorService("adam", 4, 3)
