@@ -155,7 +155,7 @@ def test_golden_reference_form_reproduces_release(golden):
     cfg = FPIConfig.reference(
         lam=1000.0, alpha=10.0, pi="pairwise", summed_q=False, isotropic_mean=True
     )
-    prior, report = solve_fpi(golden, cfg)
+    _prior, report = solve_fpi(golden, cfg)
     assert report.iterations == 20 and report.converged
     assert round(report.residuals_mean[-1], 4) == 0.0753
     assert round(report.residuals_var[-1], 4) == 0.0119
@@ -164,7 +164,7 @@ def test_golden_reference_form_reproduces_release(golden):
 
 def test_reference_variance_fixed_point_is_cube_root(golden):
     s = golden.var()
-    mu, v = fpi_step(golden.mean(), s, golden.mean(), s, FPIConfig.reference(lam=0.0))
+    _mu, v = fpi_step(golden.mean(), s, golden.mean(), s, FPIConfig.reference(lam=0.0))
     torch.testing.assert_close(v, torch.ones_like(v))  # first iterate from v = s is 1
     prior, _ = solve_fpi(golden, FPIConfig.reference(lam=0.0, tol=1e-9, round_float32=False))
     torch.testing.assert_close(prior.var, s ** (1 / 3), rtol=1e-8, atol=0)

@@ -1,5 +1,6 @@
 """The gradient-descent baseline and its learning-rate policies; the PriorService."""
 
+import itertools
 import math
 
 import pytest
@@ -35,7 +36,7 @@ def test_polynomial_policy_shapes(name):
     assert (
         lrs[0] == pytest.approx(0.1) and lrs[100] == pytest.approx(0.001) and lrs[150] == lrs[100]
     )
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # non-increasing
+    assert all(a >= b for a, b in itertools.pairwise(lrs))  # non-increasing
     p = POLICY_POWERS[name]
     assert pol.lr(50) == pytest.approx(0.001 + 0.099 * 0.5**p)
     linear_mid = 0.001 + 0.099 * 0.5
