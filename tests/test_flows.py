@@ -448,6 +448,31 @@ def test_wrong_batch_shapes_raise() -> None:
         Squeeze()(torch.randn(1, 2, 3, 4))
     with pytest.raises(ShapeError):
         ActNorm((2, 4, 4), mode="element").data_init(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ShapeError, match=r"\[B, 5, H, W\]"):
+        InvConv1x1Exp(5)(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ShapeError, match="at least 2"):
+        flow.data_init(torch.randn(1, 1, 8, 8))
+
+
+def test_failed_data_init_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If data_init fails half-way, no layer may stay marked initialised (else the retry would
+    be refused) and no weight may have changed."""
+    flow = _tiny_model()
+    x = sample((1, 8, 8), 16)
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    last = [m for m in flow.modules() if isinstance(m, ActNorm)][-1]
+
+    def boom(x: torch.Tensor) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(last, "_init_from_batch", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        flow.data_init(x)
+    for k, v in flow.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    monkeypatch.undo()
+    flow.data_init(x)
+    assert all(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))
 
 
 def test_config_validation_names_the_field() -> None:

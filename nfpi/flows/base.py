@@ -162,24 +162,37 @@ def data_init(module: nn.Module, *inputs: Any) -> None:
             "loaded weights. Call data_init exactly once, on a freshly built model, before "
             "training; after loading a checkpoint, skip it."
         )
+    # All or nothing: a failure half-way (e.g. a batch too small for a statistic) restores the
+    # previous weights instead of leaving some layers marked initialised.
+    backup = {k: v.detach().clone() for k, v in module.state_dict().items()}
     for _, m in targets:
         m._init_pending = True
     try:
         with torch.no_grad():
             module(*inputs)
-    finally:
         missed = [name or "<root>" for name, m in targets if m._init_pending]
+        if missed:
+            raise DataInitError(f"data_init's forward pass did not reach the layers {missed}")
+    except BaseException:
+        module.load_state_dict(backup)
+        raise
+    finally:
         for _, m in targets:
             m._init_pending = False
-    if missed:
-        raise DataInitError(f"data_init's forward pass did not reach the layers {missed}")
     logger.debug("data_init set %d layers from a batch of %d", len(targets), len(inputs[0]))
 
 
-def check_image(x: Tensor, shape: tuple[int, int, int] | None, where: str) -> None:
-    """Raise :class:`ShapeError` unless ``x`` is [B, C, H, W] (with (C, H, W) == ``shape``)."""
-    if x.ndim != 4 or (shape is not None and tuple(x.shape[1:]) != tuple(shape)):
-        want = "[B, C, H, W]" if shape is None else f"[B, {shape[0]}, {shape[1]}, {shape[2]}]"
+def check_image(
+    x: Tensor, shape: tuple[int, ...] | None, where: str, channels: int | None = None
+) -> None:
+    """Raise :class:`ShapeError` unless ``x`` is [B, C, H, W] with (C, H, W) == ``shape``
+    (if given) and C == ``channels`` (if given)."""
+    bad = x.ndim != 4 or (shape is not None and tuple(x.shape[1:]) != tuple(shape))
+    if bad or (channels is not None and x.shape[1] != channels):
+        if shape is not None:
+            want = f"[B, {shape[0]}, {shape[1]}, {shape[2]}]"
+        else:
+            want = "[B, C, H, W]" if channels is None else f"[B, {channels}, H, W]"
         raise ShapeError(f"{where} expects a batch of shape {want}, got {tuple(x.shape)}")
 
 

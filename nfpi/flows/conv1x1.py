@@ -76,12 +76,12 @@ class InvConv1x1LU(InvertibleLayer):
         return (self.log_s.sum() * (x.shape[2] * x.shape[3])).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_image(x, None, "InvConv1x1LU.forward")
+        check_image(x, None, "InvConv1x1LU.forward", self.channels)
         w = self.weight()
         return F.conv2d(x, w[:, :, None, None]), self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        check_image(y, None, "InvConv1x1LU.inverse")
+        check_image(y, None, "InvConv1x1LU.inverse", self.channels)
         w_inv = torch.linalg.inv(self.weight())
         return F.conv2d(y, w_inv[:, :, None, None]), -self._logdet(y)
 
@@ -114,11 +114,11 @@ class InvConv1x1Exp(InvertibleLayer):
         return (torch.trace(self.log_weight) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_image(x, None, "InvConv1x1Exp.forward")
+        check_image(x, None, "InvConv1x1Exp.forward", self.channels)
         w = torch.linalg.matrix_exp(self.log_weight)
         return F.conv2d(x, w[:, :, None, None]), self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        check_image(y, None, "InvConv1x1Exp.inverse")
+        check_image(y, None, "InvConv1x1Exp.inverse", self.channels)
         w_inv = torch.linalg.matrix_exp(-self.log_weight)
         return F.conv2d(y, w_inv[:, :, None, None]), -self._logdet(y)

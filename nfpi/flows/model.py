@@ -225,6 +225,11 @@ class FlowModel(nn.Module):
         images is typical). Raises :class:`~nfpi.flows.base.DataInitError` if called twice or
         after loading a checkpoint."""
         check_image(x, self.in_shape, f"FlowModel {self.name!r} data_init")
+        if x.shape[0] < 2:
+            raise ShapeError(
+                f"data_init needs a batch of at least 2 images for its statistics, got "
+                f"{tuple(x.shape)}; a few hundred images is typical"
+            )
         data_init(self.flow, x)
 
 
