@@ -145,9 +145,9 @@ def test_service_versions_and_state_round_trip(method):
     svc = PriorService(
         method, 4, 3, fpi=FPIConfig(lam=5.0, tol=1e-8), gd=GDConfig(lam=5.0, steps_per_solve=3)
     )
-    state = svc.initialize(stats)
-    assert svc.version == 1
-    torch.testing.assert_close(GaussianPrior.from_state_dict(state).means, stats.mean())
+    update = svc.initialize(stats)
+    assert svc.version == update.version == 1
+    torch.testing.assert_close(update.build().means, stats.mean())
     if method == "data-init":
         with pytest.raises(ConfigError, match="frozen"):
             svc.update(stats)
@@ -160,7 +160,7 @@ def test_service_versions_and_state_round_trip(method):
     clone.load_state_dict(svc.state_dict())
     assert clone.version == svc.version and clone.reports == svc.reports
     if method != "data-init":
-        a, b = svc.update(stats), clone.update(stats)
+        a, b = svc.update(stats).prior, clone.update(stats).prior
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

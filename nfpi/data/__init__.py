@@ -15,7 +15,7 @@ with ``to_uint8``. Typical use::
 """
 
 from nfpi.data.archive import UnsafeArchiveError, extract_archive
-from nfpi.data.augment import paper_augmentation
+from nfpi.data.augment import BatchAugment, paper_augmentation
 from nfpi.data.datasets import (
     DatasetInfo,
     ImageDataset,
@@ -47,6 +47,7 @@ __all__ = [
     "DIGITS_TEST_FRACTION",
     "IMAGEFOLDER_LAYOUT",
     "SPLITS",
+    "BatchAugment",
     "DatasetInfo",
     "DatasetName",
     "ImageDataset",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,7 +10,7 @@ from torchvision.transforms import v2
 
 from nfpi.errors import ConfigError
 
-__all__ = ["paper_augmentation"]
+__all__ = ["BatchAugment", "paper_augmentation"]
 
 # Released CIFAR values: ColorJitter(0.1, 0.1, 0.05), RandomRotation(12).
 BRIGHTNESS, CONTRAST, SATURATION = 0.1, 0.1, 0.05
@@ -91,3 +92,98 @@ def paper_augmentation(
     steps.append(v2.CenterCrop((h + 2 * max_shift, w + 2 * max_shift)))
     steps.append(v2.RandomCrop((h, w)))
     return v2.Compose(steps)
+
+
+class BatchAugment:
+    """The paper's augmentation drawn per image but applied to a whole uint8 batch at once.
+
+    Same distribution family as :func:`paper_augmentation` (flip, colour jitter, rotation by
+    U(-degrees, degrees) with edge-replicated borders and nearest-neighbour sampling, a random
+    translation of at most ``max_shift`` pixels), as one vectorised affine warp
+    (``grid_sample``) plus a few blends, on any device. Per-image augmentation in a DataLoader
+    costs milliseconds per image on CPU and dominates training of small flows; this costs
+    microseconds. Differences from the per-image pipeline: the colour jitter's three factors are
+    applied in a fixed order (brightness, contrast, saturation) rather than a random one.
+
+    Randomness comes from the ``generator`` passed at call time (CPU), so a seeded generator per
+    epoch makes training reproducible and resumable.
+
+    Example:
+        >>> aug = BatchAugment((3, 32, 32))
+        >>> x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        >>> aug(x, torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        flip: bool = True,
+        color: bool | None = None,
+        degrees: float = ROTATION_DEGREES,
+        max_shift: int | None = None,
+    ) -> None:
+        c, h, w = _check_shape(shape)
+        if color is None:
+            color = c == 3
+        if color and c != 3:
+            raise ConfigError(
+                "color", color, f"colour jitter needs 3 channels, the images have {c}"
+            )
+        if degrees < 0:
+            raise ConfigError("degrees", degrees, "a rotation range >= 0")
+        if max_shift is None:
+            max_shift = 2 if min(h, w) >= 16 else 1
+        if max_shift < 0:
+            raise ConfigError("max_shift", max_shift, "an int >= 0")
+        self.shape, self.flip, self.color = (c, h, w), flip, color
+        self.degrees, self.max_shift = float(degrees), int(max_shift)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> augmented uint8 [B, C, H, W] (same device)."""
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ConfigError(
+                "images", tuple(x.shape), f"uint8 [B, {', '.join(map(str, self.shape))}]"
+            )
+        b, dev = x.shape[0], x.device
+        rand = lambda *s: torch.rand(*s, generator=generator).to(dev)
+        img = x.float()
+        if self.flip:
+            img = torch.where((rand(b) < 0.5)[:, None, None, None], img.flip(-1), img)
+        if self.color:
+            factor = lambda spread: (1 - spread + 2 * spread * rand(b))[:, None, None, None]
+            img = (img * factor(BRIGHTNESS)).clamp(0, 255)
+            gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
+            c = factor(CONTRAST)
+            img = (c * img + (1 - c) * gray.mean(dim=(2, 3), keepdim=True)).clamp(0, 255)
+            gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
+            s = factor(SATURATION)
+            img = (s * img + (1 - s) * gray).clamp(0, 255)
+        if self.degrees > 0 or self.max_shift > 0:
+            img = self._warp(img, rand(b), generator)
+        return img.round_().clamp_(0, 255).to(torch.uint8)
+
+    def _warp(
+        self, img: torch.Tensor, u: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        b, _, h, w = img.shape
+        dev = img.device
+        angle = (2 * u - 1) * math.radians(self.degrees)
+        shift = torch.randint(-self.max_shift, self.max_shift + 1, (b, 2), generator=generator).to(
+            dev
+        )
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij"
+        )
+        center = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=dev)
+        # Output pixel p shows the rotated image at p + shift; the rotated image at q samples the
+        # original at c + R(q - c). Border padding = the release's edge padding before rotating.
+        q = torch.stack([xs, ys], dim=-1).float()[None] + shift[:, None, None, :].float() - center
+        cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+        src_x = cos * q[..., 0] - sin * q[..., 1] + center[0]
+        src_y = sin * q[..., 0] + cos * q[..., 1] + center[1]
+        grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], dim=-1)
+        return torch.nn.functional.grid_sample(
+            img, grid, mode="nearest", padding_mode="border", align_corners=False
+        )

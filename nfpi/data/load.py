@@ -49,7 +49,7 @@ DIGITS_SPLIT_SEED = 0
 
 # Datasets whose classes are not mirror-symmetric: a flipped digit is another glyph (or none),
 # and a flipped synthetic plane wave is the pattern of another orientation, i.e. another class.
-_NO_FLIP = frozenset({"digits", "synthetic"})
+NO_FLIP = frozenset({"digits", "synthetic"})
 
 
 def default_data_root() -> Path:
@@ -246,7 +246,7 @@ def load_dataset(
     if in_memory and isinstance(dataset, ImageFileDataset):
         dataset = dataset.to_memory()
     if augment:
-        dataset.transform = paper_augmentation(info.shape, flip=name not in _NO_FLIP)
+        dataset.transform = paper_augmentation(info.shape, flip=name not in NO_FLIP)
     counts = dataset.class_counts(info.num_classes)
     if bool((counts == 0).any()):
         logger.warning(

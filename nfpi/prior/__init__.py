@@ -13,7 +13,7 @@ from nfpi.prior.objective import (
     prior_objective,
     repulsion_weights,
 )
-from nfpi.prior.service import PriorMethod, PriorService
+from nfpi.prior.service import PriorMethod, PriorService, PriorUpdate
 from nfpi.prior.stats import ClassStatistics
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PiMode",
     "PriorMethod",
     "PriorService",
+    "PriorUpdate",
     "class_nll",
     "fpi_step",
     "initial_prior",

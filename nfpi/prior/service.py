@@ -10,6 +10,7 @@ into every training checkpoint so that a restarted service can be re-seeded exac
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor
@@ -20,10 +21,26 @@ from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.gd import GDConfig, GDSolver
 from nfpi.prior.stats import ClassStatistics
 
-__all__ = ["PriorMethod", "PriorService"]
+__all__ = ["PriorMethod", "PriorService", "PriorUpdate"]
 
 log = logging.getLogger(__name__)
 PriorMethod = Literal["fpi", "gd", "data-init"]
+
+
+@dataclass
+class PriorUpdate:
+    """What a prior update hands back to the workers (picklable, small).
+
+    ``prior`` is the new prior's state (``GaussianPrior.from_state_dict`` rebuilds it),
+    ``version`` counts updates (1 = data-init), ``report`` is the solver's report as a dict.
+    """
+
+    prior: dict[str, Tensor]
+    version: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> GaussianPrior:
+        return GaussianPrior.from_state_dict(self.prior)
 
 
 class PriorService:
@@ -74,15 +91,15 @@ class PriorService:
                 f"of (K, d) = {(self.num_classes, self.dim)}"
             )
 
-    def _publish(self, prior: GaussianPrior, report: dict[str, Any]) -> dict[str, Tensor]:
+    def _publish(self, prior: GaussianPrior, report: dict[str, Any]) -> PriorUpdate:
         self.prior = prior
         self.version += 1
         report = {"version": self.version, **report}
         self.reports.append(report)
         log.info("prior v%d (%s): %s", self.version, report.get("kind"), report.get("summary", ""))
-        return self.state()
+        return PriorUpdate(self.state(), self.version, report)
 
-    def initialize(self, stats: ClassStatistics) -> dict[str, Tensor]:
+    def initialize(self, stats: ClassStatistics) -> PriorUpdate:
         """Data-init: the class moments of ``stats`` (identity variances if the FPI asks so)."""
         self._check(stats)
         variance_init = self.fpi.variance_init if self.method == "fpi" else "data"
@@ -94,7 +111,7 @@ class PriorService:
             prior, {"kind": "data-init", "summary": f"{int(stats.count.sum())} samples"}
         )
 
-    def update(self, stats: ClassStatistics) -> dict[str, Tensor]:
+    def update(self, stats: ClassStatistics) -> PriorUpdate:
         """One scheduled prior update from the reduced statistics: an FPI solve (from the
         statistics' moments, as in the paper) or ``gd.steps_per_solve`` GD steps."""
         self._check(stats)
@@ -118,8 +135,9 @@ class PriorService:
         """The current prior's tensors (``GaussianPrior.from_state_dict`` rebuilds it)."""
         return {k: v.clone() for k, v in self.prior.state_dict().items()}
 
-    def get(self) -> tuple[dict[str, Tensor], int]:
-        return self.state(), self.version
+    def get(self) -> PriorUpdate:
+        """The current prior, its version and the last report (e.g. after a restart)."""
+        return PriorUpdate(self.state(), self.version, self.reports[-1] if self.reports else {})
 
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,5 @@
+import sys
+
+from nfpi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""The pictures a researcher looks at, written as PNG files (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["image_grid", "kl_heatmaps", "residual_curve", "sample_grid", "tsne_plot"]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: Tensor, rows: int) -> np.ndarray:
+    """uint8 images [N, C, H, W] (N = rows * cols) -> one [rows*H, cols*W, C] array, 1px gaps."""
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), 255, dtype=np.uint8)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = arr[i]
+    return grid
+
+
+def sample_grid(images: Tensor, class_names: Sequence[str], temperature: float, path: Path) -> Path:
+    """Class-conditional samples: one row per class (uint8 images [K * n, C, H, W], class-major)."""
+    k = len(class_names)
+    grid = image_grid(images, rows=k)
+    fig, ax = plt.subplots(figsize=(max(3.0, grid.shape[1] / 12), max(3.0, grid.shape[0] / 12)))
+    ax.imshow(
+        grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest"
+    )
+    h = images.shape[2] + 1
+    ax.set_yticks([i * h + h / 2 for i in range(k)], labels=list(class_names), fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(f"class-conditional samples, T = {temperature:g}")
+    return _save(fig, path)
+
+
+def tsne_plot(
+    latents: Tensor,
+    labels: Tensor,
+    prior_means: Tensor,
+    class_names: Sequence[str],
+    path: Path,
+    seed: int = 0,
+) -> Path:
+    """2-D t-SNE of test latents coloured by class; the prior means are embedded with them
+    (t-SNE cannot place points afterwards) and drawn as labelled stars."""
+    from sklearn.manifold import TSNE
+
+    k = prior_means.shape[0]
+    pts = torch.cat([latents.double().cpu(), prior_means.double().cpu()]).numpy()
+    perplexity = float(min(30, max(5, (len(pts) - 1) // 4)))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        pts
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    lab = labels.cpu().numpy()
+    for c in range(k):
+        sel = emb[:-k][lab == c]
+        ax.scatter(
+            sel[:, 0],
+            sel[:, 1],
+            s=6,
+            color=cmap(c % cmap.N),
+            alpha=0.6,
+            label=class_names[c] if k <= 20 else None,
+        )
+    ax.scatter(
+        emb[-k:, 0],
+        emb[-k:, 1],
+        marker="*",
+        s=220,
+        c=[cmap(c % cmap.N) for c in range(k)],
+        edgecolors="black",
+    )
+    if k <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    ax.set_title("t-SNE of test latents (stars: prior means)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, path)
+
+
+def residual_curve(residuals: Sequence[float], path: Path, title: str = "FPI residual") -> Path:
+    """The solver's residual per iteration on a log scale."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.semilogy(
+        np.arange(1, len(residuals) + 1), np.maximum(np.asarray(residuals, dtype=float), 1e-300)
+    )
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("max class L2 change")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def kl_heatmaps(before: Tensor, after: Tensor, class_names: Sequence[str], path: Path) -> Path:
+    """Pairwise KL(N_y || N_y') before and after a solve, on a shared log colour scale."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    mats = [before.double().cpu().numpy(), after.double().cpu().numpy()]
+    off = [m[~np.eye(m.shape[0], dtype=bool)] for m in mats]
+    lo = max(min(float(o.min()) for o in off), 1e-6)
+    hi = max(float(o.max()) for o in off)
+    norm = matplotlib.colors.LogNorm(vmin=lo, vmax=max(hi, lo * 10))
+    for ax, mat, title in zip(axes, mats, ("before", "after"), strict=True):
+        shown = np.where(np.eye(mat.shape[0], dtype=bool), np.nan, np.maximum(mat, lo))
+        im = ax.imshow(shown, norm=norm, cmap="viridis")
+        ax.set_title(f"pairwise KL {title} (min {np.min(off[0 if title == 'before' else 1]):.3g})")
+        if len(class_names) <= 20:
+            ax.set_xticks(
+                range(len(class_names)), labels=list(class_names), rotation=90, fontsize=7
+            )
+            ax.set_yticks(range(len(class_names)), labels=list(class_names), fontsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    return _save(fig, path)

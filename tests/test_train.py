@@ -1,0 +1,154 @@
+"""The single-process experiment loop: schedule, metrics, pictures, checkpoints, exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nfpi.cli import main as cli_main
+from nfpi.config import ExperimentConfig, PriorConfig, experiment_config
+from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
+from nfpi.train import CHECKPOINT_FILE, Trainer
+
+
+def _cfg(tmp_path, **overrides):
+    base = {"output_dir": str(tmp_path / "run"), "eval.plots": False}
+    return experiment_config("smoke", {**base, **overrides})
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epoch):
+    def callback(trainer, result):
+        if result.epoch == epoch:
+            raise _Stop
+
+    return callback
+
+
+def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
+    cfg = _cfg(tmp_path, **{"eval.plots": True, "optim.epochs": 2})
+    history = Trainer(cfg).fit()
+    assert len(history) == 2
+    last = history[-1]
+    for key in ("train_bpd", "test_bpd", "nf_acc", "lr", "kl_min", "kl_mean", "prior_version"):
+        assert math.isfinite(last[key]), key
+    assert 0.0 <= last["nf_acc"] <= 1.0 and last["test_bpd"] > 0
+    first = history[0]
+    assert first["prior_version"] == 2 and first["fpi_iterations"] >= 1  # solved at end of epoch 0
+    out = tmp_path / "run"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0.0, 1.0]
+    assert (out / "checkpoint" / CHECKPOINT_FILE).exists()
+    pngs = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"samples_T0.7.png", "tsne.png", "kl_heatmap_v2.png", "fpi_residual_v2.png"} <= pngs
+    assert ExperimentConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    straight = Trainer(_cfg(tmp_path / "a", **{"optim.epochs": 3})).fit()
+
+    cfg = _cfg(tmp_path / "b", **{"optim.epochs": 3})
+    with pytest.raises(_Stop):
+        Trainer(cfg, callbacks=[_stop_after(1)]).fit()  # dies after epoch 1's checkpoint
+    resumed_trainer = Trainer(cfg)
+    resumed = resumed_trainer.fit()
+    assert len(resumed) == 3
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("train_bpd", "test_bpd", "nf_acc", "kl_min", "prior_version"):
+            assert a[key] == b[key], (key, a[key], b[key])
+    state_a = torch.load(
+        tmp_path / "a" / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False
+    )
+    for name, tensor in resumed_trainer.flow.state_dict().items():
+        assert torch.equal(tensor, state_a["flow"][name]), name
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, **{"optim.epochs": 3})
+
+    def poison(trainer, result):
+        if result.epoch == 0:
+            with torch.no_grad():
+                next(trainer.flow.parameters()).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        Trainer(cfg, callbacks=[poison]).fit()
+    state = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["flow"].values() if t.is_floating_point())
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    Trainer(_cfg(tmp_path, **{"optim.epochs": 1})).fit()
+    with pytest.raises(CheckpointError, match="prior.fpi.lam"):
+        Trainer(_cfg(tmp_path, **{"optim.epochs": 2, "prior.fpi.lam": 7.0})).fit()
+
+
+@pytest.mark.parametrize(
+    ("method", "versions"),
+    [("data-init", [1, 1, 1]), ("gd", [2, 3, 4]), ("fpi", [1, 2, 2])],
+)
+def test_prior_schedule_per_method(tmp_path, method, versions):
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "optim.epochs": 3,
+            "prior.method": method,
+            "prior.solve_epoch": 1,
+            "prior.gd.steps_per_solve": 5,
+        },
+    )
+    trainer = Trainer(cfg)
+    history = trainer.fit()
+    assert [int(h["prior_version"]) for h in history] == versions
+    assert trainer.ema_active  # fpi: started after the solve; others: from the start
+
+
+def test_ema_starts_after_first_fpi_solve(tmp_path):
+    cfg = _cfg(tmp_path, **{"optim.epochs": 1, "prior.solve_epoch": 3})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert not trainer.ema_active and trainer.eval_flow() is trainer.flow
+
+
+def test_schedule_rules():
+    p = PriorConfig(method="fpi", solve_epoch=2, resolve_every=3)
+    assert [e for e in range(12) if p.solves_after(e)] == [2, 5, 8, 11]
+    assert [e for e in range(5) if PriorConfig(method="fpi").solves_after(e)] == [0]
+    assert all(PriorConfig(method="gd").solves_after(e) for e in range(4))
+    assert not any(PriorConfig(method="data-init").solves_after(e) for e in range(4))
+
+
+def test_bad_values_are_rejected_with_the_field_name(tmp_path):
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        Trainer(_cfg(tmp_path, **{"optim.batch_size": 10_000}))
+    with pytest.raises(ConfigError, match="data.root"):
+        _cfg(tmp_path, **{"data.name": "cifar10"})
+    with pytest.raises(ConfigError, match="prior.fpi.alpha"):
+        _cfg(tmp_path, **{"prior.fpi.alpha": 0.0})
+    with pytest.raises(ConfigError, match="unknown"):
+        _cfg(tmp_path, **{"optim.learning_rate": 1.0})
+
+
+def test_cli_train_and_config(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli_main(["config", "--experiment", "smoke", "--set", "prior.fpi.lam=42"]) == 0
+    assert json.loads(capsys.readouterr().out)["prior"]["fpi"]["lam"] == 42.0
+    args = [
+        "train",
+        "--experiment",
+        "smoke",
+        "--output-dir",
+        str(out),
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "eval.plots=false",
+    ]
+    assert cli_main(args) == 0
+    assert (out / "checkpoint" / CHECKPOINT_FILE).exists()
+    assert "nf_acc" in capsys.readouterr().out
