@@ -36,8 +36,11 @@ best process CPU time (all threads) per iteration: with ``--threads 1`` it is in
 processes' load. ``loadavg`` is the 1-minute load
 average after the row: on a shared machine a load above the core count means other processes
 competed for the cores, and with several torch threads that can inflate small-problem times by
-orders of magnitude (OpenMP threads waiting on descheduled peers): compare with ``--threads 1``.
-``kkd_temporaries`` (broadcast rows): ``peak_extra_mb`` in units of one K x K x d float64 tensor.
+orders of magnitude (OpenMP threads waiting on descheduled peers): compare with ``--threads 1``,
+or run with ``OMP_WAIT_POLICY=PASSIVE`` in the environment (the workers inherit it), which removes
+most of that penalty on a loaded machine.
+``kkd_temporaries`` (broadcast rows): ``peak_extra_mb`` in units of one K x K x d float64 tensor;
+``max_rel_diff_vs_gemm``: largest relative difference between the two implementations' outputs.
 
 Targets (printed as PASS/FAIL; exit status 0 either way): the K = 1000, d = 3072 solves within
 2 GB peak, checked both for the solve's own footprint (``peak_extra_mb``) and for the absolute
@@ -129,7 +132,14 @@ def _step_worker(k: int, d: int, impl: str, min_reps: int, min_seconds: float,
             if len(times) >= 1000:
                 break
     hwm = _vm("VmHWM")
+    agree = None
+    if impl == "broadcast":  # same map? (after the peak was read)
+        with torch.no_grad():
+            ref, got = fpi_step(mu, v, m, s, config), fpi_step_broadcast(mu, v, m, s, config)
+        agree = max(float(((g - r).abs() / r.abs().clamp_min(1e-300)).max())
+                    for g, r in zip(got, ref))
     return {
+        "max_rel_diff_vs_gemm": agree,
         "seconds_per_iter": min(times),
         "seconds_per_iter_median": statistics.median(times),
         "cpu_seconds_per_iter": min(cpu_times),
@@ -252,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         solves, repeats = [("both", 20), ("mean", 20)], args.solve_repeats or 2
 
     print(f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
-          f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; load average "
+          f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average "
           f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}")
     print("peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
           "baseline after imports and inputs")
@@ -265,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in ds:
             pair: dict[str, dict[str, Any]] = {}
             for impl in ("gemm", "broadcast"):
-                rec: dict[str, Any] = {"K": k, "d": d, "impl": impl, "threads": args.threads}
+                rec: dict[str, Any] = {"K": k, "d": d, "impl": impl, "threads": args.threads,
+                                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
                 pair[impl] = rec
                 records.append(rec)
                 need = broadcast_estimate_gb(k, d) if impl == "broadcast" else 0.0
@@ -287,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 if impl == "broadcast" and k * k * d * 8 >= 16 * MIB:
                     rec["kkd_temporaries"] = rec["peak_extra_mb"] * MIB / (k * k * d * 8)
                     rec["note"] += f", {rec['kkd_temporaries']:.1f} KxKxd temporaries"
+                if rec.get("max_rel_diff_vs_gemm") is not None:
+                    rec["note"] += f", max rel diff vs gemm {rec['max_rel_diff_vs_gemm']:.1e}"
             gemm, bcast = pair["gemm"], pair["broadcast"]
             if gemm.get("seconds_per_iter") and bcast.get("seconds_per_iter"):
                 gemm["speedup"] = bcast["speedup"] = (bcast["seconds_per_iter"]
