@@ -18,6 +18,7 @@ service, epoch/step, RNG states, config): a re-launched run resumes exactly wher
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from nfpi import plots
 from nfpi.config import ExperimentConfig
 from nfpi.data import (
     BatchAugment,
+    DatasetInfo,
     dequantization_offset,
     dequantize,
     epoch_seed,
@@ -58,9 +60,11 @@ __all__ = [
     "CHECKPOINT_FILE",
     "EpochResult",
     "PriorClient",
+    "TrainedModel",
     "Trainer",
     "collect_statistics",
     "evaluate",
+    "load_trained",
 ]
 
 log = logging.getLogger(__name__)
@@ -419,6 +423,7 @@ class Trainer:
             "prior_service": self.client.state_dict(),
             "prior_version": self.prior_version,
             "history": self.history,
+            "data_info": dataclasses.asdict(self.info),
             "rng": _rng_state(),
         }
 
@@ -552,6 +557,7 @@ class Trainer:
                 self.ema_active = True
                 self.ema.step.zero_()
                 self.ema.initted.fill_(False)
+                self.ema.update()  # copies the online weights now, so evaluation sees them
         elif report.get("kind") == "gd":
             metrics.update(gd_merit=float(report["merit_after"]), gd_steps=float(report["steps"]))
         artifacts: list[Path] = []
@@ -677,3 +683,41 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self, result)
         return self.history
+
+
+@dataclass
+class TrainedModel:
+    """A trained flow and its prior, read back from a checkpoint by :func:`load_trained`."""
+
+    flow: FlowModel
+    prior: GaussianPrior
+    config: ExperimentConfig
+    info: DatasetInfo
+    epoch: int
+
+
+def load_trained(
+    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+) -> TrainedModel:
+    """The (EMA) flow and the prior of a checkpoint (a run's ``checkpoint`` dir or its state.pt),
+    in eval mode, for generation, evaluation or augmentation. ``use_ema`` falls back to the online
+    weights when the EMA had not started yet."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.exists():
+        raise CheckpointError(
+            f"no checkpoint at {file}: pass a run's checkpoint directory or its {CHECKPOINT_FILE}"
+        )
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    config = ExperimentConfig.from_dict(state["config"])
+    info = DatasetInfo(**state["data_info"])
+    flow = build_flow(
+        config.flow.preset, in_shape=tuple(info.shape), seed=config.seed, **config.flow.overrides()
+    )
+    weights = state["flow"]
+    if use_ema and state["ema_active"]:
+        prefix = "ema_model."
+        weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+    flow.load_state_dict(weights)
+    prior = GaussianPrior.from_state_dict(state["prior"])
+    return TrainedModel(flow.to(device).eval(), prior.to(device), config, info, int(state["epoch"]))

@@ -9,7 +9,7 @@ import torch
 from nfpi.cli import main as cli_main
 from nfpi.config import ExperimentConfig, PriorConfig, experiment_config
 from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
-from nfpi.train import CHECKPOINT_FILE, Trainer
+from nfpi.train import CHECKPOINT_FILE, Trainer, evaluate, load_trained
 
 
 def _cfg(tmp_path, **overrides):
@@ -152,3 +152,15 @@ def test_cli_train_and_config(tmp_path, capsys):
     assert cli_main(args) == 0
     assert (out / "checkpoint" / CHECKPOINT_FILE).exists()
     assert "nf_acc" in capsys.readouterr().out
+
+
+def test_load_trained_gives_the_ema_flow_and_prior_that_were_evaluated(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, **{"optim.epochs": 2}))
+    history = trainer.fit()
+    model = load_trained(tmp_path / "run" / "checkpoint")
+    assert model.epoch == 2 and model.info == trainer.info and model.config == trainer.config
+    assert torch.equal(model.prior.means, trainer.prior.means)
+    again = evaluate(
+        model.flow, model.prior, trainer.test_loader, torch.device("cpu"), trainer.config.seed
+    )
+    assert again["nf_acc"] == history[-1]["nf_acc"] and again["test_bpd"] == history[-1]["test_bpd"]
