@@ -466,7 +466,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.prior.copy_(GaussianPrior.from_state_dict(state["prior"]).to(self.device))
-        self.client.load_state_dict(state["prior_service"])
+        if self.is_main:  # only rank 0 talks to the prior client (it may be a remote actor)
+            self.client.load_state_dict(state["prior_service"])
         self.epoch, self.step, self.ema_active = state["epoch"], state["step"], state["ema_active"]
         self.prior_version = state["prior_version"]
         self.history = list(state["history"])

@@ -1,0 +1,112 @@
+"""MLflow wiring: where runs go, parent/child runs, and the rank-0 logger of the Train workers.
+
+The embedded default is a SQLite store at an absolute path under the results directory (MLflow
+3.17 refuses the plain file store); any tracking URI can be given instead (flag or
+``MLFLOW_TRACKING_URI``), e.g. the tracking server on a cluster's head node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+__all__ = ["RunLogger", "Tracking", "resolve_tracking", "start_run"]
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where MLflow runs are written; picklable, so it travels to Ray workers."""
+
+    uri: str
+    experiment: str
+    artifact_root: str | None = None
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def experiment_id(self) -> str:
+        """The experiment's id, created on first use (create it once, in the driver: concurrent
+        first-time creation on SQLite races)."""
+        client = self.client()
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+
+
+def resolve_tracking(results_dir: Path, uri: str | None, experiment: str) -> Tracking:
+    """Flag, then ``MLFLOW_TRACKING_URI``, then ``sqlite:////<results>/mlflow.db`` (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    artifact_root = None
+    if not uri:
+        results_dir = results_dir.resolve()
+        results_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{results_dir / 'mlflow.db'}"
+        artifact_root = (results_dir / "mlartifacts").as_uri()
+    return Tracking(uri=uri, experiment=experiment, artifact_root=artifact_root)
+
+
+def start_run(
+    tracking: Tracking,
+    name: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create a run (a child of ``parent_run_id`` if given: the UI nests it) and return its id."""
+    all_tags = dict(tags or {})
+    if parent_run_id is not None:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = tracking.client().create_run(tracking.experiment_id(), run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+class RunLogger:
+    """Logs one run's params, metrics and artifacts (used by the driver and by rank 0 only)."""
+
+    def __init__(self, tracking: Tracking, run_id: str) -> None:
+        self.tracking, self.run_id = tracking, run_id
+        self.client = tracking.client()
+
+    def params(self, params: dict[str, Any]) -> None:
+        items = [mlflow.entities.Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the batch API takes at most 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        items = [
+            mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / name
+            file.write_text(text)
+            self.client.log_artifact(self.run_id, str(file))
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
