@@ -36,9 +36,9 @@ best process CPU time (all threads) per iteration: with ``--threads 1`` it is in
 processes' load. ``loadavg`` is the 1-minute load
 average after the row: on a shared machine a load above the core count means other processes
 competed for the cores, and with several torch threads that can inflate small-problem times by
-orders of magnitude (OpenMP threads waiting on descheduled peers): compare with ``--threads 1``,
-or run with ``OMP_WAIT_POLICY=PASSIVE`` in the environment (the workers inherit it), which removes
-most of that penalty on a loaded machine.
+orders of magnitude (OpenMP threads spin-waiting on descheduled peers). The workers therefore run
+with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (``OMP_WAIT_POLICY=ACTIVE`` restores
+spinning, slightly faster on an idle machine); ``--threads 1`` is the most load-robust setting.
 ``kkd_temporaries`` (broadcast rows): ``peak_extra_mb`` in units of one K x K x d float64 tensor;
 ``max_rel_diff_vs_gemm``: largest relative difference between the two implementations' outputs.
 
@@ -64,6 +64,9 @@ LAM, ALPHA = 100.0, 10.0
 BROADCAST_TEMPS = 6  # live K x K x d float64 temporaries assumed when estimating the broadcast
 TARGET_SOLVE_MB = 2048.0  # K = 1000, d = 3072 solve within 2 GB peak
 TARGET_SPEEDUP = 20.0  # gemm vs broadcast per iteration at K = 100, d = 3072
+# Workers sleep instead of spin-waiting at OpenMP barriers unless OMP_WAIT_POLICY is set: on a
+# shared machine spinning threads waiting on descheduled peers inflate times 100-1000x.
+DEFAULT_WAIT_POLICY = "PASSIVE"
 SOLVE_TOL = 1e-15  # near round-off: the solve runs until the Anderson history is full
 MIB = 1024.0 * 1024.0
 
@@ -85,6 +88,10 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def _wait_policy() -> str:
+    return os.environ.get("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
 
 
 def broadcast_estimate_gb(k: int, d: int) -> float:
@@ -199,6 +206,7 @@ def _run_worker(spec: dict[str, Any], threads: int, timeout: float) -> dict[str,
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
            "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
           f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load average "
+          f"{_wait_policy()}; load average "
           f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}")
     print("peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
           "baseline after imports and inputs")
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             pair: dict[str, dict[str, Any]] = {}
             for impl in ("gemm", "broadcast"):
                 rec: dict[str, Any] = {"K": k, "d": d, "impl": impl, "threads": args.threads,
-                                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                                       "omp_wait_policy": _wait_policy()}
                 pair[impl] = rec
                 records.append(rec)
                 need = broadcast_estimate_gb(k, d) if impl == "broadcast" else 0.0
