@@ -1,0 +1,128 @@
+"""Sweeps as code: one module per search space, named after what it reproduces.
+
+A space is a base experiment (dataset, flow preset, budget) plus the Tune domains that vary.
+Keys of ``params`` are dotted config keys (``"prior.fpi.lam"``), or ``"variant"``-style keys whose
+values are whole dicts of dotted overrides (so coupled settings, e.g. a method and its learning-rate
+policy, vary together). Every space module defines ``SPACE``.
+
+    from search_spaces import load_space
+    space = load_space("table2")
+    config = space.config_for({"prior.fpi.lam": 300.0}, {"data.root": "/data/cifar100"})
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune.search.sample import Domain
+
+from nfpi.config import ExperimentConfig, experiment_config
+from nfpi.errors import ConfigError
+
+__all__ = ["SPACE_NAMES", "SearchSpace", "load_space"]
+
+SPACE_NAMES = (
+    "smoke",
+    "digits",
+    "table1",
+    "table2",
+    "table3",
+    "alpha_pi",
+)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A base experiment and the domains a sweep varies.
+
+    Attributes:
+        name: the space's name (its module name).
+        reproduces: what it reproduces (paper table/figure), shown in ``--help`` and logged.
+        experiment: the named base experiment (:data:`nfpi.config.EXPERIMENTS`).
+        base: dotted overrides of that experiment (dataset, flow preset, budget).
+        params: dotted key (or dict-valued key) -> value or Tune domain / ``tune.grid_search``.
+        num_samples: Tune samples (x the grid).
+        metric, mode: what "best" means in the results table and for ASHA.
+        group_by: config keys that name a row of the results table (e.g. the method).
+        kind: ``flow`` (a flow-training trial) or ``cnn``/``augment`` (issue-4 pipelines).
+    """
+
+    name: str
+    reproduces: str
+    experiment: str
+    base: dict[str, Any]
+    params: dict[str, Any]
+    num_samples: int = 1
+    metric: str = "nf_acc"
+    mode: str = "max"
+    group_by: tuple[str, ...] = ("prior.method",)
+    kind: str = "flow"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def param_space(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @staticmethod
+    def overrides_of(sample: dict[str, Any]) -> dict[str, Any]:
+        """A sampled Tune config -> dotted overrides (dict-valued entries are merged in)."""
+        out: dict[str, Any] = {}
+        for key, value in sample.items():
+            if isinstance(value, dict):
+                out.update(value)
+            else:
+                out[key] = value
+        return out
+
+    def config_for(
+        self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
+    ) -> ExperimentConfig:
+        """The experiment config of one trial: base experiment, then the space's base, then the
+        sampled values, then command-line overrides. Invalid values raise ConfigError naming the
+        dotted field."""
+        merged = {**self.base, **self.overrides_of(sample), **(overrides or {})}
+        return experiment_config(self.experiment, merged)
+
+    def samples(self, n_random: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+        """Every grid point, each with random domains drawn ``n_random`` times (for validation)."""
+        rng = random.Random(seed)
+        grid_keys = [
+            k for k, v in self.params.items() if isinstance(v, dict) and "grid_search" in v
+        ]
+        grids = [self.params[k]["grid_search"] for k in grid_keys]
+        out = []
+        for combo in itertools.product(*grids) if grids else [()]:
+            for _ in range(
+                n_random if any(isinstance(v, Domain) for v in self.params.values()) else 1
+            ):
+                sample = dict(zip(grid_keys, combo, strict=True))
+                for key, value in self.params.items():
+                    if key in sample:
+                        continue
+                    if isinstance(value, Domain):
+                        sample[key] = value.sample(random_state=rng.randrange(2**31))
+                    else:
+                        sample[key] = value
+                out.append(sample)
+        return out
+
+    def validate(self, overrides: dict[str, Any] | None = None) -> list[ExperimentConfig]:
+        """Build the config of every sample; raises the first ConfigError (naming the field)."""
+        return [self.config_for(s, overrides) for s in self.samples()]
+
+
+def load_space(name: str) -> SearchSpace:
+    """The ``SPACE`` of module ``search_spaces.<name>``."""
+    if name not in SPACE_NAMES:
+        raise ConfigError("space", name, f"one of {SPACE_NAMES}")
+    space = importlib.import_module(f"search_spaces.{name}").SPACE
+    if not isinstance(space, SearchSpace) or space.name != name:
+        raise ConfigError(
+            "space",
+            name,
+            f"search_spaces/{name}.py must define SPACE = SearchSpace(name={name!r}, ...)",
+        )
+    return space

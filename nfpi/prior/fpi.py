@@ -402,7 +402,8 @@ class _Anderson:
         gamma = torch.linalg.solve(
             gram + ridge * torch.eye(used, dtype=gram.dtype, device=gram.device), dg @ gw
         )
-        return u + g - gamma @ (du + dg / self.weight)
+        # Two small products instead of materialising (du + dg / w): no [memory, n] temporaries.
+        return u + g - gamma @ du - (gamma @ dg) / self.weight
 
 
 def solve_fpi(
@@ -452,7 +453,7 @@ def solve_fpi(
     # The mixing runs on u = (mu, log v): positivity of diagonal variances is then automatic.
     # Full covariances mix linearly and fall back to a plain damped step if SPD is lost.
     move_mu, move_var = config.update != "variance", config.update != "mean"
-    data_var = stats.var()
+    data_var = s if diag else stats.var()  # no second K x d copy for diagonal priors
     k, d = m.shape
 
     def pack(mu_: Tensor, scale_: Tensor) -> Tensor:

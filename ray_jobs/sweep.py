@@ -1,0 +1,254 @@
+"""A Ray Tune sweep over a named search space; each trial is a Ray Train run.
+
+    python ray_jobs/sweep.py                          # embedded default: digits, data-init/GD/FPI
+    python ray_jobs/sweep.py --space smoke            # 2 trials, seconds each (CI)
+    python ray_jobs/sweep.py --space table2 --set data.root=/data/cifar100 --use-gpu
+    python ray_jobs/sweep.py --space alpha_pi --num-samples 16 --asha --set data.root=...
+    python ray_jobs/sweep.py --space table2 --resume  # continue an interrupted sweep
+
+With no arguments it starts a local Ray, writes an MLflow SQLite store under ./results, trains on
+the bundled digits on CPU and prints a results table (per method: best config, NF-Acc, test
+bits/dim). Under ``ray job submit`` it attaches to that cluster (pass an absolute
+``--results-dir``: a job's working directory is a temporary copy).
+
+Train V2 inside Tune: the trial is a plain function that starts a TorchTrainer (with
+``TuneReportCallback`` forwarding rank 0's reports), owns the trial's prior actor, and logs to a
+child MLflow run of the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from nfpi.config import parse_override
+from ray_jobs.tracking import RunLogger, Tracking, resolve_tracking, start_run
+from ray_jobs.train import add_common_args, connect, run_experiment
+from search_spaces import SPACE_NAMES, SearchSpace, load_space
+
+__all__ = ["main", "results_table", "run_trial"]
+
+log = logging.getLogger("nfpi.sweep")
+_DRIVER_CPU = 0.01
+
+
+def run_trial(tune_config: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
+    """One Tune trial: the space's config for this sample, run as a Ray Train run."""
+    space = load_space(settings["space"])
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{settings['sweep']}-{trial_id}"
+    overrides = {
+        **settings["overrides"],
+        "output_dir": str(Path(settings["results"]) / "runs" / run_name),
+    }
+    config = space.config_for(tune_config, overrides)
+    result = run_experiment(
+        config,
+        storage_path=Path(settings["results"]) / "ray" / settings["sweep"] / "train",
+        run_name=run_name,
+        num_workers=settings["num_workers"],
+        use_gpu=settings["use_gpu"],
+        tracking=settings["tracking"],
+        parent_run_id=settings["parent_run_id"],
+        max_failures=settings["max_failures"],
+        actor_timeout=settings["actor_timeout"],
+        cpus_per_worker=settings["cpus_per_worker"],
+        train_callbacks=[TuneReportCallback()],
+    )
+    return dict(result.metrics or {})
+
+
+def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
+    """Per group (e.g. method): the best trial's sampled config and its metrics."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        overrides = space.overrides_of(row["config"])
+        key = tuple(_lookup(overrides, row["full_config"], k) for k in space.group_by)
+        score = row["metrics"].get(space.metric, math.nan)
+        best = groups.get(key)
+        better = (
+            best is None
+            or ((score > best["score"]) if space.mode == "max" else (score < best["score"]))
+            or math.isnan(best["score"])
+        )
+        if better and not math.isnan(score) or key not in groups:
+            groups[key] = {"score": score, **row}
+    head = " / ".join(space.group_by)
+    lines = [
+        f"| {head} | best config | NF-Acc | test bits/dim | epochs | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        m = row["metrics"]
+        cfg = json.dumps(space.overrides_of(row["config"]), default=str)
+        lines.append(
+            f"| {' / '.join(str(k) for k in key)} | `{cfg}` | {_fmt(m.get('nf_acc'))} | "
+            f"{_fmt(m.get('test_bpd'))} | {_fmt(m.get('epoch'), 0, plus=1)} | {row['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def _lookup(overrides: dict[str, Any], full: dict[str, Any], key: str) -> Any:
+    if key in overrides:
+        return overrides[key]
+    node: Any = full
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "-"
+        node = node[part]
+    return node
+
+
+def _fmt(value: Any, digits: int = 4, plus: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value) + plus:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="spaces: " + ", ".join(SPACE_NAMES),
+    )
+    parser.add_argument("--space", default="digits", choices=SPACE_NAMES)
+    parser.add_argument("--name", help="sweep name (default: the space's name)")
+    parser.add_argument("--num-samples", type=int, help="Tune samples (default: the space's)")
+    parser.add_argument("--max-concurrent", type=int, help="parallel trials (default: what fits)")
+    parser.add_argument(
+        "--asha", action="store_true", help="early-stop weak trials (ASHA on the metric)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="resume an interrupted sweep of this name"
+    )
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    results = Path(args.results_dir).expanduser().resolve()
+    space = load_space(args.space)
+    sweep = args.name or space.name
+    overrides = dict(parse_override(s) for s in args.set)
+    configs = space.validate(overrides)  # fail fast, naming the bad field, before any trial runs
+    if args.num_workers < 1:
+        parser.error(
+            "--num-workers must be >= 1 in a sweep (Train's local mode cannot run in a Tune trial)"
+        )
+    tracking: Tracking = resolve_tracking(results, args.tracking_uri, args.mlflow_experiment)
+    parent_file = results / "ray" / sweep / "mlflow_parent_run_id"
+    if args.resume and parent_file.exists():
+        parent_id = parent_file.read_text().strip()
+    else:
+        parent_id = start_run(tracking, sweep, tags={"nfpi.sweep": sweep, "nfpi.space": space.name})
+        parent_file.parent.mkdir(parents=True, exist_ok=True)
+        parent_file.write_text(parent_id)
+    parent = RunLogger(tracking, parent_id)
+    parent.params(
+        {
+            "space": space.name,
+            "reproduces": space.reproduces,
+            "overrides": overrides,
+            "num_workers": args.num_workers,
+            "use_gpu": args.use_gpu,
+        }
+    )
+
+    connect(args.address)
+    per_trial_cpu = args.num_workers * args.cpus_per_worker
+    max_concurrent = args.max_concurrent or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpu)
+    )
+    settings = {
+        "space": space.name,
+        "sweep": sweep,
+        "overrides": overrides,
+        "results": str(results),
+        "num_workers": args.num_workers,
+        "use_gpu": args.use_gpu,
+        "tracking": tracking,
+        "parent_run_id": parent_id,
+        "max_failures": args.max_failures,
+        "actor_timeout": args.actor_timeout,
+        "cpus_per_worker": args.cpus_per_worker,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, settings=settings), {"cpu": _DRIVER_CPU}
+    )
+    storage = results / "ray"
+    if args.resume and (storage / sweep).exists():
+        tuner = tune.Tuner.restore(
+            str(storage / sweep), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        scheduler = None
+        if args.asha:
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                grace_period=max(1, configs[0].optim.epochs // 8),
+                max_t=max(c.optim.epochs for c in configs),
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                num_samples=args.num_samples or space.num_samples,
+                max_concurrent_trials=max_concurrent,
+                scheduler=scheduler,
+            ),
+            run_config=tune.RunConfig(name=sweep, storage_path=str(storage)),
+        )
+    grid = tuner.fit()
+
+    rows, failed = [], 0
+    for res in grid:
+        status = "error" if res.error else "ok"
+        failed += res.error is not None
+        config = res.config or {}
+        full = space.config_for(config, overrides).to_dict() if config else {}
+        rows.append(
+            {
+                "config": config,
+                "full_config": full,
+                "metrics": dict(res.metrics or {}),
+                "status": status,
+            }
+        )
+    table = results_table(space, rows)
+    print(f"\n{space.name}: {space.reproduces}\n\n{table}\n")
+    print(
+        f"MLflow: {tracking.uri} (experiment {tracking.experiment!r}, parent run {parent_id}); "
+        f"open it with: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1"
+    )
+    parent.text(table + "\n", "results.md")
+    best = [
+        r["metrics"].get(space.metric) for r in rows if r["metrics"].get(space.metric) is not None
+    ]
+    if best:
+        parent.metrics(
+            {f"best_{space.metric}": max(best) if space.mode == "max" else min(best)}, step=0
+        )
+    parent.finish("FAILED" if failed else "FINISHED")
+    if failed:
+        print(
+            f"{failed} of {len(rows)} trials failed; see their errors above and in {storage / sweep}"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from ray_jobs.sweep import main as _main  # run as the module, so trials import it by name
+
+    sys.exit(_main())
