@@ -51,7 +51,12 @@ from nfpi.data import (
     to_uint8,
 )
 from nfpi.data.load import NO_FLIP
-from nfpi.data.sharding import EpochShardSampler, ShardSampler
+from nfpi.data.sharding import (
+    EpochShardSampler,
+    IndexedDataset,
+    ShardSampler,
+    per_sample_uniform,
+)
 from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nfpi.flows import FlowModel, build_flow
 from nfpi.prior import ClassStatistics, GaussianPrior, PriorService, PriorUpdate, pairwise_kl
@@ -162,25 +167,43 @@ def _nll_nats(flow: nn.Module, prior: GaussianPrior, x: Tensor, y: Tensor) -> tu
     return nll, z
 
 
+def _keyed_inputs(
+    x: Tensor, index: Tensor, seed: int, augment: BatchAugment | None, device: torch.device
+) -> Tensor:
+    """Dequantised (and augmented) images whose randomness is keyed by sample index: the same
+    image gets the same noise however the data is sharded or batched."""
+    extra = BatchAugment.NUM_UNIFORMS if augment is not None else 0
+    u = per_sample_uniform(seed, index, extra + x[0].numel()).to(device)
+    x = x.to(device)
+    if augment is not None:
+        x = augment(x, uniforms=u[:, :extra])
+    return dequantize(x, noise=u[:, extra:].reshape(x.shape))
+
+
 @torch.no_grad()
 def collect_statistics(
     flow: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: Iterable[tuple[Tensor, Tensor, Tensor]],
     num_classes: int,
     device: torch.device,
+    *,
+    seed: int,
     shift: Tensor | None = None,
     full: bool = False,
-    augment: Callable[[Tensor], Tensor] | None = None,
+    augment: BatchAugment | None = None,
 ) -> ClassStatistics:
-    """Class statistics of ``flow``'s latents over ``loader`` (this rank's shard), summed over
-    all ranks. ``shift`` ([K, d], identical on every rank: e.g. the current prior means) keeps the
-    float64 sums free of cancellation and the buffers all-reducible. ``augment`` maps a uint8
-    batch to an augmented one (the release computes the statistics under training augmentation).
+    """Class statistics of ``flow``'s latents over ``loader`` (``(x, y, index)`` batches of this
+    rank's shard), summed over all ranks.
+
+    The dequantisation noise and augmentation (the release computes the statistics under
+    training augmentation) are drawn per sample from ``(seed, index)``, so the all-reduced
+    statistics of a data-parallel pass equal those of a single process. ``shift`` ([K, d],
+    identical on every rank: e.g. the current prior means) keeps the float64 sums free of
+    cancellation and the buffers all-reducible.
     """
     stats: ClassStatistics | None = None
-    for x, y in loader:
-        x = x.to(device)
-        z, _ = flow(dequantize(augment(x) if augment is not None else x))
+    for x, y, index in loader:
+        z, _ = flow(_keyed_inputs(x, index, seed, augment, device))
         if stats is None:
             stats = ClassStatistics.empty(
                 num_classes, z.shape[1], shift=shift, full=full, device=device
@@ -356,7 +379,10 @@ class Trainer:
         )
         shard = lambda ds: ShardSampler(len(ds), rank=self.rank, world=self.world)
         self.stats_loader = DataLoader(
-            self.train_set, c.eval.batch_size, sampler=shard(self.train_set), **loader_kw
+            IndexedDataset(self.train_set),
+            c.eval.batch_size,
+            sampler=shard(self.train_set),
+            **loader_kw,
         )
         self.test_loader = DataLoader(
             self.test_set, c.eval.batch_size, sampler=shard(self.test_set), **loader_kw
@@ -392,7 +418,6 @@ class Trainer:
         return None if augment is None else (lambda x: augment(x, gen))
 
     def _statistics(self, flow: nn.Module, epoch: int) -> ClassStatistics:
-        gen = _seed_phase(self.config.seed, epoch, _PHASE_STATS)
         was_training = flow.training
         flow.eval()
         try:
@@ -401,9 +426,10 @@ class Trainer:
                 self.stats_loader,
                 self.num_classes,
                 self.device,
+                seed=epoch_seed(self.config.seed, 2 * epoch + _PHASE_STATS),
                 shift=self.prior.means,
                 full=self.config.prior.covariance == "full",
-                augment=self._augmenter(gen),
+                augment=self.augment,
             )
         finally:
             flow.train(was_training)
@@ -485,9 +511,9 @@ class Trainer:
         c = self.config
         gen = torch.Generator().manual_seed(c.seed)
         idx = torch.randperm(len(self.train_set), generator=gen)[: min(512, len(self.train_set))]
-        augment = self._augmenter(_seed_phase(c.seed, 0, _PHASE_STATS))
-        batch = torch.stack([self.train_set[int(i)][0] for i in idx]).to(self.device)
-        self.flow.data_init(dequantize(augment(batch) if augment is not None else batch))
+        batch = torch.stack([self.train_set[int(i)][0] for i in idx])
+        seed = epoch_seed(c.seed, _PHASE_STATS)
+        self.flow.data_init(_keyed_inputs(batch, idx, seed, self.augment, self.device))
         stats = self._statistics(self.flow, epoch=0)
         update = self.client.initialize(stats) if self.is_main else None
         self._set_prior(self._broadcast_update(update))

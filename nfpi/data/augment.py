@@ -140,46 +140,66 @@ class BatchAugment:
         self.shape, self.flip, self.color = (c, h, w), flip, color
         self.degrees, self.max_shift = float(degrees), int(max_shift)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> augmented uint8 [B, C, H, W] (same device)."""
+    #: Uniform numbers each image consumes: flip, brightness, contrast, saturation, angle, dx, dy.
+    NUM_UNIFORMS = 7
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> augmented uint8 [B, C, H, W] (same device).
+
+        The per-image random numbers are drawn from ``generator`` ([B, 7] in batch order), or
+        given as ``uniforms`` [B, 7] in [0, 1) (e.g. seeded per sample, so that an image's
+        augmentation does not depend on the batch it lands in).
+        """
         if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.shape:
             raise ConfigError(
                 "images", tuple(x.shape), f"uint8 [B, {', '.join(map(str, self.shape))}]"
             )
         b, dev = x.shape[0], x.device
-        rand = lambda *s: torch.rand(*s, generator=generator).to(dev)
+        if uniforms is None:
+            uniforms = torch.rand(b, self.NUM_UNIFORMS, generator=generator)
+        if tuple(uniforms.shape) != (b, self.NUM_UNIFORMS):
+            raise ConfigError(
+                "uniforms", tuple(uniforms.shape), f"[B, {self.NUM_UNIFORMS}] = [{b}, 7]"
+            )
+        u = uniforms.to(device=dev, dtype=torch.float32)
         img = x.float()
         if self.flip:
-            img = torch.where((rand(b) < 0.5)[:, None, None, None], img.flip(-1), img)
+            img = torch.where((u[:, 0] < 0.5)[:, None, None, None], img.flip(-1), img)
         if self.color:
-            factor = lambda spread: (1 - spread + 2 * spread * rand(b))[:, None, None, None]
-            img = (img * factor(BRIGHTNESS)).clamp(0, 255)
+
+            def factor(col: int, spread: float) -> torch.Tensor:
+                return (1 - spread + 2 * spread * u[:, col])[:, None, None, None]
+
+            img = (img * factor(1, BRIGHTNESS)).clamp(0, 255)
             gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
-            c = factor(CONTRAST)
+            c = factor(2, CONTRAST)
             img = (c * img + (1 - c) * gray.mean(dim=(2, 3), keepdim=True)).clamp(0, 255)
             gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2])[:, None]
-            s = factor(SATURATION)
+            s = factor(3, SATURATION)
             img = (s * img + (1 - s) * gray).clamp(0, 255)
         if self.degrees > 0 or self.max_shift > 0:
-            img = self._warp(img, rand(b), generator)
+            img = self._warp(img, u[:, 4:7])
         return img.round_().clamp_(0, 255).to(torch.uint8)
 
-    def _warp(
-        self, img: torch.Tensor, u: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        b, _, h, w = img.shape
+    def _warp(self, img: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[2:]
         dev = img.device
-        angle = (2 * u - 1) * math.radians(self.degrees)
-        shift = torch.randint(-self.max_shift, self.max_shift + 1, (b, 2), generator=generator).to(
-            dev
-        )
+        angle = (2 * u[:, 0] - 1) * math.radians(self.degrees)
+        span = 2 * self.max_shift + 1
+        shift = (u[:, 1:3] * span).floor().clamp(max=span - 1) - self.max_shift  # ints in [-m, m]
         ys, xs = torch.meshgrid(
             torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij"
         )
         center = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=dev)
         # Output pixel p shows the rotated image at p + shift; the rotated image at q samples the
         # original at c + R(q - c). Border padding = the release's edge padding before rotating.
-        q = torch.stack([xs, ys], dim=-1).float()[None] + shift[:, None, None, :].float() - center
+        q = torch.stack([xs, ys], dim=-1).float()[None] + shift[:, None, None, :] - center
         cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
         src_x = cos * q[..., 0] - sin * q[..., 1] + center[0]
         src_y = sin * q[..., 0] + cos * q[..., 1] + center[1]

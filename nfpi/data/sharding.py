@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
 
 from nfpi.data.loader import epoch_seed
 from nfpi.errors import ConfigError
 
-__all__ = ["EpochShardSampler", "ShardSampler"]
+__all__ = ["EpochShardSampler", "IndexedDataset", "ShardSampler", "per_sample_uniform"]
 
 
 class EpochShardSampler(Sampler[int]):
@@ -52,3 +53,33 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.size, self.world))
+
+
+class IndexedDataset(Dataset):
+    """``(x, y, index)`` items of a map-style dataset of ``(x, y)``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        x, y = self.dataset[index]
+        return x, y, index
+
+
+def per_sample_uniform(seed: int, index: Tensor, n: int) -> Tensor:
+    """U[0, 1) numbers [B, n] where row b depends only on ``(seed, index[b])``.
+
+    Randomness keyed by the sample, not by the batch: a pass over a dataset draws the same
+    numbers for every image however the data is sharded across workers or batched, so the class
+    statistics of a data-parallel pass equal those of one process. One small generator per
+    sample (a few microseconds each), used for statistics passes, not for training.
+    """
+    gen = torch.Generator()
+    rows = []
+    for i in index.tolist():
+        gen.manual_seed(epoch_seed(seed, int(i)))
+        rows.append(torch.rand(n, generator=gen))
+    return torch.stack(rows) if rows else torch.empty(0, n)
