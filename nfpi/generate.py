@@ -162,7 +162,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_dataset(
     model: TrainedModel | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -204,6 +204,11 @@ def generate_dataset(
     if not isinstance(model, TrainedModel):
         checkpoint = model
         model = load_trained(model, device=device or "cpu")
+    elif checkpoint is None:
+        log.warning(
+            "generate_dataset: the manifest will not name the checkpoint (pass checkpoint=PATH "
+            "with a loaded model, or the checkpoint path itself)"
+        )
     flow, info = model.flow, model.info
     flow_device = _flow_device(flow)
     if device is not None and torch.device(device) != flow_device:

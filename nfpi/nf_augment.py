@@ -173,8 +173,9 @@ class NFAugmentConfig:
         object.__setattr__(self, "probability", float(p))
         if self.partner not in ("batch", "dataset"):
             raise ConfigError("nf_augment.partner", self.partner, "'batch' or 'dataset'")
-        if not isinstance(self.per_axis, bool) or not isinstance(self.use_ema, bool):
-            raise ConfigError("nf_augment.per_axis/use_ema", (self.per_axis, self.use_ema), "bools")
+        for name in ("per_axis", "use_ema"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"nf_augment.{name}", getattr(self, name), "true or false")
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
             raise ConfigError("nf_augment.checkpoint", self.checkpoint, "None or a path string")
 

@@ -152,6 +152,8 @@ def test_weight_distributions():
         ({"partner": "anyone"}, "nf_augment.partner"),
         ({"per_class_fit_samples": 4, "n_components": 4}, "nf_augment.per_class_fit_samples"),
         ({"seed": -1}, "nf_augment.seed"),
+        ({"per_axis": 1}, "nf_augment.per_axis"),
+        ({"checkpoint": 3}, "nf_augment.checkpoint"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
