@@ -75,19 +75,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             result.metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False
         )
 
+    callbacks = [*loop_config.get("callbacks", ()), report]
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as resume_dir:
             trainer = Trainer(
                 config,
                 prior_client=client,
-                callbacks=[report],
+                callbacks=callbacks,
                 device=device,
                 resume_from=resume_dir,
             )
             history = trainer.fit()
     else:
-        trainer = Trainer(config, prior_client=client, callbacks=[report], device=device)
+        trainer = Trainer(config, prior_client=client, callbacks=callbacks, device=device)
         history = trainer.fit()
     if logger is not None:
         prior_file = Path(workdir) / "prior.pt"
@@ -112,12 +113,16 @@ def run_experiment(
     actor_timeout: float = 600.0,
     cpus_per_worker: float = 1.0,
     train_callbacks: list[Any] | None = None,
+    worker_callbacks: list[Any] | None = None,
     prior_actor: Any = None,
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
 
     ``num_workers=0`` runs Train's local mode in this process (unit tests). The prior actor is
-    created here (owned by this driver) unless one is passed in.
+    created here (owned by this driver) unless one is passed in. ``train_callbacks`` are Ray
+    Train callbacks (driver side, e.g. ``TuneReportCallback``); ``worker_callbacks`` are
+    picklable ``callback(trainer, EpochResult)`` run by every worker after each epoch, before the
+    report (custom logging, fault injection in tests).
     """
     if num_workers > 0 and config.optim.batch_size % num_workers:
         raise ConfigError(
@@ -142,6 +147,7 @@ def run_experiment(
         "mlflow_run_id": mlflow_run_id,
         "actor_timeout": actor_timeout,
         "prior_actor": prior_actor,  # filled in below when created here
+        "callbacks": list(worker_callbacks or []),
     }
     created = None
     if prior_actor is None:

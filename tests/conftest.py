@@ -1,0 +1,48 @@
+"""Shared fixtures: one local Ray session for the whole test run, migrated MLflow stores."""
+
+import os
+import shutil
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A private local Ray (never a running ``ray start`` cluster), shared by every Ray test."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=200 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """A SQLite MLflow store with its schema migrated once (migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking(tmp_path, _mlflow_template):
+    """A fresh, migrated MLflow store under this test's tmp_path."""
+    from ray_jobs.tracking import Tracking
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_mlflow_template, db)
+    return Tracking(
+        uri=f"sqlite:///{db}",
+        experiment="nfpi-test",
+        artifact_root=(tmp_path / "artifacts").as_uri(),
+    )

@@ -1,0 +1,271 @@
+"""The Ray service end to end: prior actor, data-parallel Train runs, failures, sweep, jobs.
+
+Real Ray runs are kept to a handful and share one Ray session (``ray_session``).
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from nfpi.config import experiment_config
+from nfpi.prior import ClassStatistics, PriorService
+from nfpi.train import Trainer
+from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError, create_prior_actor
+from ray_jobs.train import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stats(seed=0, k=4, d=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(200) % k
+    z = 0.5 * torch.randn(k, d, generator=g, dtype=torch.float64)[y] + torch.randn(
+        200, d, generator=g, dtype=torch.float64
+    )
+    return ClassStatistics.from_batch(z, y, k)
+
+
+def _smoke(tmp_path, **overrides):
+    base = {"output_dir": str(tmp_path / "local"), "eval.plots": False, "optim.epochs": 3}
+    return experiment_config("smoke", {**base, **overrides})
+
+
+# ----------------------------------------------------------------------------------- prior actor
+def test_actor_client_reseeds_a_restarted_actor(ray_session):
+    actor = create_prior_actor("gd", 4, 3)
+    client = ActorPriorClient(actor, timeout_s=60)
+    reference = PriorService("gd", 4, 3)
+    stats = _stats()
+    assert client.initialize(stats).version == reference.initialize(stats).version == 1
+    client.update(stats)
+    reference.update(stats)
+    ray_session.kill(actor, no_restart=False)  # Ray restarts it, without its state
+    time.sleep(1.0)
+    got, want = client.update(stats), reference.update(stats)
+    assert client.reseeds >= 1 and got.version == want.version == 3
+    for key in want.prior:  # the GD optimiser state was re-seeded too: same third step
+        torch.testing.assert_close(got.prior[key], want.prior[key], rtol=1e-12, atol=1e-12)
+
+
+def test_actor_timeout_is_a_clear_error(ray_session):
+    @ray_session.remote(num_cpus=0)
+    class Slow:
+        def initialize(self, stats):
+            time.sleep(30)
+
+        def state_dict(self):
+            return {"version": 0}
+
+    client = ActorPriorClient(Slow.remote(), timeout_s=0.5)
+    with pytest.raises(PriorActorTimeoutError, match="did not answer initialize within"):
+        client.initialize(_stats())
+
+
+# ------------------------------------------------------------------------------- Train runs
+def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, tracking):
+    config = _smoke(
+        tmp_path, **{"prior.method": "data-init", "optim.epochs": 2, "eval.plots": True}
+    )
+    result = run_experiment(
+        config, storage_path=tmp_path / "ray", run_name="two", num_workers=2, tracking=tracking
+    )
+    assert result.error is None and result.metrics["epoch"] == 1.0
+    assert 0 <= result.metrics["nf_acc"] <= 1 and result.checkpoint is not None
+    # The data-init prior from two workers' all-reduced statistics equals one process's.
+    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
+    single = Trainer(config.with_overrides({"optim.epochs": 1}))
+    single.fit()
+    for key in ("means", "var"):
+        torch.testing.assert_close(
+            state["prior"][key], single.prior.state_dict()[key], rtol=1e-5, atol=1e-6
+        )
+    # MLflow: every config value as a param, per-epoch metrics, pictures, prior, checkpoint pointer.
+    client = MlflowClient(tracking.uri)
+    (run,) = client.search_runs([tracking.experiment_id()])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["prior.method"] == "data-init" and len(run.data.params) >= len(
+        config.flat()
+    )
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_bpd")] == [0, 1]
+    assert {"nf_acc", "train_bpd", "kl_min", "kl_mean", "lr"} <= set(run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "prior", "final_checkpoint.txt", "metrics.jsonl"} <= arts
+    assert any(a.path.endswith("tsne.png") for a in client.list_artifacts(run.info.run_id, "plots"))
+    assert run.data.tags["final_checkpoint"] == result.checkpoint.path
+
+
+def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
+    ray_session, tmp_path, tracking
+):
+    config = _smoke(tmp_path, **{"prior.method": "gd", "prior.gd.steps_per_solve": 5})
+
+    def kill_actor(trainer, result):
+        import ray
+
+        if result.epoch == 0 and trainer.rank == 0:
+            ray.kill(trainer.client.actor, no_restart=False)
+
+    killed = run_experiment(
+        config,
+        storage_path=tmp_path / "ray",
+        run_name="kill-actor",
+        num_workers=1,
+        worker_callbacks=[kill_actor],
+    )
+    reference = Trainer(config).fit()
+    assert killed.metrics["prior_version"] == reference[-1]["prior_version"] == 4.0
+    for key in ("nf_acc", "test_bpd", "train_bpd", "kl_min"):
+        assert killed.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+    config = _smoke(tmp_path, **{"prior.method": "fpi"})
+    marker = tmp_path / "crashed"
+
+    def crash_once(trainer, result):
+        if result.epoch == 1 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)  # the worker process dies before reporting epoch 1
+
+    result = run_experiment(
+        config,
+        storage_path=tmp_path / "ray",
+        run_name="crash",
+        num_workers=1,
+        max_failures=1,
+        worker_callbacks=[crash_once],
+    )
+    reference = Trainer(config).fit()
+    assert marker.exists() and result.metrics["epoch"] == 2.0
+    for key in ("nf_acc", "test_bpd", "train_bpd", "prior_version"):
+        assert result.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
+
+
+# ------------------------------------------------------------------------------------- sweep
+def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, tracking):
+    from ray_jobs.sweep import main as sweep_main
+
+    args = [
+        "--space",
+        "smoke",
+        "--results-dir",
+        str(tmp_path),
+        "--tracking-uri",
+        tracking.uri,
+        "--mlflow-experiment",
+        tracking.experiment,
+        "--set",
+        "eval.plots=true",
+    ]
+    assert sweep_main(args) == 0
+    client = MlflowClient(tracking.uri)
+    runs = client.search_runs([tracking.experiment_id()])
+    parents = [r for r in runs if "nfpi.sweep" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.params["prior.method"] for c in children} == {"data-init", "fpi"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"nf_acc", "test_bpd", "train_bpd", "kl_min"} <= set(child.data.metrics)
+        plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        assert any(p.endswith(".png") for p in plots)
+    fpi = next(c for c in children if c.data.params["prior.method"] == "fpi")
+    assert "fpi_iterations" in fpi.data.metrics
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"results.md"}
+
+
+def test_sweep_rejects_bad_overrides_before_running(tmp_path):
+    from nfpi.errors import ConfigError
+    from ray_jobs.sweep import main as sweep_main
+
+    with pytest.raises(ConfigError, match="prior.fpi.lam"):
+        sweep_main(
+            ["--space", "smoke", "--results-dir", str(tmp_path), "--set", "prior.fpi.lam=-1"]
+        )
+
+
+# -------------------------------------------------------------------------------------- jobs
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submit_against_ray_start_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")
+    head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed in finally
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={ray_tmp}",
+        ],
+        env=env,
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        cmd = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "ray_jobs/train.py",
+            "--smoke-test",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--set",
+            "eval.plots=false",
+        ]
+        for _ in range(60):  # the dashboard's job server takes a few seconds to come up
+            out = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+            if (
+                "Connection refused" not in out.stdout + out.stderr
+                and "ConnectionError" not in out.stderr
+            ):
+                break
+            time.sleep(2)
+        assert out.returncode == 0, (
+            out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "head.log").read_text()[-2000:]
+        )
+        assert "final:" in out.stdout and "succeeded" in out.stdout + out.stderr
+        assert (tmp_path / "results" / "mlflow.db").exists()  # absolute paths survive the job's cwd
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        head_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Every search space samples into valid experiment configs; bad values name their field."""
+
+import pytest
+from ray import tune
+
+from nfpi.errors import ConfigError
+from search_spaces import SPACE_NAMES, SearchSpace, load_space
+
+NEEDS_ROOT = {"data.root": "/data/placeholder"}
+
+
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_every_space_samples_into_valid_configs(name):
+    space = load_space(name)
+    overrides = NEEDS_ROOT if space.experiment in ("cifar10", "cifar100") else {}
+    configs = space.validate(overrides)
+    assert configs, name
+    for sample, config in zip(space.samples(), configs, strict=True):
+        flat = config.flat()
+        for key, value in space.overrides_of(sample).items():
+            if not isinstance(value, dict):  # whole sub-configs are checked through their leaves
+                assert flat[key] == value, (key, value, flat[key])
+
+
+def test_paper_spaces_vary_what_the_tables_vary():
+    t1 = load_space("table1").validate(NEEDS_ROOT)
+    assert sorted(c.prior.method for c in t1) == ["data-init", "fpi"] + ["gd"] * 5
+    assert {c.prior.gd.policy.name for c in t1 if c.prior.method == "gd"} == {
+        "sublinear_v1",
+        "sublinear_v2",
+        "linear",
+        "superlinear_v1",
+        "superlinear_v2",
+    }
+    assert sorted(c.prior.fpi.lam for c in load_space("table2").validate(NEEDS_ROOT)) == [
+        10,
+        50,
+        100,
+        200,
+        300,
+        500,
+    ]
+    t3 = load_space("table3").validate(NEEDS_ROOT)
+    assert [(c.prior.method, c.prior.fpi.update, c.prior.fpi.variance_init) for c in t3] == [
+        ("data-init", "both", "data"),
+        ("fpi", "mean", "identity"),
+        ("fpi", "variance", "data"),
+        ("fpi", "both", "data"),
+    ]
+    ap = load_space("alpha_pi").validate(NEEDS_ROOT)
+    assert all(0.1 <= c.prior.fpi.alpha <= 10 for c in ap) and {c.prior.fpi.pi for c in ap} <= {
+        "pairwise",
+        "mean",
+    }
+
+
+def test_bad_values_from_a_space_are_rejected_with_the_field_name():
+    space = SearchSpace(
+        name="bad",
+        reproduces="-",
+        experiment="smoke",
+        base={},
+        params={"prior.fpi.alpha": tune.grid_search([1.0, -2.0])},
+    )
+    with pytest.raises(ConfigError, match="prior.fpi.alpha"):
+        space.validate()
+    with pytest.raises(ConfigError, match="prior.gd.policy.name"):
+        load_space("digits").config_for(
+            {"variant": {"prior.method": "gd", "prior.gd.policy": {"name": "cosine"}}}
+        )
+    with pytest.raises(ConfigError, match="data.root"):
+        load_space("table2").validate()
+    with pytest.raises(ConfigError, match="space"):
+        load_space("table9")
