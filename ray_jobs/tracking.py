@@ -44,14 +44,24 @@ class Tracking:
 
 
 def resolve_tracking(results_dir: Path, uri: str | None, experiment: str) -> Tracking:
-    """Flag, then ``MLFLOW_TRACKING_URI``, then ``sqlite:////<results>/mlflow.db`` (absolute)."""
+    """Flag, then ``MLFLOW_TRACKING_URI``, then ``sqlite:////<results>/mlflow.db`` (absolute).
+
+    A local SQLite store keeps its artifacts in ``mlartifacts/`` beside the database (an absolute
+    location: Ray workers and jobs run in other directories); a tracking server decides itself.
+    """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    artifact_root = None
     if not uri:
         results_dir = results_dir.resolve()
         results_dir.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{results_dir / 'mlflow.db'}"
-        artifact_root = (results_dir / "mlartifacts").as_uri()
+    artifact_root = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_absolute():
+            raise ValueError(
+                f"tracking URI {uri!r}: use an absolute path (sqlite:////abs/path/mlflow.db)"
+            )
+        artifact_root = (db.parent / "mlartifacts").as_uri()
     return Tracking(uri=uri, experiment=experiment, artifact_root=artifact_root)
 
 
