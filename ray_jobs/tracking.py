@@ -19,6 +19,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from nfpi.errors import ConfigError
+
 __all__ = ["RunLogger", "Tracking", "resolve_tracking", "start_run"]
 
 
@@ -58,8 +60,8 @@ def resolve_tracking(results_dir: Path, uri: str | None, experiment: str) -> Tra
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///") :])
         if not db.is_absolute():
-            raise ValueError(
-                f"tracking URI {uri!r}: use an absolute path (sqlite:////abs/path/mlflow.db)"
+            raise ConfigError(
+                "tracking_uri", uri, "an absolute SQLite path: sqlite:////abs/path/mlflow.db"
             )
         artifact_root = (db.parent / "mlartifacts").as_uri()
     return Tracking(uri=uri, experiment=experiment, artifact_root=artifact_root)
