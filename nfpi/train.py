@@ -565,12 +565,14 @@ class Trainer:
 
     def _prior_update(self, epoch: int) -> tuple[dict[str, float], list[Path]]:
         before = self.prior.clone()
-        stats = self._statistics(self.flow, epoch)
+        t0 = time.perf_counter()
+        stats = self._statistics(self.flow, epoch)  # includes the all-reduce
+        t1 = time.perf_counter()
         update = self.client.update(stats) if self.is_main else None
         self._set_prior(self._broadcast_update(update))
+        timing = {"prior_stats_s": t1 - t0, "prior_refresh_s": time.perf_counter() - t1}
         report: dict[str, Any] = self.last_report or {}
-        metrics: dict[str, float] = {}
-        metrics["prior_version"] = float(report.get("version", 0))
+        metrics: dict[str, float] = {**timing, "prior_version": float(report.get("version", 0))}
         if report.get("kind") == "fpi":
             metrics.update(
                 fpi_iterations=float(report["iterations"]),
