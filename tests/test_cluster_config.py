@@ -1,0 +1,52 @@
+"""cluster.yaml validates against Ray's autoscaler schema offline and keeps its promises."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+def test_validates_offline_with_rays_schema(cluster):
+    filled = fillout_defaults(cluster)
+    validate_config(filled)  # raises on any schema violation
+    broken = {**cluster, "max_workers": "many"}
+    with pytest.raises(Exception, match="many"):
+        validate_config(fillout_defaults(broken))
+
+
+def test_head_runs_ray_and_mlflow_and_a_gpu_worker_type_exists(cluster):
+    head = "\n".join(cluster["head_start_ray_commands"])
+    assert "ray start --head" in head and "mlflow server" in head
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "/mnt/shared" in head  # the MLflow store lives on the shared file system
+    gpu = [n for n in cluster["available_node_types"].values() if n["resources"].get("GPU", 0) >= 1]
+    assert (
+        gpu
+        and cluster["available_node_types"][cluster["head_node_type"]]["resources"].get("GPU", 0)
+        == 0
+    )
+
+
+def test_setup_installs_the_project_on_shared_storage(cluster):
+    setup = "\n".join(cluster["setup_commands"])
+    assert "pip install" in setup and "-e ~/nfpi" in setup and "mount" in setup
+    assert "." in cluster["file_mounts"].values()
+
+
+def test_nothing_public_and_no_credentials(cluster):
+    text = CLUSTER.read_text()
+    assert "0.0.0.0/0" not in text and "--dashboard-host=0.0.0.0" not in text
+    for secret in ("aws_access_key", "aws_secret", "AKIA", "password", "token:"):
+        assert secret.lower() not in text.lower()
+    assert cluster["provider"]["use_internal_ips"] is True
+    for perm in cluster["provider"]["security_group"]["IpPermissions"]:
+        for rng in perm["IpRanges"]:
+            assert not rng["CidrIp"].startswith("0.0.0.0")
