@@ -66,10 +66,10 @@ def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) ->
 
     flow.data_init(images()[0])
     opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
         x, y = images()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         z, logdet = flow(x)
         mu, ls = means[y], log_std[y]
@@ -82,6 +82,7 @@ def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) ->
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{model}: non-finite loss at step {i}")
     return {
@@ -92,6 +93,9 @@ def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) ->
         "images_per_s_median": round(batch / statistics.median(times), 3),
         "step_s_best": round(min(times), 3),
         "step_s_all": [round(t, 3) for t in times],
+        # CPU seconds (all threads) of the step: with passive OpenMP waits this is close to the
+        # work itself, so cpu/threads estimates the step time on an otherwise idle machine.
+        "cpu_s_per_step": round(statistics.median(cpu_times), 3),
         "steps": steps,
         "peak_mb": round(_vm("VmHWM")),
         "rss_base_mb": round(rss_base),
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'model':<12} {'batch':>5} {'images/s':>9} {'(median)':>9} {'peak MiB':>9} {'params':>12}"
-        f" {'load':>5}"
+        f" {'load':>5} {'cpu s/step':>10} {'idle est. img/s':>15}"
     )
     for model in args.models:
         row = train_row(model, batch, steps, args.warmup, args.threads)
@@ -236,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{row['model']:<12} {row['batch']:>5} {row['images_per_s']:>9.2f} "
             f"{row['images_per_s_median']:>9.2f} {row['peak_mb']:>9} {row['params']:>12,}"
-            f" {row['loadavg_1min']:>5.1f}",
+            f" {row['loadavg_1min']:>5.1f} {row['cpu_s_per_step']:>10.1f}"
+            f" {row['batch'] * row['threads'] / row['cpu_s_per_step']:>15.2f}",
             flush=True,
         )
         if model == "mef-cifar":
