@@ -63,6 +63,17 @@ class DataConfig:
     num_classes: int | None = None  # synthetic only
     shape: tuple[int, int, int] | None = None  # synthetic only
 
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`nfpi.data.load_dataset` that this dataset takes."""
+        if self.name in ("cifar10", "cifar100"):
+            return {"root": self.root, "download": self.download}
+        if self.name == "imagefolder":
+            return {"root": self.root, "image_size": self.image_size}
+        if self.name == "synthetic":
+            given = (("num_classes", self.num_classes), ("shape", self.shape))
+            return {k: v for k, v in given if v is not None}
+        return {}
+
     def __post_init__(self) -> None:
         names = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
         _check(self.name in names, "data.name", self.name, f"one of {names}")

@@ -294,33 +294,12 @@ class Trainer:
 
         # Data: the training set (augmented) feeds training and the statistics passes, as in the
         # release; the test set is never augmented.
-        common = {"root": c.data.root, "download": c.data.download}
-        extra = {}
-        if c.data.name == "imagefolder":
-            extra["image_size"] = c.data.image_size
-        if c.data.name == "synthetic":
-            extra = {
-                k: v
-                for k, v in (("num_classes", c.data.num_classes), ("shape", c.data.shape))
-                if v is not None
-            }
-        if c.data.name not in ("cifar10", "cifar100"):
-            common.pop("download")
+        kwargs = c.data.dataset_kwargs()
         self.train_set, self.info = load_dataset(
-            c.data.name,
-            "train",
-            items_per_class=c.data.items_per_class,
-            seed=c.seed,
-            **common,
-            **extra,
+            c.data.name, "train", items_per_class=c.data.items_per_class, seed=c.seed, **kwargs
         )
         self.test_set, _ = load_dataset(
-            c.data.name,
-            "test",
-            items_per_class=c.data.test_items_per_class,
-            seed=c.seed,
-            **common,
-            **extra,
+            c.data.name, "test", items_per_class=c.data.test_items_per_class, seed=c.seed, **kwargs
         )
         if len(self.train_set) < c.optim.batch_size:
             raise ConfigError(

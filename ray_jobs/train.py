@@ -191,18 +191,7 @@ def _create_actor_for(config: ExperimentConfig) -> Any:
     """The prior actor for ``config``, sized (K, d) from the dataset's test split."""
     from nfpi.data import load_dataset
 
-    kwargs = {}
-    if config.data.name == "synthetic":
-        kwargs = {
-            k: v
-            for k, v in (("num_classes", config.data.num_classes), ("shape", config.data.shape))
-            if v is not None
-        }
-    elif config.data.name != "digits":
-        kwargs = {"root": config.data.root}
-        if config.data.name == "imagefolder" and config.data.image_size is not None:
-            kwargs["image_size"] = config.data.image_size
-    _, info = load_dataset(config.data.name, "test", **kwargs)
+    _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
     dim = info.shape[0] * info.shape[1] * info.shape[2]
     return create_prior_actor(
         config.prior.method,
