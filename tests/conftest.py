@@ -3,7 +3,11 @@
 import os
 import shutil
 
-import pytest
+# Sleeping, not spinning, OpenMP threads: the suite runs Ray workers and gloo processes next to
+# the pytest process on few cores, where spin-waiting threads slow every step down many-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
