@@ -7,7 +7,7 @@ import shutil
 # the pytest process on few cores, where spin-waiting threads slow every step down many-fold.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
