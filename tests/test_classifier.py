@@ -28,6 +28,16 @@ from nfpi.train import Trainer, load_trained
 FAST = {"model": "resnet10t", "flip": False, "batch_size": 64}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # As fast as two threads for these small networks, and immune to OpenMP spin-waiting on a
+    # shared machine (which once stretched this file from ~15 s to ~160 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     train, info = load_dataset("digits", "train")
