@@ -1,0 +1,225 @@
+"""What the paper does with a trained flow besides NF-Acc (pure PyTorch, no Ray).
+
+``cnn`` (Tables 2-3, CNN-Acc): draw a labelled dataset from the trained flow and prior (as many
+images per class as the real training set by default), train a classifier on it, test it on the
+real test set. With ``reference=True`` the same classifier is also trained on the real training
+set (the reference row).
+
+``augment`` (Tables 5-6): train a classifier on the real training set, optionally with the NF
+augmentation (latent mixup in the class's principal subspace, :mod:`nfpi.nf_augment`) of the
+trained flow, alone or with standard augmentations (RandAugment, random erasing, mixup/cutmix).
+
+Both return flat metrics, per-epoch histories and the PNGs they wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nfpi.classifier import ClassifierConfig, ClassifierResult, confusion_png, train_classifier
+from nfpi.data import load_dataset
+from nfpi.errors import ConfigError
+from nfpi.generate import GeneratedDataset, generate_dataset
+from nfpi.nf_augment import NFAugment
+
+__all__ = ["DownstreamConfig", "DownstreamResult", "run_downstream"]
+
+log = logging.getLogger(__name__)
+EpochCallback = Callable[[str, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """A downstream evaluation of a trained flow; validated at construction.
+
+    Attributes:
+        kind: ``cnn`` (classifier on generated images) or ``augment`` (on real images, NF
+            augmentation per ``classifier.nf_augment``).
+        per_class: generated images per class (``None``: as many as the real training set's
+            largest class, as in the paper).
+        temperature: sampling temperature T of the generated set.
+        seed: generation seed.
+        batch_size: generation batch size.
+        reference: ``cnn`` only: also train the classifier on the real training set.
+        classifier: the classifier recipe (paper defaults).
+    """
+
+    kind: Literal["cnn", "augment"] = "cnn"
+    per_class: int | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 256
+    reference: bool = False
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cnn", "augment"):
+            raise ConfigError("downstream.kind", self.kind, "one of ('cnn', 'augment')")
+        if self.per_class is not None and (
+            not isinstance(self.per_class, int) or self.per_class < 1
+        ):
+            raise ConfigError("downstream.per_class", self.per_class, "None or an int >= 1")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
+            raise ConfigError("downstream.temperature", self.temperature, "a finite number >= 0")
+        if self.kind == "cnn" and self.classifier.nf_augment is not None:
+            raise ConfigError(
+                "cnn.nf_augment", "set", "NF augmentation applies to kind='augment' (real data)"
+            )
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any]) -> DownstreamConfig:
+        """From dotted keys: ``downstream.<field>`` and ``cnn.<classifier field>`` (with
+        ``cnn.nf_augment`` a dict of NF-augmentation settings, or None). Unknown keys are
+        rejected with their name."""
+        mine, clf = {}, {}
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if section == "downstream":
+                mine[name] = value
+            elif section == "cnn":
+                clf[name] = value
+            else:
+                raise ConfigError(key, value, "a downstream.* or cnn.* key")
+        known = {f.name for f in dataclasses.fields(cls)} - {"classifier"}
+        for name, value in mine.items():
+            if name not in known:
+                raise ConfigError(
+                    f"downstream.{name}", value, f"unknown key; known: {sorted(known)}"
+                )
+        try:
+            classifier = ClassifierConfig.from_dict(clf)
+        except ConfigError as err:
+            raise ConfigError(f"cnn.{err.field.split('.')[-1]}", err.value, err.allowed) from None
+        return cls(**mine, classifier=classifier)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "classifier"}
+        out["classifier"] = self.classifier.to_dict()
+        return out
+
+
+@dataclass
+class DownstreamResult:
+    """Flat final metrics (``cnn_acc``, ``real_acc``, ``aug_acc``...), per-epoch classifier
+    histories keyed by role, PNGs written, and the classifier results."""
+
+    metrics: dict[str, float]
+    histories: dict[str, list[dict[str, float]]]
+    artifacts: list[Path]
+    results: dict[str, ClassifierResult] = field(default_factory=dict)
+
+
+def _train(
+    role: str,
+    train: Any,
+    test: Any,
+    k: int,
+    cfg: ClassifierConfig,
+    names: Any,
+    out: Path,
+    callback: EpochCallback | None,
+    nf: NFAugment | None = None,
+) -> ClassifierResult:
+    hook = None if callback is None else (lambda epoch, metrics: callback(role, epoch, metrics))
+    result = train_classifier(train, test, k, cfg, callback=hook, nf_augment=nf)
+    confusion_png(
+        result.confusion,
+        names,
+        out / f"confusion_{role}.png",
+        title=f"{role}: accuracy {100 * result.accuracy:.2f}%",
+    )
+    log.info("%s classifier: test accuracy %.4f", role, result.accuracy)
+    return result
+
+
+def run_downstream(
+    checkpoint: str | Path | None,
+    config: DownstreamConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    callback: EpochCallback | None = None,
+) -> DownstreamResult:
+    """Run ``config`` on the flow of ``checkpoint`` (a run's checkpoint dir; not needed for an
+    ``augment`` run without NF augmentation, which then needs the data config from ``checkpoint``
+    anyway for the dataset: pass it). ``callback(role, epoch, metrics)`` sees every classifier
+    epoch (role: ``generated``, ``real`` or ``augmented``)."""
+    from nfpi.train import load_trained  # the flow stack
+
+    if checkpoint is None:
+        raise ConfigError(
+            "checkpoint", None, "a trained flow's checkpoint directory (it names the dataset too)"
+        )
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_trained(checkpoint, device=device)
+    data = model.config.data
+    train, info = load_dataset(
+        data.name,
+        "train",
+        items_per_class=data.items_per_class,
+        seed=model.config.seed,
+        **data.dataset_kwargs(),
+    )
+    test, _ = load_dataset(
+        data.name,
+        "test",
+        items_per_class=data.test_items_per_class,
+        seed=model.config.seed,
+        **data.dataset_kwargs(),
+    )
+    k, names = info.num_classes, info.class_names
+    clf = config.classifier.replace(device=str(torch.device(device).type))
+    metrics: dict[str, float] = {}
+    histories: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, ClassifierResult] = {}
+    artifacts: list[Path] = []
+    if config.kind == "cnn":
+        per_class = config.per_class or int(
+            torch.bincount(torch.as_tensor(train.targets), minlength=k).max()
+        )
+        gen_dir = generate_dataset(
+            model,
+            out / "generated",
+            per_class=per_class,
+            temperature=config.temperature,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            device=device,
+            checkpoint=checkpoint,
+            overwrite=True,
+        )
+        results["generated"] = _train(
+            "generated", GeneratedDataset(gen_dir), test, k, clf, names, out, callback
+        )
+        metrics.update(cnn_acc=results["generated"].accuracy, generated_per_class=float(per_class))
+        if config.reference:
+            results["real"] = _train("real", train, test, k, clf, names, out, callback)
+            metrics["real_acc"] = results["real"].accuracy
+    else:
+        nf = None
+        if clf.nf_augment is not None:
+            nf_cfg = dataclasses.replace(clf.nf_augment, checkpoint=str(checkpoint))
+            nf = NFAugment.from_checkpoint(nf_cfg, train, device=device)
+        role = "augmented" if nf is not None else "real"
+        results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
+        metrics["aug_acc"] = results[role].accuracy
+    for role, res in results.items():
+        histories[role] = res.history
+        artifacts.append(out / f"confusion_{role}.png")
+        for c, acc in enumerate(res.per_class_accuracy.tolist()):
+            if not math.isnan(acc):
+                metrics[f"{role}_acc_class_{c}"] = acc
+    return DownstreamResult(metrics, histories, artifacts, results)

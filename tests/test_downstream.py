@@ -1,0 +1,64 @@
+"""Downstream evaluations of a trained flow: CNN-Acc on generated images, NF augmentation."""
+
+import pytest
+
+from nfpi.config import experiment_config
+from nfpi.downstream import DownstreamConfig, run_downstream
+from nfpi.errors import ConfigError
+from nfpi.train import Trainer
+
+FAST = {"cnn.model": "resnet10t", "cnn.epochs": 1, "cnn.flip": False, "cnn.batch_size": 50}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "run"
+    Trainer(
+        experiment_config("smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1})
+    ).fit()
+    return out / "checkpoint"
+
+
+def test_cnn_accuracy_on_generated_images_with_real_reference(checkpoint, tmp_path):
+    config = DownstreamConfig.from_overrides(
+        {
+            **FAST,
+            "downstream.per_class": 6,
+            "downstream.reference": True,
+            "downstream.temperature": 0.7,
+        }
+    )
+    seen = []
+    result = run_downstream(
+        checkpoint, config, tmp_path, callback=lambda role, e, m: seen.append((role, e))
+    )
+    assert 0 <= result.metrics["cnn_acc"] <= 1 and 0 <= result.metrics["real_acc"] <= 1
+    assert result.metrics["generated_per_class"] == 6
+    assert seen == [("generated", 0), ("real", 0)]
+    assert all(p.exists() for p in result.artifacts) and len(result.artifacts) == 2
+    assert (tmp_path / "generated" / "manifest.json").exists()
+    assert len(result.histories["generated"]) == 1
+
+
+def test_augment_with_nf_augmentation(checkpoint, tmp_path):
+    config = DownstreamConfig.from_overrides(
+        {
+            **FAST,
+            "downstream.kind": "augment",
+            "cnn.nf_augment": {"n_components": 4, "probability": 0.5, "per_class_fit_samples": 20},
+        }
+    )
+    result = run_downstream(checkpoint, config, tmp_path)
+    assert 0 <= result.metrics["aug_acc"] <= 1 and "augmented" in result.histories
+    assert result.results["augmented"].nf_augment_stats  # the NF augmentation really ran
+
+
+def test_bad_downstream_values_name_their_field():
+    with pytest.raises(ConfigError, match="downstream.kind"):
+        DownstreamConfig.from_overrides({"downstream.kind": "gan"})
+    with pytest.raises(ConfigError, match="cnn.epochs"):
+        DownstreamConfig.from_overrides({"cnn.epochs": 0})
+    with pytest.raises(ConfigError, match="cnn.nf_augment"):
+        DownstreamConfig.from_overrides({"cnn.nf_augment": {"probability": 0.5}})
+    with pytest.raises(ConfigError, match="downstream.tempo"):
+        DownstreamConfig.from_overrides({"downstream.tempo": 1})
