@@ -19,6 +19,7 @@ child MLflow run of the sweep's parent run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -27,45 +28,149 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from filelock import FileLock
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from nfpi.config import parse_override
+from nfpi.config import ExperimentConfig, parse_override
 from ray_jobs.tracking import RunLogger, Tracking, resolve_tracking, start_run
-from ray_jobs.train import add_common_args, connect, run_experiment
+from ray_jobs.train import add_common_args, connect, final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
-__all__ = ["main", "results_table", "run_trial"]
+__all__ = ["flow_digest", "main", "results_table", "run_trial"]
 
 log = logging.getLogger("nfpi.sweep")
 _DRIVER_CPU = 0.01
 
 
 def run_trial(tune_config: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
-    """One Tune trial: the space's config for this sample, run as a Ray Train run."""
+    """One Tune trial: the space's flow config for this sample as a Ray Train run (reporting
+    every epoch to Tune), or, for a downstream space, that flow (trained once per distinct
+    config and shared) followed by its downstream evaluation."""
     space = load_space(settings["space"])
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{settings['sweep']}-{trial_id}"
-    overrides = {
-        **settings["overrides"],
-        "output_dir": str(Path(settings["results"]) / "runs" / run_name),
-    }
+    results = Path(settings["results"])
+    overrides = {**settings["overrides"], "output_dir": str(results / "runs" / run_name)}
     config = space.config_for(tune_config, overrides)
-    result = run_experiment(
-        config,
-        storage_path=Path(settings["results"]) / "ray" / settings["sweep"] / "train",
-        run_name=run_name,
-        num_workers=settings["num_workers"],
-        use_gpu=settings["use_gpu"],
-        tracking=settings["tracking"],
-        parent_run_id=settings["parent_run_id"],
-        max_failures=settings["max_failures"],
-        actor_timeout=settings["actor_timeout"],
-        cpus_per_worker=settings["cpus_per_worker"],
-        train_callbacks=[TuneReportCallback()],
+    common = {
+        "num_workers": settings["num_workers"],
+        "use_gpu": settings["use_gpu"],
+        "tracking": settings["tracking"],
+        "max_failures": settings["max_failures"],
+        "actor_timeout": settings["actor_timeout"],
+        "cpus_per_worker": settings["cpus_per_worker"],
+    }
+    if space.kind == "flow":
+        result = run_experiment(
+            config,
+            storage_path=results / "ray" / settings["sweep"] / "train",
+            run_name=run_name,
+            parent_run_id=settings["parent_run_id"],
+            train_callbacks=[TuneReportCallback()],
+            **common,
+        )
+        return final_metrics(result)
+    return _downstream_trial(space, tune_config, config, run_name, settings, common)
+
+
+def flow_digest(config: ExperimentConfig) -> str:
+    """A name for a flow config (its output directory aside): trials and sweeps that train the
+    same flow share one Ray Train run under ``ray/flows/flow-<digest>``."""
+    values = {k: v for k, v in config.flat().items() if k not in ("output_dir", "name")}
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _downstream_trial(
+    space: SearchSpace,
+    tune_config: dict[str, Any],
+    config: ExperimentConfig,
+    run_name: str,
+    settings: dict[str, Any],
+    common: dict[str, Any],
+) -> dict[str, float]:
+    results = Path(settings["results"])
+    down = space.downstream_for(tune_config, settings["overrides"])
+    tracking: Tracking | None = settings["tracking"]
+    run_id = None
+    if tracking is not None:
+        run_id = start_run(
+            tracking,
+            run_name,
+            parent_run_id=settings["parent_run_id"],
+            tags={"nfpi.run_name": run_name},
+        )
+        RunLogger(tracking, run_id).params(
+            {f"downstream.{k}": v for k, v in down.to_dict().items()}
+        )
+    flow_name = f"flow-{flow_digest(config)}"
+    flows = results / "ray" / "flows"
+    flows.mkdir(parents=True, exist_ok=True)
+    config = config.with_overrides({"output_dir": str(results / "runs" / flow_name)})
+    # One trainer per flow config at a time; a finished flow re-launched under its name resumes
+    # at its end and returns at once.
+    with FileLock(str(flows / f"{flow_name}.lock")):
+        flow = run_experiment(
+            config, storage_path=flows, run_name=flow_name, mlflow_run_id=run_id, **common
+        )
+    metrics = {
+        k: v
+        for k, v in final_metrics(flow).items()
+        if k in ("nf_acc", "test_bpd", "train_bpd", "epoch")
+    }
+    resources = {
+        "num_cpus": settings["cpus_per_worker"],
+        "num_gpus": 1 if settings["use_gpu"] else 0,
+    }
+    # Outside the trial's (token-sized) placement group: the task holds a worker's resources.
+    escape = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(**resources)(_run_downstream_task).options(scheduling_strategy=escape)
+    out_dir = results / "runs" / run_name / "downstream"
+    metrics.update(
+        ray.get(
+            task.remote(
+                flow.checkpoint.path, down, str(out_dir), tracking, run_id, settings["use_gpu"]
+            )
+        )
     )
-    return dict(result.metrics or {})
+    if tracking is not None:
+        RunLogger(tracking, run_id).finish()
+    tune.report(metrics)
+    return metrics
+
+
+def _run_downstream_task(
+    checkpoint: str,
+    down: Any,
+    out_dir: str,
+    tracking: Tracking | None,
+    run_id: str | None,
+    use_gpu: bool,
+) -> dict[str, float]:
+    """The downstream evaluation on a Ray worker: per-epoch classifier metrics and the PNGs go
+    to the trial's MLflow run."""
+    import torch
+
+    from nfpi.downstream import run_downstream
+
+    logger = RunLogger(tracking, run_id) if tracking is not None else None
+
+    def log_epoch(role: str, epoch: int, m: dict[str, float]) -> None:
+        if logger is not None:
+            logger.metrics({f"{role}_{k}": v for k, v in m.items() if k != "epoch"}, step=epoch)
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    result = run_downstream(checkpoint, down, out_dir, device=device, callback=log_epoch)
+    if logger is not None:
+        logger.metrics(result.metrics, step=0)
+        for path in result.artifacts:
+            logger.artifact(path, "downstream")
+        manifest = Path(out_dir) / "generated" / "manifest.json"
+        if manifest.exists():
+            logger.artifact(manifest, "downstream/generated")
+    return result.metrics
 
 
 def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
@@ -84,17 +189,30 @@ def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
         if better and not math.isnan(score) or key not in groups:
             groups[key] = {"score": score, **row}
     head = " / ".join(space.group_by)
-    lines = [
-        f"| {head} | best config | NF-Acc | test bits/dim | epochs | status |",
-        "|---|---|---|---|---|---|",
+    # Downstream columns appear when some trial has them (CNN-Acc next to NF-Acc, as Table 2).
+    extra = [
+        (k, t)
+        for k, t in (
+            ("cnn_acc", "CNN-Acc"),
+            ("real_acc", "real-data acc"),
+            ("aug_acc", "classifier acc"),
+        )
+        if any(k in r["metrics"] for r in rows)
     ]
+    cols = ["best config", "NF-Acc", *[t for _, t in extra], "test bits/dim", "epochs", "status"]
+    lines = [f"| {head} | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     for key, row in sorted(groups.items(), key=lambda kv: str(kv[0])):
         m = row["metrics"]
         cfg = json.dumps(space.overrides_of(row["config"]), default=str)
-        lines.append(
-            f"| {' / '.join(str(k) for k in key)} | `{cfg}` | {_fmt(m.get('nf_acc'))} | "
-            f"{_fmt(m.get('test_bpd'))} | {_fmt(m.get('epoch'), 0, plus=1)} | {row['status']} |"
-        )
+        cells = [
+            f"`{cfg}`",
+            _fmt(m.get("nf_acc")),
+            *[_fmt(m.get(k)) for k, _ in extra],
+            _fmt(m.get("test_bpd")),
+            _fmt(m.get("epoch"), 0, plus=1),
+            row["status"],
+        ]
+        lines.append(f"| {' / '.join(str(k) for k in key)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from nfpi.train import EpochResult, Trainer
 from ray_jobs.prior_actor import ActorPriorClient, create_prior_actor
 from ray_jobs.tracking import RunLogger, Tracking, resolve_tracking, start_run
 
-__all__ = ["connect", "main", "run_experiment", "train_loop_per_worker"]
+__all__ = ["connect", "final_metrics", "main", "run_experiment", "train_loop_per_worker"]
 
 log = logging.getLogger("nfpi.ray")
 
@@ -115,6 +115,7 @@ def run_experiment(
     train_callbacks: list[Any] | None = None,
     worker_callbacks: list[Any] | None = None,
     prior_actor: Any = None,
+    mlflow_run_id: str | None = None,
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
 
@@ -122,7 +123,9 @@ def run_experiment(
     created here (owned by this driver) unless one is passed in. ``train_callbacks`` are Ray
     Train callbacks (driver side, e.g. ``TuneReportCallback``); ``worker_callbacks`` are
     picklable ``callback(trainer, EpochResult)`` run by every worker after each epoch, before the
-    report (custom logging, fault injection in tests).
+    report (custom logging, fault injection in tests). With ``tracking`` the run logs to a new
+    MLflow run (a child of ``parent_run_id``), or to ``mlflow_run_id`` if given (left open for
+    the caller to finish).
     """
     if num_workers > 0 and config.optim.batch_size % num_workers:
         raise ConfigError(
@@ -131,11 +134,12 @@ def run_experiment(
             f"a multiple of --num-workers ({num_workers})",
         )
     storage_path = Path(storage_path).expanduser().resolve()
-    mlflow_run_id = None
+    owns_run = mlflow_run_id is None
     if tracking is not None:
-        mlflow_run_id = start_run(
-            tracking, run_name, parent_run_id=parent_run_id, tags={"nfpi.run_name": run_name}
-        )
+        if owns_run:
+            mlflow_run_id = start_run(
+                tracking, run_name, parent_run_id=parent_run_id, tags={"nfpi.run_name": run_name}
+            )
         logger = RunLogger(tracking, mlflow_run_id)
         logger.params(config.flat())
         logger.params({"ray.num_workers": num_workers, "ray.use_gpu": use_gpu})
@@ -172,7 +176,7 @@ def run_experiment(
     try:
         result = trainer.fit()
     except Exception:
-        if tracking is not None:
+        if tracking is not None and owns_run:
             RunLogger(tracking, mlflow_run_id).finish("FAILED")
         raise
     finally:
@@ -183,8 +187,22 @@ def run_experiment(
         if result.checkpoint is not None:
             logger.tag("final_checkpoint", result.checkpoint.path)
             logger.text(f"{result.checkpoint.path}\n", "final_checkpoint.txt")
-        logger.finish()
+        if owns_run:
+            logger.finish()
     return result
+
+
+def final_metrics(result: ray.train.Result) -> dict[str, float]:
+    """The last epoch's metrics of a Train result; read from its checkpoint when the run had
+    nothing left to do (a finished run re-launched under the same name)."""
+    if result.metrics:
+        return dict(result.metrics)
+    if result.checkpoint is None:
+        return {}
+    history = torch.load(
+        Path(result.checkpoint.path) / "state.pt", map_location="cpu", weights_only=False
+    )["history"]
+    return dict(history[-1]) if history else {}
 
 
 def _create_actor_for(config: ExperimentConfig) -> Any:

@@ -32,7 +32,12 @@ SPACE_NAMES = (
     "table2",
     "table3",
     "alpha_pi",
+    "smoke_cnn",
+    "table2_cnn",
+    "table3_cnn",
+    "table5_augment",
 )
+DOWNSTREAM_PREFIXES = ("downstream.", "cnn.")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,9 @@ class SearchSpace:
         num_samples: Tune samples (x the grid).
         metric, mode: what "best" means in the results table and for ASHA.
         group_by: config keys that name a row of the results table (e.g. the method).
-        kind: ``flow`` (a flow-training trial) or ``cnn``/``augment`` (issue-4 pipelines).
+        kind: ``flow`` (a flow-training trial) or ``downstream`` (train or reuse the flow, then
+            a :mod:`nfpi.downstream` evaluation: CNN-Acc or NF augmentation). Keys starting with
+            ``downstream.`` or ``cnn.`` configure that evaluation.
     """
 
     name: str
@@ -77,14 +84,34 @@ class SearchSpace:
                 out[key] = value
         return out
 
+    def _merged(
+        self, sample: dict[str, Any], overrides: dict[str, Any] | None
+    ) -> tuple[dict, dict]:
+        merged = {**self.base, **self.overrides_of(sample), **(overrides or {})}
+        flow = {k: v for k, v in merged.items() if not k.startswith(DOWNSTREAM_PREFIXES)}
+        down = {k: v for k, v in merged.items() if k.startswith(DOWNSTREAM_PREFIXES)}
+        if down and self.kind != "downstream":
+            key = next(iter(down))
+            raise ConfigError(
+                key, down[key], f"downstream settings, but space {self.name!r} trains flows only"
+            )
+        return flow, down
+
     def config_for(
         self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
     ) -> ExperimentConfig:
-        """The experiment config of one trial: base experiment, then the space's base, then the
+        """The flow experiment of one trial: base experiment, then the space's base, then the
         sampled values, then command-line overrides. Invalid values raise ConfigError naming the
         dotted field."""
-        merged = {**self.base, **self.overrides_of(sample), **(overrides or {})}
-        return experiment_config(self.experiment, merged)
+        return experiment_config(self.experiment, self._merged(sample, overrides)[0])
+
+    def downstream_for(
+        self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
+    ) -> Any:
+        """The :class:`nfpi.downstream.DownstreamConfig` of one trial of a downstream space."""
+        from nfpi.downstream import DownstreamConfig
+
+        return DownstreamConfig.from_overrides(self._merged(sample, overrides)[1])
 
     def samples(self, n_random: int = 3, seed: int = 0) -> list[dict[str, Any]]:
         """Every grid point, each with random domains drawn ``n_random`` times (for validation)."""
@@ -111,7 +138,12 @@ class SearchSpace:
 
     def validate(self, overrides: dict[str, Any] | None = None) -> list[ExperimentConfig]:
         """Build the config of every sample; raises the first ConfigError (naming the field)."""
-        return [self.config_for(s, overrides) for s in self.samples()]
+        configs = []
+        for sample in self.samples():
+            configs.append(self.config_for(sample, overrides))
+            if self.kind == "downstream":
+                self.downstream_for(sample, overrides)
+        return configs
 
 
 def load_space(name: str) -> SearchSpace:

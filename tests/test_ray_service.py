@@ -269,3 +269,36 @@ def test_job_submit_against_ray_start_head(tmp_path):
         head.wait(timeout=60)
         head_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_downstream_sweep_reports_cnn_acc_and_logs_to_mlflow(ray_session, tmp_path, tracking):
+    from ray_jobs.sweep import main as sweep_main
+
+    args = [
+        "--space",
+        "smoke_cnn",
+        "--results-dir",
+        str(tmp_path),
+        "--tracking-uri",
+        tracking.uri,
+        "--mlflow-experiment",
+        tracking.experiment,
+        "--set",
+        "eval.plots=false",
+    ]
+    assert sweep_main(args) == 0
+    client = MlflowClient(tracking.uri)
+    children = [
+        r
+        for r in client.search_runs([tracking.experiment_id()])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(children) == 2
+    for child in children:
+        assert 0 <= child.data.metrics["cnn_acc"] <= 1 and "nf_acc" in child.data.metrics
+        assert child.data.params["downstream.kind"] == "cnn"
+        assert "generated_test_acc" in child.data.metrics  # per-epoch classifier metrics
+        arts = {a.path for a in client.list_artifacts(child.info.run_id, "downstream")}
+        assert "downstream/confusion_generated.png" in arts
+    flows = list((tmp_path / "ray" / "flows").glob("flow-*"))
+    assert len([f for f in flows if f.is_dir()]) == 2  # one shared Train run per distinct flow

@@ -18,8 +18,13 @@ def test_every_space_samples_into_valid_configs(name):
     for sample, config in zip(space.samples(), configs, strict=True):
         flat = config.flat()
         for key, value in space.overrides_of(sample).items():
+            if key.startswith(("downstream.", "cnn.")):
+                continue  # the downstream config, checked below
             if not isinstance(value, dict):  # whole sub-configs are checked through their leaves
                 assert flat[key] == value, (key, value, flat[key])
+        if space.kind == "downstream":
+            down = space.downstream_for(sample, overrides)
+            assert down.kind in ("cnn", "augment")
 
 
 def test_paper_spaces_vary_what_the_tables_vary():
@@ -72,3 +77,28 @@ def test_bad_values_from_a_space_are_rejected_with_the_field_name():
         load_space("table2").validate()
     with pytest.raises(ConfigError, match="space"):
         load_space("table9")
+
+
+def test_downstream_spaces_share_flows_with_the_tables_and_vary_the_classifier():
+    from search_spaces.table2 import SPACE as TABLE2
+
+    t2 = TABLE2.validate(NEEDS_ROOT)
+    t2cnn = load_space("table2_cnn").validate(NEEDS_ROOT)
+    assert [c.to_dict() for c in t2] == [c.to_dict() for c in t2cnn]  # the very same flows
+    space = load_space("table5_augment")
+    downs = [space.downstream_for(s, NEEDS_ROOT) for s in space.samples()]
+    combos = {(d.classifier.randaugment, d.classifier.nf_augment is not None) for d in downs}
+    assert combos == {(False, False), (False, True), (True, False), (True, True)}
+    assert all(d.kind == "augment" for d in downs)
+    assert {
+        d.classifier.epochs
+        for d in (
+            load_space("table2_cnn").downstream_for(s, NEEDS_ROOT)
+            for s in load_space("table2_cnn").samples()
+        )
+    } == {50}
+
+
+def test_flow_spaces_reject_downstream_keys():
+    with pytest.raises(ConfigError, match="cnn.epochs"):
+        load_space("digits").validate({"cnn.epochs": 3})
