@@ -205,10 +205,7 @@ def generate_dataset(
         checkpoint = model
         model = load_trained(model, device=device or "cpu")
     elif checkpoint is None:
-        log.warning(
-            "generate_dataset: the manifest will not name the checkpoint (pass checkpoint=PATH "
-            "with a loaded model, or the checkpoint path itself)"
-        )
+        checkpoint = model.path
     flow, info = model.flow, model.info
     flow_device = _flow_device(flow)
     if device is not None and torch.device(device) != flow_device:

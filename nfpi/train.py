@@ -702,6 +702,7 @@ class TrainedModel:
     config: ExperimentConfig
     info: DatasetInfo
     epoch: int
+    path: Path | None = None  # the checkpoint file it was read from
 
 
 def load_trained(
@@ -728,4 +729,6 @@ def load_trained(
         weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
     flow.load_state_dict(weights)
     prior = GaussianPrior.from_state_dict(state["prior"])
-    return TrainedModel(flow.to(device).eval(), prior.to(device), config, info, int(state["epoch"]))
+    return TrainedModel(
+        flow.to(device).eval(), prior.to(device), config, info, int(state["epoch"]), file.resolve()
+    )
