@@ -6,6 +6,8 @@ Examples::
     python -m nfpi train --experiment digits --set prior.method=gd --set optim.epochs=10
     python -m nfpi train --experiment cifar10 --set data.root=/data/cifar10 --output-dir runs/c10
     python -m nfpi config --experiment digits              # print the resolved config
+    python -m nfpi downstream results/digits/checkpoint --set downstream.kind=cnn \
+        --set cnn.epochs=10 --output-dir results/digits-cnn    # CNN-Acc of a trained flow
 """
 
 from __future__ import annotations
@@ -53,7 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             help="dotted override, e.g. prior.fpi.lam=300 (repeatable)",
         )
         p.add_argument("--output-dir", help="run directory (default: results/<experiment>)")
+    p = sub.add_parser("downstream", help="CNN-Acc or NF augmentation of a trained flow")
+    p.add_argument("checkpoint", help="a run's checkpoint directory")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)",
+    )
+    p.add_argument("--output-dir", default="results/downstream")
+    p.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.command == "downstream":
+        return _downstream(args)
     out = args.output_dir or (None if args.config_file else f"results/{args.experiment}")
     config = build_config(args.experiment, args.set, out, args.config_file)
     if args.command == "config":
@@ -68,4 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     final = history[-1]
     print(json.dumps({k: round(v, 5) for k, v in final.items()}, indent=None))
     print(f"run directory: {config.output_dir}")
+    return 0
+
+
+def _downstream(args: argparse.Namespace) -> int:
+    from nfpi.downstream import DownstreamConfig, run_downstream
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = DownstreamConfig.from_overrides(dict(parse_override(s) for s in args.set))
+    result = run_downstream(args.checkpoint, config, args.output_dir, device=args.device)
+    shown = {k: round(v, 5) for k, v in result.metrics.items() if "_class_" not in k}
+    print(json.dumps(shown))
+    print(f"output: {args.output_dir}")
     return 0

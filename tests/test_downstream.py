@@ -62,3 +62,24 @@ def test_bad_downstream_values_name_their_field():
         DownstreamConfig.from_overrides({"cnn.nf_augment": {"probability": 0.5}})
     with pytest.raises(ConfigError, match="downstream.tempo"):
         DownstreamConfig.from_overrides({"downstream.tempo": 1})
+
+
+def test_cli_downstream(checkpoint, tmp_path, capsys):
+    from nfpi.cli import main
+
+    args = [
+        "downstream",
+        str(checkpoint),
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "downstream.per_class=4",
+        *[f"--set={k}={v}" for k, v in FAST.items()],
+    ]
+    args = [a.replace("--set=", "--set ") for a in args]
+    flat = []
+    for a in args:
+        flat.extend(a.split(" ", 1) if a.startswith("--set ") else [a])
+    assert main(flat) == 0
+    assert "cnn_acc" in capsys.readouterr().out
+    assert (tmp_path / "confusion_generated.png").exists()

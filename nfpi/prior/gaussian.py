@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from nfpi.errors import LabelRangeError, NonFiniteError, ShapeError
+from nfpi.errors import ConfigError, LabelRangeError, NonFiniteError, ShapeError
 from nfpi.prior.stats import ClassStatistics
 
 __all__ = ["Covariance", "GaussianPrior"]
@@ -226,7 +226,7 @@ class GaussianPrior(nn.Module):
         """z ~ N(mu_y, (T sigma_y)^2) for each label in ``y`` [B] -> [B, d] of ``dtype``."""
         self._check_y(y)
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise ConfigError("temperature", temperature, "a temperature >= 0")
         y = y.to(self.means.device)
         eps = torch.randn(
             y.shape[0], self.dim, generator=generator, dtype=torch.float64, device=self.means.device
