@@ -1,5 +1,7 @@
 """Downstream evaluations of a trained flow: CNN-Acc on generated images, NF augmentation."""
 
+import json
+
 import pytest
 
 from nfpi.config import experiment_config
@@ -67,19 +69,9 @@ def test_bad_downstream_values_name_their_field():
 def test_cli_downstream(checkpoint, tmp_path, capsys):
     from nfpi.cli import main
 
-    args = [
-        "downstream",
-        str(checkpoint),
-        "--output-dir",
-        str(tmp_path),
-        "--set",
-        "downstream.per_class=4",
-        *[f"--set={k}={v}" for k, v in FAST.items()],
-    ]
-    args = [a.replace("--set=", "--set ") for a in args]
-    flat = []
-    for a in args:
-        flat.extend(a.split(" ", 1) if a.startswith("--set ") else [a])
-    assert main(flat) == 0
+    args = ["downstream", str(checkpoint), "--output-dir", str(tmp_path)]
+    for key, value in {**FAST, "downstream.per_class": 4}.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
     assert "cnn_acc" in capsys.readouterr().out
     assert (tmp_path / "confusion_generated.png").exists()
