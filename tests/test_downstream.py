@@ -70,7 +70,7 @@ def test_cli_downstream(checkpoint, tmp_path, capsys):
     from nfpi.cli import main
 
     args = ["downstream", str(checkpoint), "--output-dir", str(tmp_path)]
-    for key, value in {**FAST, "downstream.per_class": 4}.items():
+    for key, value in {**FAST, "downstream.per_class": 6}.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     assert main(args) == 0
     assert "cnn_acc" in capsys.readouterr().out
