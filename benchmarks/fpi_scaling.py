@@ -59,6 +59,7 @@ import time
 from typing import Any
 
 import torch
+from _memory import vm  # benchmarks/ is on sys.path when a script runs
 
 LAM, ALPHA = 100.0, 10.0
 BROADCAST_TEMPS = 6  # live K x K x d float64 temporaries assumed when estimating the broadcast
@@ -69,15 +70,6 @@ TARGET_SPEEDUP = 20.0  # gemm vs broadcast per iteration at K = 100, d = 3072
 DEFAULT_WAIT_POLICY = "PASSIVE"
 SOLVE_TOL = 1e-15  # near round-off: the solve runs until the Anderson history is full
 MIB = 1024.0 * 1024.0
-
-
-def _vm(field: str) -> float:
-    """A /proc/self/status memory field in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def _reset_peak() -> bool:
@@ -113,15 +105,16 @@ def _inputs(k: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
     return mu, v, m, s
 
 
-def _step_worker(k: int, d: int, impl: str, min_reps: int, min_seconds: float,
-                 seed: int) -> dict[str, Any]:
+def _step_worker(
+    k: int, d: int, impl: str, min_reps: int, min_seconds: float, seed: int
+) -> dict[str, Any]:
     from nfpi.prior import FPIConfig, fpi_step
     from nfpi.prior.naive import fpi_step_broadcast
 
     step = fpi_step if impl == "gemm" else fpi_step_broadcast
     config = FPIConfig(lam=LAM, alpha=ALPHA, pi="pairwise", update="both")
     mu, v, m, s = _inputs(k, d, seed)
-    baseline, hwm_before = _vm("VmRSS"), _vm("VmHWM")
+    baseline, hwm_before = vm("VmRSS"), vm("VmHWM")
     reset = _reset_peak()
     times: list[float] = []
     cpu_times: list[float] = []
@@ -138,13 +131,14 @@ def _step_worker(k: int, d: int, impl: str, min_reps: int, min_seconds: float,
             del out
             if len(times) >= 1000:
                 break
-    hwm = _vm("VmHWM")
+    hwm = vm("VmHWM")
     agree = None
     if impl == "broadcast":  # same map? (after the peak was read)
         with torch.no_grad():
             ref, got = fpi_step(mu, v, m, s, config), fpi_step_broadcast(mu, v, m, s, config)
-        agree = max(float(((g - r).abs() / r.abs().clamp_min(1e-300)).max())
-                    for g, r in zip(got, ref))
+        agree = max(
+            float(((g - r).abs() / r.abs().clamp_min(1e-300)).max()) for g, r in zip(got, ref)
+        )
     return {
         "max_rel_diff_vs_gemm": agree,
         "seconds_per_iter": min(times),
@@ -164,19 +158,28 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
     _, _, m, s = _inputs(k, d, seed)
     n = 100.0  # samples per class: only the sums matter
     f64 = {"dtype": torch.float64}
-    stats = ClassStatistics(count=torch.full((k,), n, **f64), sum=torch.zeros(k, d, **f64),
-                            sumsq=s * (n - 1.0), shift=m)
+    stats = ClassStatistics(
+        count=torch.full((k,), n, **f64), sum=torch.zeros(k, d, **f64), sumsq=s * (n - 1.0), shift=m
+    )
     del m, s
     bounds = (0.25, 1.25) if update == "both" else None
-    config = FPIConfig(lam=LAM, alpha=ALPHA, pi="pairwise", update=update, var_bounds=bounds,
-                       tol=SOLVE_TOL, max_iter=max_iter, require_convergence=False)
-    baseline, hwm_before = _vm("VmRSS"), _vm("VmHWM")
+    config = FPIConfig(
+        lam=LAM,
+        alpha=ALPHA,
+        pi="pairwise",
+        update=update,
+        var_bounds=bounds,
+        tol=SOLVE_TOL,
+        max_iter=max_iter,
+        require_convergence=False,
+    )
+    baseline, hwm_before = vm("VmRSS"), vm("VmHWM")
     reset = _reset_peak()
     t0 = time.perf_counter()
     with torch.no_grad():
         prior, report = solve_fpi(stats, config)
     elapsed = time.perf_counter() - t0
-    hwm = _vm("VmHWM")
+    hwm = vm("VmHWM")
     return {
         "seconds_per_iter": elapsed / report.iterations,
         "seconds_total": elapsed,
@@ -195,28 +198,36 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     spec = json.loads(args.worker)
     if spec["kind"] == "step":
-        out = _step_worker(spec["K"], spec["d"], spec["impl"], spec["min_reps"],
-                           spec["min_seconds"], spec["seed"])
+        out = _step_worker(
+            spec["K"], spec["d"], spec["impl"], spec["min_reps"], spec["min_seconds"], spec["seed"]
+        )
     else:
         out = _solve_worker(spec["K"], spec["d"], spec["update"], spec["max_iter"], spec["seed"])
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _run_worker(spec: dict[str, Any], threads: int, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(threads),
-           "--worker", json.dumps(spec)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--threads",
+        str(threads),
+        "--worker",
+        json.dumps(spec),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": f"worker exit {proc.returncode}: {' | '.join(tail)}"}
 
@@ -233,11 +244,13 @@ def _fmt_time(sec: float | None) -> str:
 
 
 def _print_row(rec: dict[str, Any], speed: str, note: str) -> None:
-    print(f"{rec['K']:>5} {rec['d']:>5} {rec['impl']:<10} "
-          f"{_fmt_time(rec.get('seconds_per_iter')):>11} "
-          f"{_fmt_time(rec.get('seconds_per_iter_median')):>10} "
-          f"{_fmt_mb(rec.get('peak_mb')):>8} {_fmt_mb(rec.get('peak_extra_mb')):>9} "
-          f"{speed:>8} {rec.get('loadavg', float('nan')):>5.1f}  {note}")
+    print(
+        f"{rec['K']:>5} {rec['d']:>5} {rec['impl']:<10} "
+        f"{_fmt_time(rec.get('seconds_per_iter')):>11} "
+        f"{_fmt_time(rec.get('seconds_per_iter_median')):>10} "
+        f"{_fmt_mb(rec.get('peak_mb')):>8} {_fmt_mb(rec.get('peak_extra_mb')):>9} "
+        f"{speed:>8} {rec.get('loadavg', float('nan')):>5.1f}  {note}"
+    )
 
 
 def _fmt_mb(mb: float | None) -> str:
@@ -248,12 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes (~1 minute)")
     parser.add_argument("--out", help="write the records (JSON list) here")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads (default: all cores available)")
-    parser.add_argument("--budget-gb", type=float, default=12.0,
-                        help="skip broadcast rows whose estimated memory exceeds this")
-    parser.add_argument("--solve-repeats", type=int, default=None,
-                        help="fresh-process repeats of each solve (default 2, 1 with --quick)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads (default: all cores available)",
+    )
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        default=12.0,
+        help="skip broadcast rows whose estimated memory exceeds this",
+    )
+    parser.add_argument(
+        "--solve-repeats",
+        type=int,
+        default=None,
+        help="fresh-process repeats of each solve (default 2, 1 with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,37 +294,62 @@ def main(argv: list[str] | None = None) -> int:
         min_reps, min_seconds = 5, 3.0
         solves, repeats = [("both", 20), ("mean", 20)], args.solve_repeats or 2
 
-    print(f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
-          f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
-          f"{_wait_policy()}; load average "
-          f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}")
-    print("peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
-          "baseline after imports and inputs")
+    print(
+        f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
+        f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
+        f"{_wait_policy()}; load average "
+        f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}"
+    )
+    print(
+        "peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
+        "baseline after imports and inputs"
+    )
     records: list[dict[str, Any]] = []
-    header = (f"{'K':>5} {'d':>5} {'impl':<10} {'s/iter best':>11} {'median':>10} "
-              f"{'peak MB':>8} {'extra MB':>9} {'speedup':>8} {'load':>5}  note")
+    header = (
+        f"{'K':>5} {'d':>5} {'impl':<10} {'s/iter best':>11} {'median':>10} "
+        f"{'peak MB':>8} {'extra MB':>9} {'speedup':>8} {'load':>5}  note"
+    )
     print(header)
     print("-" * len(header))
     for k in ks:
         for d in ds:
             pair: dict[str, dict[str, Any]] = {}
             for impl in ("gemm", "broadcast"):
-                rec: dict[str, Any] = {"K": k, "d": d, "impl": impl, "threads": args.threads,
-                                       "omp_wait_policy": _wait_policy()}
+                rec: dict[str, Any] = {
+                    "K": k,
+                    "d": d,
+                    "impl": impl,
+                    "threads": args.threads,
+                    "omp_wait_policy": _wait_policy(),
+                }
                 pair[impl] = rec
                 records.append(rec)
                 need = broadcast_estimate_gb(k, d) if impl == "broadcast" else 0.0
                 if impl == "broadcast":
                     rec["estimated_gb"] = round(need, 2)
                 if need > args.budget_gb:
-                    rec.update(seconds_per_iter=None, peak_mb=None, skipped=True,
-                               loadavg=os.getloadavg()[0])
+                    rec.update(
+                        seconds_per_iter=None,
+                        peak_mb=None,
+                        skipped=True,
+                        loadavg=os.getloadavg()[0],
+                    )
                     rec["note"] = f"skipped (needs ~{need:.0f} GB)"
                     continue
-                spec = {"kind": "step", "K": k, "d": d, "impl": impl, "min_reps": min_reps,
-                        "min_seconds": min_seconds, "seed": args.seed}
-                rec.update(_run_worker(spec, args.threads, timeout=600), skipped=False,
-                           loadavg=os.getloadavg()[0])
+                spec = {
+                    "kind": "step",
+                    "K": k,
+                    "d": d,
+                    "impl": impl,
+                    "min_reps": min_reps,
+                    "min_seconds": min_seconds,
+                    "seed": args.seed,
+                }
+                rec.update(
+                    _run_worker(spec, args.threads, timeout=600),
+                    skipped=False,
+                    loadavg=os.getloadavg()[0],
+                )
                 if "error" in rec:
                     rec.update(seconds_per_iter=None, peak_mb=None, note=f"ERROR {rec['error']}")
                     continue
@@ -311,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                     rec["note"] += f", max rel diff vs gemm {rec['max_rel_diff_vs_gemm']:.1e}"
             gemm, bcast = pair["gemm"], pair["broadcast"]
             if gemm.get("seconds_per_iter") and bcast.get("seconds_per_iter"):
-                gemm["speedup"] = bcast["speedup"] = (bcast["seconds_per_iter"]
-                                                      / gemm["seconds_per_iter"])
+                gemm["speedup"] = bcast["speedup"] = (
+                    bcast["seconds_per_iter"] / gemm["seconds_per_iter"]
+                )
             for rec in (gemm, bcast):
                 speed = f"{rec['speedup']:.1f}x" if "speedup" in rec else "-"
                 _print_row(rec, speed, rec.pop("note"))
@@ -320,11 +371,24 @@ def main(argv: list[str] | None = None) -> int:
     k, d = 1000, 3072
     for update, max_iter in solves:
         impl = f"solve_{update}"
-        rec = {"K": k, "d": d, "impl": impl, "threads": args.threads, "update": update,
-               "tol": SOLVE_TOL, "max_iter": max_iter,
-               "var_bounds": [0.25, 1.25] if update == "both" else None}
-        spec = {"kind": "solve", "K": k, "d": d, "update": update, "max_iter": max_iter,
-                "seed": args.seed}
+        rec = {
+            "K": k,
+            "d": d,
+            "impl": impl,
+            "threads": args.threads,
+            "update": update,
+            "tol": SOLVE_TOL,
+            "max_iter": max_iter,
+            "var_bounds": [0.25, 1.25] if update == "both" else None,
+        }
+        spec = {
+            "kind": "solve",
+            "K": k,
+            "d": d,
+            "update": update,
+            "max_iter": max_iter,
+            "seed": args.seed,
+        }
         runs = [_run_worker(spec, args.threads, timeout=600) for _ in range(repeats)]
         good = [r for r in runs if "error" not in r]
         rec["loadavg"] = os.getloadavg()[0]
@@ -339,32 +403,45 @@ def main(argv: list[str] | None = None) -> int:
         rec["peak_extra_mb"] = max(rec["peak_extra_mb_runs"])
         rec["seconds_per_iter"] = min(r["seconds_per_iter"] for r in good)
         rec["seconds_total"] = min(r["seconds_total"] for r in good)
-        _print_row(rec, "-", f"{rec['iterations']} it ({rec['stop_reason']}, residual "
-                   f"{rec['final_residual']:.2g}), best {rec['seconds_total']:.1f} s, "
-                   f"{rec['at_bounds']} at bounds, {len(good)} run(s)")
+        _print_row(
+            rec,
+            "-",
+            f"{rec['iterations']} it ({rec['stop_reason']}, residual "
+            f"{rec['final_residual']:.2g}), best {rec['seconds_total']:.1f} s, "
+            f"{rec['at_bounds']} at bounds, {len(good)} run(s)",
+        )
 
     print()
     solves_done = [r for r in records if r["impl"].startswith("solve_")]
     if solves_done and all(r.get("peak_mb") is not None for r in solves_done):
-        for field, what in (("peak_extra_mb", "solve footprint (peak above baseline)"),
-                            ("peak_mb", "absolute process peak (torch included)")):
+        for field, what in (
+            ("peak_extra_mb", "solve footprint (peak above baseline)"),
+            ("peak_mb", "absolute process peak (torch included)"),
+        ):
             worst = max(solves_done, key=lambda r: r[field])
             verdict = "PASS" if worst[field] <= TARGET_SOLVE_MB else "FAIL"
-            print(f"{verdict}: K=1000, d=3072 {what}: {worst[field]:.0f} MB "
-                  f"({worst['impl']}) <= {TARGET_SOLVE_MB:.0f} MB")
+            print(
+                f"{verdict}: K=1000, d=3072 {what}: {worst[field]:.0f} MB "
+                f"({worst['impl']}) <= {TARGET_SOLVE_MB:.0f} MB"
+            )
     else:
         print("FAIL: K=1000, d=3072 solve did not run")
-    target = next((r for r in records if r["K"] == 100 and r["d"] == 3072
-                   and r["impl"] == "broadcast"), None)
+    target = next(
+        (r for r in records if r["K"] == 100 and r["d"] == 3072 and r["impl"] == "broadcast"), None
+    )
     if target is not None and target.get("speedup"):
         verdict = "PASS" if target["speedup"] >= TARGET_SPEEDUP else "FAIL"
-        print(f"{verdict}: K=100, d=3072 per-iteration speedup over broadcast "
-              f"{target['speedup']:.1f}x >= {TARGET_SPEEDUP:.0f}x")
+        print(
+            f"{verdict}: K=100, d=3072 per-iteration speedup over broadcast "
+            f"{target['speedup']:.1f}x >= {TARGET_SPEEDUP:.0f}x"
+        )
     else:
         print("FAIL: K=100, d=3072 speedup not measured")
     if os.getloadavg()[0] > args.threads:
-        print(f"note: load average {os.getloadavg()[0]:.1f} > {args.threads} threads: other "
-              "processes shared the cores, timings may be disturbed")
+        print(
+            f"note: load average {os.getloadavg()[0]:.1f} > {args.threads} threads: other "
+            "processes shared the cores, timings may be disturbed"
+        )
 
     if args.out:
         with open(args.out, "w") as f:

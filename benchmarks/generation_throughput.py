@@ -42,15 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _vm(field: str) -> float:
-    """A /proc/self/status memory field in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+from _memory import vm  # benchmarks/ is on sys.path when a script runs
 
 
 def _random_model(num_classes: int, seed: int = 0) -> Any:
@@ -89,7 +81,7 @@ def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
 
     k = 16
     model = _random_model(k)
-    base = _vm("VmRSS")
+    base = vm("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         # Warm-up: allocator, thread pool, first-call dispatch.
         generate_dataset(model, Path(tmp) / "warm", per_class=1, temperature=1.0, seed=1)
@@ -104,7 +96,7 @@ def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
         "what": "generate_mef_cifar",
         "batch": batch,
         "per_s": round(n / seconds, 3),
-        "peak_mb": round(_vm("VmHWM")),
+        "peak_mb": round(vm("VmHWM")),
         "base_mb": round(base),
         "images": n,
         "batches": batches,
@@ -149,7 +141,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
         )
         nf = NFAugment(flow, pca, NFAugmentConfig(n_components=r, probability=0.5))
         extra = {"p": 0.5, "n_components": r}
-    base = _vm("VmRSS")
+    base = vm("VmRSS")
 
     def step() -> None:
         out = x
@@ -169,7 +161,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
         "what": what,
         "batch": batch,
         "per_s": round(batch / best, 3),
-        "peak_mb": round(_vm("VmHWM")),
+        "peak_mb": round(vm("VmHWM")),
         "base_mb": round(base),
         "seconds_per_batch": round(best, 4),
         "seconds_all": [round(t, 4) for t in times],
@@ -187,7 +179,7 @@ def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
     net = build_classifier("resnet18", 10, 3, 32)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    base = _vm("VmRSS")
+    base = vm("VmRSS")
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -200,7 +192,7 @@ def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
         "what": "classifier_step_resnet18",
         "batch": batch,
         "per_s": round(batch / best, 3),
-        "peak_mb": round(_vm("VmHWM")),
+        "peak_mb": round(vm("VmHWM")),
         "base_mb": round(base),
         "seconds_per_batch": round(best, 4),
         "seconds_all": [round(t, 4) for t in times],

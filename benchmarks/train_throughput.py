@@ -29,17 +29,9 @@ import time
 from typing import Any
 
 import torch
+from _memory import vm  # benchmarks/ is on sys.path when a script runs
 
 MEF_REFERENCE_PARAMS = 42.9e6
-
-
-def _vm(field: str) -> float:
-    """A /proc/self/status memory field in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,7 +42,7 @@ def _vm(field: str) -> float:
 def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) -> dict[str, Any]:
     from nfpi.flows import build_flow
 
-    rss_base = _vm("VmRSS")
+    rss_base = vm("VmRSS")
     torch.manual_seed(seed)
     flow = build_flow(model, in_shape=(3, 32, 32))
     n_params = sum(p.numel() for p in flow.parameters())
@@ -97,7 +89,7 @@ def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) ->
         # work itself, so cpu/threads estimates the step time on an otherwise idle machine.
         "cpu_s_per_step": round(statistics.median(cpu_times), 3),
         "steps": steps,
-        "peak_mb": round(_vm("VmHWM")),
+        "peak_mb": round(vm("VmHWM")),
         "rss_base_mb": round(rss_base),
         "params": n_params,
         "threads": torch.get_num_threads(),

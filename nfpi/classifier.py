@@ -50,6 +50,7 @@ from torchvision.transforms.v2 import functional as TF
 from nfpi.data import epoch_seed, make_loader, set_loader_epoch
 from nfpi.errors import ConfigError, DatasetNotFoundError, LabelRangeError, ShapeError
 from nfpi.nf_augment import NFAugment, NFAugmentConfig
+from nfpi.validation import is_int, is_number
 
 __all__ = [
     "BatchCropFlip",
@@ -67,14 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -150,19 +143,19 @@ class ClassifierConfig:
         check(isinstance(self.model, str) and bool(self.model), "model", "a timm model name")
         check(self.cifar_stem in (None, True, False), "cifar_stem", "None, true or false")
         for name in ("epochs", "eval_batch_size"):
-            check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
-        check(_is_int(self.batch_size) and self.batch_size >= 2, "batch_size", "an int >= 2")
+            check(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        check(is_int(self.batch_size) and self.batch_size >= 2, "batch_size", "an int >= 2")
         for name in ("seed", "num_workers", "crop_padding"):
-            check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
-        check(_is_number(self.max_lr) and self.max_lr > 0, "max_lr", "a number > 0")
+            check(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
+        check(is_number(self.max_lr) and self.max_lr > 0, "max_lr", "a number > 0")
         for name in ("div_factor", "final_div_factor"):
             check(
-                _is_number(getattr(self, name)) and getattr(self, name) >= 1, name, "a number >= 1"
+                is_number(getattr(self, name)) and getattr(self, name) >= 1, name, "a number >= 1"
             )
-        check(_is_number(self.pct_start) and 0 < self.pct_start < 1, "pct_start", "in (0, 1)")
-        check(_is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        check(is_number(self.pct_start) and 0 < self.pct_start < 1, "pct_start", "in (0, 1)")
+        check(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
         check(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            is_number(self.weight_decay) and self.weight_decay >= 0,
             "weight_decay",
             "a number >= 0",
         )
@@ -170,24 +163,24 @@ class ClassifierConfig:
             check(isinstance(getattr(self, name), bool), name, "true or false")
         check(not self.nesterov or self.momentum > 0, "nesterov", "false when momentum is 0 (SGD)")
         check(
-            _is_int(self.randaugment_ops) and 1 <= self.randaugment_ops <= 10,
+            is_int(self.randaugment_ops) and 1 <= self.randaugment_ops <= 10,
             "randaugment_ops",
             "an int in [1, 10]",
         )
         check(
-            _is_int(self.randaugment_magnitude) and 0 <= self.randaugment_magnitude <= 30,
+            is_int(self.randaugment_magnitude) and 0 <= self.randaugment_magnitude <= 30,
             "randaugment_magnitude",
             "an int in [0, 30] (of 31 magnitude bins)",
         )
         check(
-            _is_number(self.random_erasing) and 0 <= self.random_erasing <= 1,
+            is_number(self.random_erasing) and 0 <= self.random_erasing <= 1,
             "random_erasing",
             "a probability in [0, 1]",
         )
         for name in ("mixup", "cutmix"):
-            check(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "alpha >= 0")
+            check(is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "alpha >= 0")
         check(
-            _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
             "label_smoothing",
             "in [0, 1)",
         )
@@ -275,7 +268,7 @@ def build_classifier(
         ("in_chans", in_chans, 1),
         ("image_size", image_size, 1),
     ):
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(field_name, value, f"an int >= {low}")
     try:
         model = timm.create_model(
@@ -329,7 +322,7 @@ class BatchCropFlip:
     uint8 batch ``[B, C, H, W]`` with one gather (no per-image Python loop)."""
 
     def __init__(self, padding: int = 4, flip: bool = True) -> None:
-        if not _is_int(padding) or padding < 0:
+        if not is_int(padding) or padding < 0:
             raise ConfigError("crop_padding", padding, "an int >= 0")
         self.padding, self.flip = padding, flip
 
@@ -423,9 +416,9 @@ class BatchRandAugment:
     """
 
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31) -> None:
-        if not _is_int(num_ops) or num_ops < 1:
+        if not is_int(num_ops) or num_ops < 1:
             raise ConfigError("randaugment_ops", num_ops, "an int >= 1")
-        if not _is_int(magnitude) or not 0 <= magnitude < num_magnitude_bins:
+        if not is_int(magnitude) or not 0 <= magnitude < num_magnitude_bins:
             raise ConfigError(
                 "randaugment_magnitude", magnitude, f"an int in [0, {num_magnitude_bins})"
             )
@@ -605,7 +598,7 @@ def train_classifier(
         :class:`ClassifierResult`.
     """
     config = config or ClassifierConfig()
-    if not _is_int(num_classes) or num_classes < 2:
+    if not is_int(num_classes) or num_classes < 2:
         raise ConfigError("num_classes", num_classes, "an int >= 2")
     shape = _image_shape(train_dataset, "training")
     test_shape = _image_shape(test_dataset, "test")

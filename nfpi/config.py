@@ -23,6 +23,7 @@ from typing import Any, Literal
 from nfpi.errors import ConfigError
 from nfpi.prior.fpi import FPIConfig
 from nfpi.prior.gd import GDConfig, LRPolicy
+from nfpi.validation import is_int
 
 __all__ = [
     "EXPERIMENTS",
@@ -41,10 +42,6 @@ __all__ = [
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(name, value, allowed)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -80,13 +77,13 @@ class DataConfig:
         for key in ("items_per_class", "test_items_per_class", "image_size"):
             value = getattr(self, key)
             _check(
-                value is None or (_is_int(value) and value >= 1),
+                value is None or (is_int(value) and value >= 1),
                 f"data.{key}",
                 value,
                 "None or an int >= 1",
             )
         _check(
-            _is_int(self.num_workers) and self.num_workers >= 0,
+            is_int(self.num_workers) and self.num_workers >= 0,
             "data.num_workers",
             self.num_workers,
             "an int >= 0",
@@ -161,13 +158,13 @@ class PriorConfig:
             "one of ('diag', 'full')",
         )
         _check(
-            _is_int(self.solve_epoch) and self.solve_epoch >= 0,
+            is_int(self.solve_epoch) and self.solve_epoch >= 0,
             "prior.solve_epoch",
             self.solve_epoch,
             "an int >= 0",
         )
         _check(
-            _is_int(self.resolve_every) and self.resolve_every >= 0,
+            is_int(self.resolve_every) and self.resolve_every >= 0,
             "prior.resolve_every",
             self.resolve_every,
             "an int >= 0 (0: solve once)",
@@ -208,11 +205,9 @@ class OptimConfig:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
+        _check(is_int(self.epochs) and self.epochs >= 1, "optim.epochs", self.epochs, "an int >= 1")
         _check(
-            _is_int(self.epochs) and self.epochs >= 1, "optim.epochs", self.epochs, "an int >= 1"
-        )
-        _check(
-            _is_int(self.batch_size) and self.batch_size >= 2,
+            is_int(self.batch_size) and self.batch_size >= 2,
             "optim.batch_size",
             self.batch_size,
             "an int >= 2",
@@ -224,7 +219,7 @@ class OptimConfig:
             "a finite float > 0",
         )
         _check(
-            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            is_int(self.warmup_steps) and self.warmup_steps >= 0,
             "optim.warmup_steps",
             self.warmup_steps,
             "an int >= 0",
@@ -251,13 +246,13 @@ class EMAConfig:
         _check(0 <= self.beta < 1, "ema.beta", self.beta, "a float in [0, 1)")
         _check(self.power > 0, "ema.power", self.power, "a float > 0")
         _check(
-            _is_int(self.update_every) and self.update_every >= 1,
+            is_int(self.update_every) and self.update_every >= 1,
             "ema.update_every",
             self.update_every,
             "an int >= 1",
         )
         _check(
-            _is_int(self.update_after_step) and self.update_after_step >= 0,
+            is_int(self.update_after_step) and self.update_after_step >= 0,
             "ema.update_after_step",
             self.update_after_step,
             "an int >= 0",
@@ -277,9 +272,9 @@ class EvalConfig:
     plot_every: int = 0
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.every) and self.every >= 1, "eval.every", self.every, "an int >= 1")
+        _check(is_int(self.every) and self.every >= 1, "eval.every", self.every, "an int >= 1")
         _check(
-            _is_int(self.batch_size) and self.batch_size >= 1,
+            is_int(self.batch_size) and self.batch_size >= 1,
             "eval.batch_size",
             self.batch_size,
             "an int >= 1",
@@ -291,19 +286,19 @@ class EvalConfig:
             "temperatures >= 0",
         )
         _check(
-            _is_int(self.samples_per_class) and self.samples_per_class >= 1,
+            is_int(self.samples_per_class) and self.samples_per_class >= 1,
             "eval.samples_per_class",
             self.samples_per_class,
             "an int >= 1",
         )
         _check(
-            _is_int(self.tsne_points) and self.tsne_points >= 0,
+            is_int(self.tsne_points) and self.tsne_points >= 0,
             "eval.tsne_points",
             self.tsne_points,
             "an int >= 0 (0: no t-SNE)",
         )
         _check(
-            _is_int(self.plot_every) and self.plot_every >= 0,
+            is_int(self.plot_every) and self.plot_every >= 0,
             "eval.plot_every",
             self.plot_every,
             "an int >= 0",
@@ -326,7 +321,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+        _check(is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
         _check(
             self.device in ("auto", "cpu", "cuda"),
             "device",
@@ -445,7 +440,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if not _is_int(value):
+        if not is_int(value):
             raise ConfigError(name, value, "an int")
         return value
     if hint is bool:

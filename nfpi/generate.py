@@ -56,6 +56,7 @@ from nfpi.data import DatasetInfo, epoch_seed, to_uint8
 from nfpi.data.datasets import ImageDataset, Transform
 from nfpi.errors import CheckpointError, ConfigError, DatasetNotFoundError, ShapeError
 from nfpi.train import TrainedModel, load_trained
+from nfpi.validation import is_int
 
 __all__ = [
     "FORMAT",
@@ -76,10 +77,6 @@ LABELS_FILE = "labels.npy"
 _SHARD = "images_{:05d}.npy"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class GenerationConfig:
     """What :func:`generate_dataset` draws.
@@ -98,15 +95,15 @@ class GenerationConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if not _is_int(self.per_class) or self.per_class < 1:
+        if not is_int(self.per_class) or self.per_class < 1:
             raise ConfigError("per_class", self.per_class, "an int >= 1")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ConfigError("temperature", t, "a finite number >= 0")
         object.__setattr__(self, "temperature", float(t))
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError("seed", self.seed, "an int >= 0")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError("batch_size", self.batch_size, "an int >= 1")
 
     def to_dict(self) -> dict[str, Any]:

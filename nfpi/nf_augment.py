@@ -57,7 +57,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -72,6 +71,7 @@ from nfpi.errors import (
     LabelRangeError,
     ShapeError,
 )
+from nfpi.validation import is_int, is_number
 
 __all__ = [
     "ClassPCA",
@@ -85,14 +85,6 @@ log = logging.getLogger(__name__)
 
 MixWeights = Literal["uniform", "beta", "constant"]
 PartnerSource = Literal["batch", "dataset"]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -133,9 +125,9 @@ class NFAugmentConfig:
     def __post_init__(self) -> None:
         for name in ("n_components", "per_class_fit_samples", "fit_batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"nf_augment.{name}", value, "an int >= 1")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError("nf_augment.seed", self.seed, "an int >= 0")
         if self.per_class_fit_samples < self.n_components + 1:
             raise ConfigError(
@@ -150,7 +142,7 @@ class NFAugmentConfig:
             )
         a = self.weight_param
         ok = (
-            _is_number(a)
+            is_number(a)
             and {
                 "uniform": lambda: 0 < a <= 1,
                 "beta": lambda: a > 0,
@@ -168,7 +160,7 @@ class NFAugmentConfig:
             )
         object.__setattr__(self, "weight_param", float(a))
         p = self.probability
-        if not _is_number(p) or not 0 <= p <= 1:
+        if not is_number(p) or not 0 <= p <= 1:
             raise ConfigError("nf_augment.probability", p, "a number in [0, 1]")
         object.__setattr__(self, "probability", float(p))
         if self.partner not in ("batch", "dataset"):
@@ -367,7 +359,7 @@ class ClassPCA:
             ("per_class_samples", per_class_samples),
             ("batch_size", batch_size),
         ):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(name, value, "an int >= 1")
         targets = _targets(dataset)
         _check_labels(targets, num_classes)
@@ -508,7 +500,7 @@ class ClassPCA:
 
 
 def _check_labels(y: Tensor, num_classes: int) -> None:
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ConfigError("num_classes", num_classes, "an int >= 1")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise LabelRangeError(
