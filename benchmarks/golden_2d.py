@@ -54,15 +54,20 @@ def load_statistics(path: str) -> ClassStatistics:
     with np.load(path) as data:
         missing = {"x", "y"} - set(data.files)
         if missing:
-            raise SystemExit(f"error: {path!r} lacks the arrays {sorted(missing)} (has {data.files})")
+            raise SystemExit(
+                f"error: {path!r} lacks the arrays {sorted(missing)} (has {data.files})"
+            )
         x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
     if x.ndim != 2 or x.shape[1] != 2 or y.shape != (x.shape[0],):
-        raise SystemExit(f"error: expected x [N, 2] and y [N], got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise SystemExit(
+            f"error: expected x [N, 2] and y [N], got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     return ClassStatistics.from_batch(x, y, int(y.max()) + 1)
 
 
-def _gradient(means: torch.Tensor, var: torch.Tensor, m: torch.Tensor,
-              s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gradient(
+    means: torch.Tensor, var: torch.Tensor, m: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     mu = means.detach().clone().requires_grad_(True)
     v = var.detach().clone().requires_grad_(True)
     loss = prior_objective(mu, v, m, s, lam=LAM, alpha=ALPHA, pi=PI)
@@ -83,9 +88,21 @@ def solve(name: str, config: FPIConfig, stats: ClassStatistics) -> dict[str, Any
         "last_change_mean": report.residuals_mean[-1],
         "last_change_var": report.residuals_var[-1],
         "seconds": elapsed,
-        "config": {k: v for k, v in config.to_dict().items()
-                   if k in ("form", "update", "summed_q", "isotropic_mean", "tol", "var_bounds",
-                            "damping", "round_float32")},
+        "config": {
+            k: v
+            for k, v in config.to_dict().items()
+            if k
+            in (
+                "form",
+                "update",
+                "summed_q",
+                "isotropic_mean",
+                "tol",
+                "var_bounds",
+                "damping",
+                "round_float32",
+            )
+        },
     }
     if config.form == "reference":
         out["expected"] = EXPECTED
@@ -130,28 +147,37 @@ def solve(name: str, config: FPIConfig, stats: ClassStatistics) -> dict[str, Any
 
 
 def _print_table(results: dict[str, dict[str, Any]], stats: ClassStatistics) -> None:
-    print(f"{'solve':<16} {'iters':>5} {'conv':>5} {'last dmu':>10} {'last dv':>10} "
-          f"{'|grad| free':>11} {'|grad| start':>12} {'at bounds':>9} {'time':>7}")
+    print(
+        f"{'solve':<16} {'iters':>5} {'conv':>5} {'last dmu':>10} {'last dv':>10} "
+        f"{'|grad| free':>11} {'|grad| start':>12} {'at bounds':>9} {'time':>7}"
+    )
     for name, r in results.items():
         grad = f"{r['grad_max_abs']:.2e}" if "grad_max_abs" in r else "-"
         grad0 = f"{r['grad_max_abs_start']:.2e}" if "grad_max_abs_start" in r else "-"
         bounds = str(r["at_bounds"]) if "at_bounds" in r else "-"
-        print(f"{name:<16} {r['iterations']:>5} {r['converged']!s:>5} "
-              f"{r['last_change_mean']:>10.4g} {r['last_change_var']:>10.4g} {grad:>11} "
-              f"{grad0:>12} {bounds:>9} {r['seconds']:>6.2f}s")
+        print(
+            f"{name:<16} {r['iterations']:>5} {r['converged']!s:>5} "
+            f"{r['last_change_mean']:>10.4g} {r['last_change_var']:>10.4g} {grad:>11} "
+            f"{grad0:>12} {bounds:>9} {r['seconds']:>6.2f}s"
+        )
     ref = results["reference"]
-    print(f"reference vs stored output: {ref['iterations']} iterations, last changes "
-          f"{ref['last_change_mean']:.4f} (mu) / {ref['last_change_var']:.4f} (v); expected "
-          f"{EXPECTED['iterations']}, {EXPECTED['last_change_mean']} / "
-          f"{EXPECTED['last_change_var']}: {'MATCH' if ref['matches_expected'] else 'MISMATCH'}")
+    print(
+        f"reference vs stored output: {ref['iterations']} iterations, last changes "
+        f"{ref['last_change_mean']:.4f} (mu) / {ref['last_change_var']:.4f} (v); expected "
+        f"{EXPECTED['iterations']}, {EXPECTED['last_change_mean']} / "
+        f"{EXPECTED['last_change_var']}: {'MATCH' if ref['matches_expected'] else 'MISMATCH'}"
+    )
     bnd = results["paper_bounded"]
-    print(f"paper_bounded: {bnd['at_lower_bound']} variances at v_min, {bnd['at_upper_bound']} at "
-          f"v_max, gradient outward there: {bnd['grad_outward_at_bounds']}")
+    print(
+        f"paper_bounded: {bnd['at_lower_bound']} variances at v_min, {bnd['at_upper_bound']} at "
+        f"v_max, gradient outward there: {bnd['grad_outward_at_bounds']}"
+    )
     print()
     m, s = stats.mean().tolist(), stats.var().tolist()
     cols = [("data", m, s)] + [(name, r["mean"], r["var"]) for name, r in results.items()]
-    print(f"{'class':>5} " + " ".join(f"{name + ' mu':>21} {name + ' v':>17}"
-                                       for name, _, _ in cols))
+    print(
+        f"{'class':>5} " + " ".join(f"{name + ' mu':>21} {name + ' v':>17}" for name, _, _ in cols)
+    )
     for y in range(len(m)):
         cells = []
         for _, mu, v in cols:
@@ -164,19 +190,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"npz file (default {DEFAULT_DATA})")
     parser.add_argument("--out", help="write the JSON object here")
     parser.add_argument("--quick", action="store_true", help="same run (it is fast)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads (default: all cores available)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads (default: all cores available)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stats = load_statistics(args.data)
-    print(f"torch {torch.__version__}, threads {args.threads}; {args.data}: K={stats.num_classes}, "
-          f"N={int(stats.count.sum())}; lambda={LAM:g} alpha={ALPHA:g} pi={PI}")
+    print(
+        f"torch {torch.__version__}, threads {args.threads}; {args.data}: K={stats.num_classes}, "
+        f"N={int(stats.count.sum())}; lambda={LAM:g} alpha={ALPHA:g} pi={PI}"
+    )
     configs = {
-        "reference": FPIConfig.reference(lam=LAM, alpha=ALPHA, pi=PI, summed_q=False,
-                                         isotropic_mean=True),
+        "reference": FPIConfig.reference(
+            lam=LAM, alpha=ALPHA, pi=PI, summed_q=False, isotropic_mean=True
+        ),
         "paper_mean_only": FPIConfig(lam=LAM, alpha=ALPHA, pi=PI, update="mean", tol=1e-9),
-        "paper_bounded": FPIConfig(lam=LAM, alpha=ALPHA, pi=PI, update="both",
-                                   var_bounds=BOUNDS, tol=1e-9),
+        "paper_bounded": FPIConfig(
+            lam=LAM, alpha=ALPHA, pi=PI, update="both", var_bounds=BOUNDS, tol=1e-9
+        ),
     }
     results = {name: solve(name, config, stats) for name, config in configs.items()}
     _print_table(results, stats)
