@@ -152,22 +152,26 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- sweep
-def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, tracking):
+def _sweep(space, tmp_path, tracking, *sets):
     from ray_jobs.sweep import main as sweep_main
 
     args = [
         "--space",
-        "smoke",
+        space,
         "--results-dir",
         str(tmp_path),
         "--tracking-uri",
         tracking.uri,
         "--mlflow-experiment",
         tracking.experiment,
-        "--set",
-        "eval.plots=true",
     ]
+    for item in sets:
+        args += ["--set", item]
     assert sweep_main(args) == 0
+
+
+def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, tracking):
+    _sweep("smoke", tmp_path, tracking, "eval.plots=true")
     client = MlflowClient(tracking.uri)
     runs = client.search_runs([tracking.experiment_id()])
     parents = [r for r in runs if "nfpi.sweep" in r.data.tags]
@@ -272,21 +276,7 @@ def test_job_submit_against_ray_start_head(tmp_path):
 
 
 def test_downstream_sweep_reports_cnn_acc_and_logs_to_mlflow(ray_session, tmp_path, tracking):
-    from ray_jobs.sweep import main as sweep_main
-
-    args = [
-        "--space",
-        "smoke_cnn",
-        "--results-dir",
-        str(tmp_path),
-        "--tracking-uri",
-        tracking.uri,
-        "--mlflow-experiment",
-        tracking.experiment,
-        "--set",
-        "eval.plots=false",
-    ]
-    assert sweep_main(args) == 0
+    _sweep("smoke_cnn", tmp_path, tracking, "eval.plots=false")
     client = MlflowClient(tracking.uri)
     children = [
         r
