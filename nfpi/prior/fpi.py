@@ -50,7 +50,7 @@ from nfpi.errors import (
 )
 from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.kl import pairwise_kl
-from nfpi.prior.objective import PiMode, kappa, repulsion_weights
+from nfpi.prior.objective import PiMode, kappa, prior_objective, repulsion_weights
 from nfpi.prior.stats import ClassStatistics
 
 __all__ = ["FPIConfig", "FPIReport", "fpi_step", "initial_prior", "solve_fpi"]
@@ -202,6 +202,8 @@ class FPIReport:
     kl_mean_before: float = float("nan")
     kl_min_after: float = float("nan")
     kl_mean_after: float = float("nan")
+    objective_before: float = float("nan")
+    objective_after: float = float("nan")
     at_lower_bound: int = 0
     at_upper_bound: int = 0
 
@@ -365,6 +367,12 @@ def _kl_summary(mu: Tensor, scale: Tensor) -> tuple[float, float]:
     return float(off.min()), float(off.mean())
 
 
+def _objective(mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, config: FPIConfig) -> float:
+    """The objective of Prop. 1 at (mu, scale), pi frozen there (for the report)."""
+    value = prior_objective(mu, scale, m, s, lam=config.lam, alpha=config.alpha, pi=config.pi)
+    return float(value)
+
+
 class _Anderson:
     """Anderson mixing (type II) with a fixed-size history in preallocated buffers.
 
@@ -449,6 +457,7 @@ def solve_fpi(
         scale = scale.clamp(*bounds)
     report = FPIReport()
     report.kl_min_before, report.kl_mean_before = _kl_summary(mu, scale)
+    report.objective_before = _objective(mu, scale, m, s, config)
 
     # The mixing runs on u = (mu, log v): positivity of diagonal variances is then automatic.
     # Full covariances mix linearly and fall back to a plain damped step if SPD is lost.
@@ -581,6 +590,7 @@ def solve_fpi(
         mu_f, scale_f, r_mu, r_v = evaluate(mu, scale, it)
 
     report.kl_min_after, report.kl_mean_after = _kl_summary(mu, scale)
+    report.objective_after = _objective(mu, scale, m, s, config)
     if bounds is not None:
         lo, hi = bounds
         var_now = scale if diag else torch.linalg.eigvalsh(scale)
