@@ -33,6 +33,7 @@ SPACE_NAMES = (
     "table3",
     "alpha_pi",
     "smoke_cnn",
+    "digits_cnn",
     "table2_cnn",
     "table3_cnn",
     "table5_augment",
