@@ -87,10 +87,16 @@ class ActorPriorClient:
                 "prior actor answered v%d, expected v%d: retrying", update.version, expected
             )
         raise PriorActorTimeoutError(
-            f"the prior actor could not complete {method} after 3 attempts"
+            f"the prior actor could not complete {method} after 3 attempts (expected prior "
+            f"version {expected}); it keeps restarting or answering from another run's state: "
+            "check its logs (ray logs actor) and that no other run shares it"
         )
 
     def initialize(self, stats: ClassStatistics) -> PriorUpdate:
+        # A run starting from scratch (also a restart before its first checkpoint registered)
+        # begins with a fresh service, whatever an earlier attempt left in the actor.
+        self._get(self.actor.reset.remote(), "reset")
+        self._state = None
         return self._call("initialize", stats)
 
     def update(self, stats: ClassStatistics) -> PriorUpdate:

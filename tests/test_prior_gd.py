@@ -170,3 +170,16 @@ def test_service_rejects_mismatched_statistics():
         svc.update(_stats(k=3))
     with pytest.raises(ConfigError, match="prior.method"):
         PriorService("adam", 4, 3)
+
+
+def test_service_reset_forgets_everything():
+    svc = PriorService("gd", 4, 3, gd=GDConfig(lam=5.0, steps_per_solve=2))
+    stats = _stats()
+    svc.initialize(stats)
+    svc.update(stats)
+    svc.reset()
+    fresh = PriorService("gd", 4, 3, gd=GDConfig(lam=5.0, steps_per_solve=2))
+    assert svc.version == 0 and svc.reports == [] and svc.state_dict()["gd"] is None
+    assert svc.initialize(stats).version == 1
+    a, b = svc.update(stats).prior, (fresh.initialize(stats), fresh.update(stats))[1].prior
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -128,14 +128,22 @@ def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
         assert killed.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+@pytest.mark.parametrize(
+    ("crash_epoch", "wait_s"),
+    [(1, 5.0), (0, 0.0)],
+    ids=["after-a-registered-checkpoint", "before-any-checkpoint"],
+)
+def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
+    ray_session, tmp_path, crash_epoch, wait_s
+):
     config = _smoke(tmp_path, **{"prior.method": "fpi"})
     marker = tmp_path / "crashed"
 
     def crash_once(trainer, result):
-        if result.epoch == 1 and not marker.exists():
+        if result.epoch == crash_epoch and not marker.exists():
             marker.write_text(str(os.getpid()))
-            os._exit(1)  # the worker process dies before reporting epoch 1
+            time.sleep(wait_s)  # time for the controller to register the last reported checkpoint
+            os._exit(1)  # the worker process dies before reporting this epoch
 
     result = run_experiment(
         config,
@@ -147,6 +155,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path):
     )
     reference = Trainer(config).fit()
     assert marker.exists() and result.metrics["epoch"] == 2.0
+    # A restart from the last checkpoint (or from scratch, with the prior actor reset) ends
+    # where an uninterrupted run ends.
     for key in ("nf_acc", "test_bpd", "train_bpd", "prior_version"):
         assert result.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
 
@@ -213,7 +223,7 @@ def test_job_submit_against_ray_start_head(tmp_path):
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash, *agent_ports = (_free_port() for _ in range(6))
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")
     head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed in finally
@@ -226,6 +236,22 @@ def test_job_submit_against_ray_start_head(tmp_path):
             f"--port={port}",
             f"--dashboard-port={dash}",
             "--include-dashboard=true",
+            # Every port the head opens is a free one: the default agent ports (52365, ...)
+            # belong to this process's own Ray session, and a head whose dashboard agent cannot
+            # bind its port never accepts a job ("No available agent to submit job").
+            *(
+                f"--{flag}={p}"
+                for flag, p in zip(
+                    (
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "runtime-env-agent-port",
+                        "metrics-export-port",
+                    ),
+                    agent_ports,
+                    strict=True,
+                )
+            ),
             "--num-cpus=2",
             "--disable-usage-stats",
             f"--temp-dir={ray_tmp}",
@@ -253,14 +279,17 @@ def test_job_submit_against_ray_start_head(tmp_path):
             "--set",
             "eval.plots=false",
         ]
-        for _ in range(60):  # the dashboard's job server takes a few seconds to come up
+        deadline = time.monotonic() + 120  # the job server and its agent take seconds to start
+        while True:
             out = subprocess.run(
                 cmd, env=env, capture_output=True, text=True, timeout=600, check=False
             )
-            if (
-                "Connection refused" not in out.stdout + out.stderr
-                and "ConnectionError" not in out.stderr
-            ):
+            starting = (
+                "Connection refused" in out.stdout + out.stderr
+                or "ConnectionError" in out.stderr
+                or "try again later" in out.stderr  # the job agent has not registered yet
+            )
+            if not starting or time.monotonic() > deadline:
                 break
             time.sleep(2)
         assert out.returncode == 0, (

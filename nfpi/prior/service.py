@@ -78,7 +78,12 @@ class PriorService:
                 "fpi.covariance", self.fpi.covariance, f"must match prior.covariance={covariance!r}"
             )
         self.covariance: Covariance = covariance
-        self.prior = GaussianPrior.standard(num_classes, dim, covariance)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state of a new service (version 0): a run that starts from scratch
+        (e.g. restarted before its first checkpoint) must not meet a previous attempt's prior."""
+        self.prior = GaussianPrior.standard(self.num_classes, self.dim, self.covariance)
         self.version = 0
         self.reports: list[dict[str, Any]] = []
         self._gd: GDSolver | None = None
