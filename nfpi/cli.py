@@ -35,6 +35,10 @@ def build_config(
     return experiment_config(experiment, overrides)
 
 
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nfpi", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,23 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--config", dest="config_file", help="a JSON config (e.g. a run's config.json)"
         )
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="dotted override, e.g. prior.fpi.lam=300 (repeatable)",
-        )
+        _add_set(p, "dotted override, e.g. prior.fpi.lam=300 (repeatable)")
         p.add_argument("--output-dir", help="run directory (default: results/<experiment>)")
     p = sub.add_parser("downstream", help="CNN-Acc or NF augmentation of a trained flow")
     p.add_argument("checkpoint", help="a run's checkpoint directory")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)",
-    )
+    _add_set(p, "downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)")
     p.add_argument("--output-dir", default="results/downstream")
     p.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)

@@ -226,6 +226,10 @@ def test_config_validation_names_the_field():
             FPIConfig(**kwargs)
     with pytest.raises(ConfigError, match="unknown"):
         FPIConfig.from_dict({"lam": 1.0, "lambda": 2.0})
+    # JSON overrides give ints; float fields hold floats (as configs print and MLflow logs them)
+    parsed = FPIConfig.from_dict({"lam": 300, "alpha": 10, "max_iter": 50})
+    assert type(parsed.lam) is float and type(parsed.alpha) is float
+    assert parsed == FPIConfig(lam=300.0, alpha=10.0, max_iter=50) and type(parsed.max_iter) is int
 
 
 def test_unconverged_solve_raises_or_reports():

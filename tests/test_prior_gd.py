@@ -73,6 +73,8 @@ def test_policy_validation():
         LRPolicy(knots=((5, 0.1), (2, 0.01)))
     with pytest.raises(ConfigError, match="unknown"):
         GDConfig.from_dict({"lam": 1.0, "policy": {"name": "linear", "power": 3}})
+    parsed = GDConfig.from_dict({"lam": 5, "policy": {"name": "linear", "lr0": 1}})
+    assert type(parsed.lam) is float and type(parsed.policy.lr0) is float
     with pytest.raises(ConfigError, match="gd.sigmoid"):
         GDConfig(sigmoid=(1.0, 1.0, 0.0))
 

@@ -35,7 +35,7 @@ update) make it converge.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -52,6 +52,7 @@ from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.kl import pairwise_kl
 from nfpi.prior.objective import PiMode, kappa, prior_objective, repulsion_weights
 from nfpi.prior.stats import ClassStatistics
+from nfpi.validation import config_kwargs
 
 __all__ = ["FPIConfig", "FPIReport", "fpi_step", "initial_prior", "solve_fpi"]
 
@@ -172,11 +173,7 @@ class FPIConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FPIConfig:
         """Build from a plain dict (e.g. a sweep sample); unknown keys are rejected."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError("fpi", unknown, f"unknown keys; allowed: {sorted(known)}")
-        values = dict(values)
+        values = config_kwargs(cls, values, "fpi")
         if values.get("var_bounds") is not None:
             values["var_bounds"] = tuple(float(b) for b in values["var_bounds"])
         return cls(**values)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,7 @@ from nfpi.errors import ConfigError, NonFiniteError, ShapeError
 from nfpi.prior.gaussian import GaussianPrior
 from nfpi.prior.objective import PiMode, pairwise_potential, prior_objective
 from nfpi.prior.stats import ClassStatistics
+from nfpi.validation import config_kwargs
 
 __all__ = ["POLICY_POWERS", "GDConfig", "GDReport", "GDSolver", "LRPolicy"]
 
@@ -104,18 +105,10 @@ class LRPolicy:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LRPolicy:
-        _reject_unknown(cls, values, "gd.policy")
-        values = dict(values)
+        values = config_kwargs(cls, values, "gd.policy")
         if "knots" in values:
             values["knots"] = tuple((int(t), float(lr)) for t, lr in values["knots"])
         return cls(**values)
-
-
-def _reject_unknown(cls: type, values: dict[str, Any], prefix: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(prefix, unknown, f"unknown keys; allowed: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -158,8 +151,7 @@ class GDConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GDConfig:
-        _reject_unknown(cls, values, "gd")
-        values = dict(values)
+        values = config_kwargs(cls, values, "gd")
         if isinstance(values.get("policy"), dict):
             values["policy"] = LRPolicy.from_dict(values["policy"])
         for key in ("betas", "sigmoid"):
