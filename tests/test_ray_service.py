@@ -60,6 +60,9 @@ def test_actor_client_reseeds_a_restarted_actor(ray_session):
 def test_actor_timeout_is_a_clear_error(ray_session):
     @ray_session.remote(num_cpus=0)
     class Slow:
+        def reset(self):
+            pass
+
         def initialize(self, stats):
             time.sleep(30)
 
