@@ -100,7 +100,7 @@ def _downstream_trial(
             tracking,
             run_name,
             parent_run_id=settings["parent_run_id"],
-            tags={"nfpi.run_name": run_name},
+            resume=True,  # a resumed trial keeps its run
         )
         RunLogger(tracking, run_id).params(
             {f"downstream.{k}": v for k, v in down.to_dict().items()}
@@ -265,22 +265,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     tracking: Tracking = resolve_tracking(results, args.tracking_uri, args.mlflow_experiment)
     parent_file = results / "ray" / sweep / "mlflow_parent_run_id"
-    if args.resume and parent_file.exists():
+    resumed = args.resume and parent_file.exists()
+    if resumed:  # the sweep's parent run and its params are the first launch's
         parent_id = parent_file.read_text().strip()
+        tracking.client().update_run(parent_id, status="RUNNING")
+        parent = RunLogger(tracking, parent_id)
     else:
         parent_id = start_run(tracking, sweep, tags={"nfpi.sweep": sweep, "nfpi.space": space.name})
         parent_file.parent.mkdir(parents=True, exist_ok=True)
         parent_file.write_text(parent_id)
-    parent = RunLogger(tracking, parent_id)
-    parent.params(
-        {
-            "space": space.name,
-            "reproduces": space.reproduces,
-            "overrides": overrides,
-            "num_workers": args.num_workers,
-            "use_gpu": args.use_gpu,
-        }
-    )
+        parent = RunLogger(tracking, parent_id)
+        parent.params(
+            {
+                "space": space.name,
+                "reproduces": space.reproduces,
+                "overrides": overrides,
+                "num_workers": args.num_workers,
+                "use_gpu": args.use_gpu,
+            }
+        )
 
     connect(args.address)
     per_trial_cpu = args.num_workers * args.cpus_per_worker

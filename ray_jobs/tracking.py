@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from nfpi.errors import ConfigError
 
-__all__ = ["RunLogger", "Tracking", "resolve_tracking", "start_run"]
+__all__ = ["RUN_NAME_TAG", "RunLogger", "Tracking", "resolve_tracking", "start_run"]
+
+RUN_NAME_TAG = "nfpi.run_name"  # a Train run's / trial's name: how a resumed run finds its run
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,34 @@ def start_run(
     *,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> str:
-    """Create a run (a child of ``parent_run_id`` if given: the UI nests it) and return its id."""
-    all_tags = dict(tags or {})
+    """Create a run (a child of ``parent_run_id`` if given: the UI nests it) and return its id.
+
+    With ``resume`` an existing run of the same ``name`` (and parent) is reopened instead, so
+    that a re-launched Train run or a resumed Tune trial, which continue from their last
+    checkpoint, keep logging to one MLflow run.
+    """
+    client = tracking.client()
+    if resume:
+        clauses = [f"tags.`{RUN_NAME_TAG}` = '{name}'"] if "'" not in name else []
+        if parent_run_id is not None:
+            clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        found = [
+            run
+            for run in client.search_runs(
+                [tracking.experiment_id()], " and ".join(clauses), order_by=["start_time DESC"]
+            )
+            if run.data.tags.get(RUN_NAME_TAG) == name
+            and run.data.tags.get("mlflow.parentRunId") == parent_run_id
+        ]
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    all_tags = {RUN_NAME_TAG: name, **(tags or {})}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = tracking.client().create_run(tracking.experiment_id(), run_name=name, tags=all_tags)
+    run = client.create_run(tracking.experiment_id(), run_name=name, tags=all_tags)
     return run.info.run_id
 
 

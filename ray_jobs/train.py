@@ -124,8 +124,8 @@ def run_experiment(
     Train callbacks (driver side, e.g. ``TuneReportCallback``); ``worker_callbacks`` are
     picklable ``callback(trainer, EpochResult)`` run by every worker after each epoch, before the
     report (custom logging, fault injection in tests). With ``tracking`` the run logs to a new
-    MLflow run (a child of ``parent_run_id``), or to ``mlflow_run_id`` if given (left open for
-    the caller to finish).
+    MLflow run (a child of ``parent_run_id``; the earlier run of the same name and parent when
+    re-launched), or to ``mlflow_run_id`` if given (left open for the caller to finish).
     """
     if num_workers > 0 and config.optim.batch_size % num_workers:
         raise ConfigError(
@@ -137,9 +137,8 @@ def run_experiment(
     owns_run = mlflow_run_id is None
     if tracking is not None:
         if owns_run:
-            mlflow_run_id = start_run(
-                tracking, run_name, parent_run_id=parent_run_id, tags={"nfpi.run_name": run_name}
-            )
+            # A re-launched run resumes from its last checkpoint, and logs to its earlier run.
+            mlflow_run_id = start_run(tracking, run_name, parent_run_id=parent_run_id, resume=True)
         logger = RunLogger(tracking, mlflow_run_id)
         logger.params(config.flat())
         logger.params({"ray.num_workers": num_workers, "ray.use_gpu": use_gpu})

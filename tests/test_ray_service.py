@@ -165,7 +165,7 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
 
 
 # ------------------------------------------------------------------------------------- sweep
-def _sweep(space, tmp_path, tracking, *sets):
+def _sweep(space, tmp_path, tracking, *sets, resume=False):
     from ray_jobs.sweep import main as sweep_main
 
     args = [
@@ -180,7 +180,7 @@ def _sweep(space, tmp_path, tracking, *sets):
     ]
     for item in sets:
         args += ["--set", item]
-    assert sweep_main(args) == 0
+    assert sweep_main(args + ["--resume"] * resume) == 0
 
 
 def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, tracking):
@@ -199,6 +199,30 @@ def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, trackin
     fpi = next(c for c in children if c.data.params["prior.method"] == "fpi")
     assert "fpi_iterations" in fpi.data.metrics
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"results.md"}
+
+    # --resume on a finished sweep restores it: same parent run, no trial re-run, same table.
+    _sweep("smoke", tmp_path, tracking, "eval.plots=true", resume=True)
+    again = client.search_runs([tracking.experiment_id()])
+    assert {r.info.run_id for r in again} == {r.info.run_id for r in runs}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "nf_acc")
+        assert [m.step for m in history] == [0, 1]  # each epoch logged once
+
+
+def test_start_run_resume_reopens_the_run_of_the_same_name_and_parent(tracking):
+    from ray_jobs.tracking import start_run
+
+    parent = start_run(tracking, "sweep")
+    first = start_run(tracking, "trial_1", parent_run_id=parent)
+    tracking.client().set_terminated(first, "FAILED")
+    assert start_run(tracking, "trial_1", parent_run_id=parent, resume=True) == first
+    assert tracking.client().get_run(first).info.status == "RUNNING"
+    others = {
+        start_run(tracking, "trial_2", parent_run_id=parent, resume=True),  # another name
+        start_run(tracking, "trial_1", resume=True),  # another parent (none)
+        start_run(tracking, "trial_1", parent_run_id=parent),  # no resume: always new
+    }
+    assert first not in others and len(others) == 3
 
 
 def test_sweep_rejects_bad_overrides_before_running(tmp_path):
