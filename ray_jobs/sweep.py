@@ -35,7 +35,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nfpi.config import ExperimentConfig, parse_override
-from ray_jobs.tracking import RunLogger, Tracking, resolve_tracking, start_run
+from nfpi.errors import ConfigError
+from ray_jobs.tracking import RunLogger, Tracking, param_value, resolve_tracking, start_run
 from ray_jobs.train import add_common_args, connect, final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
@@ -268,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     resumed = args.resume and parent_file.exists()
     if resumed:  # the sweep's parent run and its params are the first launch's
         parent_id = parent_file.read_text().strip()
+        first = tracking.client().get_run(parent_id).data.params.get("overrides")
+        if first is not None and first != param_value(overrides):
+            raise ConfigError(
+                "--set",
+                param_value(overrides),
+                f"the first launch's overrides {first} to resume sweep {sweep!r} (its trials "
+                "must not change config halfway); start a new sweep with --name to change them",
+            )
         tracking.client().update_run(parent_id, status="RUNNING")
         parent = RunLogger(tracking, parent_id)
     else:

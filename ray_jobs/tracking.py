@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from nfpi.errors import ConfigError
 
-__all__ = ["RUN_NAME_TAG", "RunLogger", "Tracking", "resolve_tracking", "start_run"]
+__all__ = ["RUN_NAME_TAG", "RunLogger", "Tracking", "param_value", "resolve_tracking", "start_run"]
 
 RUN_NAME_TAG = "nfpi.run_name"  # a Train run's / trial's name: how a resumed run finds its run
 
@@ -106,7 +106,8 @@ def start_run(
     return run.info.run_id
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """How a param is stored in MLflow (JSON for containers, str otherwise, at most 6000 chars)."""
     text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
     return text[:6000]  # MLflow's param value limit
 
@@ -119,7 +120,7 @@ class RunLogger:
         self.client = tracking.client()
 
     def params(self, params: dict[str, Any]) -> None:
-        items = [mlflow.entities.Param(k, _param_value(v)) for k, v in params.items()]
+        items = [mlflow.entities.Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the batch API takes at most 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

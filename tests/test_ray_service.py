@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nfpi.config import experiment_config
+from nfpi.errors import ConfigError
 from nfpi.prior import ClassStatistics, PriorService
 from nfpi.train import Trainer
 from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError, create_prior_actor
@@ -69,7 +70,9 @@ def test_actor_timeout_is_a_clear_error(ray_session):
         def state_dict(self):
             return {"version": 0}
 
-    client = ActorPriorClient(Slow.remote(), timeout_s=0.5)
+    slow = Slow.remote()
+    ray_session.get(slow.state_dict.remote())  # started (actor start-up may take seconds)
+    client = ActorPriorClient(slow, timeout_s=2.0)
     with pytest.raises(PriorActorTimeoutError, match="did not answer initialize within"):
         client.initialize(_stats())
 
@@ -207,6 +210,9 @@ def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, trackin
     for child in children:
         history = client.get_metric_history(child.info.run_id, "nf_acc")
         assert [m.step for m in history] == [0, 1]  # each epoch logged once
+    # Resuming with other overrides would change the trials' configs halfway: refused.
+    with pytest.raises(ConfigError, match="first launch's overrides"):
+        _sweep("smoke", tmp_path, tracking, "eval.plots=false", resume=True)
 
 
 def test_start_run_resume_reopens_the_run_of_the_same_name_and_parent(tracking):
@@ -226,7 +232,6 @@ def test_start_run_resume_reopens_the_run_of_the_same_name_and_parent(tracking):
 
 
 def test_sweep_rejects_bad_overrides_before_running(tmp_path):
-    from nfpi.errors import ConfigError
     from ray_jobs.sweep import main as sweep_main
 
     with pytest.raises(ConfigError, match="prior.fpi.lam"):
