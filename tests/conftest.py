@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray session for the whole test run, migrated MLflow stores."""
+"""Shared fixtures: one local Ray session for the whole test run, migrated MLflow stores, one
+trained smoke checkpoint."""
 
 import os
 import shutil
@@ -50,3 +51,17 @@ def tracking(tmp_path, _mlflow_template):
         experiment="nfpi-test",
         artifact_root=(tmp_path / "artifacts").as_uri(),
     )
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A smoke run's checkpoint (1 epoch on digits, no pictures), trained once and shared
+    read-only by the generation, classifier, NF-augmentation and downstream tests."""
+    from nfpi.config import experiment_config
+    from nfpi.train import Trainer
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    Trainer(
+        experiment_config("smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1})
+    ).fit()
+    return out / "checkpoint"

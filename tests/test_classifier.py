@@ -17,12 +17,11 @@ from nfpi.classifier import (
     evaluate_classifier,
     train_classifier,
 )
-from nfpi.config import experiment_config
 from nfpi.data import TensorImageDataset, load_dataset
 from nfpi.errors import ConfigError, ShapeError
 from nfpi.generate import GeneratedDataset, generate_dataset
 from nfpi.nf_augment import ClassPCA, NFAugment, NFAugmentConfig
-from nfpi.train import Trainer, load_trained
+from nfpi.train import load_trained
 
 # A small, fast classifier for 8x8 digits on two CPU cores (resnet18 works too, ~3x slower).
 FAST = {"model": "resnet10t", "flip": False, "batch_size": 64}
@@ -43,16 +42,6 @@ def digits():
     train, info = load_dataset("digits", "train")
     test, _ = load_dataset("digits", "test")
     return train, test, info
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = experiment_config(
-        "smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1}
-    )
-    Trainer(cfg).fit()
-    return out / "checkpoint"
 
 
 # ------------------------------------------------------------------------------ the model

@@ -4,21 +4,10 @@ import json
 
 import pytest
 
-from nfpi.config import experiment_config
 from nfpi.downstream import DownstreamConfig, run_downstream
 from nfpi.errors import ConfigError
-from nfpi.train import Trainer
 
 FAST = {"cnn.model": "resnet10t", "cnn.epochs": 1, "cnn.flip": False, "cnn.batch_size": 50}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flow") / "run"
-    Trainer(
-        experiment_config("smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1})
-    ).fit()
-    return out / "checkpoint"
 
 
 def test_cnn_accuracy_on_generated_images_with_real_reference(checkpoint, tmp_path):

@@ -7,22 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from nfpi.config import ExperimentConfig, experiment_config
+from nfpi.config import ExperimentConfig
 from nfpi.data import DatasetInfo, make_loader
 from nfpi.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from nfpi.generate import MANIFEST, GeneratedDataset, GenerationConfig, generate_dataset
 from nfpi.prior import GaussianPrior
-from nfpi.train import TrainedModel, Trainer, load_trained
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = experiment_config(
-        "smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1}
-    )
-    Trainer(cfg).fit()
-    return out / "checkpoint"
+from nfpi.train import TrainedModel, load_trained
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ through a real tiny flow."""
 import pytest
 import torch
 
-from nfpi.config import experiment_config
 from nfpi.data import load_dataset
 from nfpi.errors import ConfigError, InsufficientSamplesError, LabelRangeError, ShapeError
 from nfpi.nf_augment import ClassPCA, NFAugment, NFAugmentConfig
-from nfpi.train import Trainer, load_trained
+from nfpi.train import load_trained
 
 K, D, R = 3, 12, 4
 
@@ -172,16 +171,11 @@ def test_config_dict_round_trip():
 
 # ---------------------------------------------------------------------- through a real flow
 @pytest.fixture(scope="module")
-def flow_setup(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    cfg = experiment_config(
-        "smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1}
-    )
-    Trainer(cfg).fit()
-    model = load_trained(out / "checkpoint")
+def flow_setup(checkpoint):
+    model = load_trained(checkpoint)
     train, _ = load_dataset("digits", "train", items_per_class=20)
     pca = ClassPCA.fit(model.flow, train, 10, n_components=4, per_class_samples=12, batch_size=32)
-    return model, train, pca, out / "checkpoint"
+    return model, train, pca, checkpoint
 
 
 def _batch(train, n=40, seed=0):
