@@ -59,15 +59,12 @@ import time
 from typing import Any
 
 import torch
-from _memory import vm  # benchmarks/ is on sys.path when a script runs
+from _common import DEFAULT_WAIT_POLICY, vm, worker_env, write_records  # benchmarks/ is on sys.path
 
 LAM, ALPHA = 100.0, 10.0
 BROADCAST_TEMPS = 6  # live K x K x d float64 temporaries assumed when estimating the broadcast
 TARGET_SOLVE_MB = 2048.0  # K = 1000, d = 3072 solve within 2 GB peak
 TARGET_SPEEDUP = 20.0  # gemm vs broadcast per iteration at K = 100, d = 3072
-# Workers sleep instead of spin-waiting at OpenMP barriers unless OMP_WAIT_POLICY is set: on a
-# shared machine spinning threads waiting on descheduled peers inflate times 100-1000x.
-DEFAULT_WAIT_POLICY = "PASSIVE"
 SOLVE_TOL = 1e-15  # near round-off: the solve runs until the Anderson history is full
 MIB = 1024.0 * 1024.0
 
@@ -215,10 +212,7 @@ def _run_worker(spec: dict[str, Any], threads: int, timeout: float) -> dict[str,
         "--worker",
         json.dumps(spec),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("OMP_WAIT_POLICY", DEFAULT_WAIT_POLICY)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
@@ -444,9 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {len(records)} records to {args.out}")
+        write_records(args.out, records)
     return 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _memory import vm  # benchmarks/ is on sys.path when a script runs
+from _common import vm, worker_env, write_records  # benchmarks/ is on sys.path
 
 
 def _random_model(num_classes: int, seed: int = 0) -> Any:
@@ -204,12 +204,7 @@ def _run_worker(args: list[str], threads: int | None) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), *args]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ)
-    # On a shared 2-core machine OpenMP's spin-waiting on descheduled peers inflates small ops
-    # (RandAugment on 100 images: 10x); passive waiting removes that at a small cost.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env()  # passive OpenMP waits: RandAugment on 100 images was 10x slower spinning
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     row["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
@@ -295,9 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({nf['seconds_per_batch'] / step['seconds_per_batch']:.1f}x the step)."
     )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"\nwrote {len(records)} records to {args.out}")
+        write_records(args.out, records)
 
 
 if __name__ == "__main__":

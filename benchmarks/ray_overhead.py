@@ -17,7 +17,6 @@ start-up), ``prior_refresh_s`` (the solve epoch's refresh: actor/service call + 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_records  # benchmarks/ is on sys.path when a script runs
 
 from nfpi.config import experiment_config
 from nfpi.train import Trainer
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"2 workers vs 1: {one['epoch_s'] / two['epoch_s']:.2f}x faster per epoch")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        write_records(args.out, rows)
     return 0
 
 

@@ -13,12 +13,13 @@ Records: ``method`` (data-init, gd, fpi), ``policy`` (GD only), ``seed``, ``nf_a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_records  # benchmarks/ is on sys.path when a script runs
 
 from nfpi.config import experiment_config, parse_override
 from nfpi.prior import POLICY_POWERS
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.mean(bpd):>13.4f} +- {sd(bpd):.4f}"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps(records, indent=2))
+        write_records(args.out, records)
     return 0
 
 

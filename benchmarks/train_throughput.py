@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch
-from _memory import vm  # benchmarks/ is on sys.path when a script runs
+from _common import vm, worker_env, write_records  # benchmarks/ is on sys.path
 
 MEF_REFERENCE_PARAMS = 42.9e6
 
@@ -103,10 +103,7 @@ def _run_worker(args: list[str], threads: int | None) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), *args]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ)
-    # With 2 threads on a machine shared with other jobs, OpenMP's spin-waiting on descheduled
-    # peers inflates step times several-fold; passive waiting removes that at a small cost.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = worker_env()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     rows = rows if isinstance(rows, list) else [rows]
@@ -264,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{t['taylor_host_sync'] / t['matrix_exp']:>6.2f}x"
             )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"\nwrote {len(records)} records to {args.out}")
+        write_records(args.out, records)
 
 
 if __name__ == "__main__":
