@@ -57,6 +57,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -308,15 +309,15 @@ class ClassPCA:
         if z.ndim != 2 or y.shape != (z.shape[0],):
             raise ShapeError(f"z must be [N, d] and y [N], got {tuple(z.shape)}, {tuple(y.shape)}")
         _check_labels(y, num_classes)
-        means, axes, variances, counts, totals = [], [], [], [], []
-        for k in range(num_classes):
-            zk = z[y == k].to(torch.float64)
-            m, u, v, t = _fit_class(zk, n_components, k)
-            means.append(m)
-            axes.append(u)
-            variances.append(v)
-            totals.append(t)
-            counts.append(zk.shape[0])
+        latents = (z[y == k].to(torch.float64) for k in range(num_classes))
+        return cls._from_class_latents(latents, n_components)
+
+    @classmethod
+    def _from_class_latents(cls, latents: Iterable[Tensor], n_components: int) -> ClassPCA:
+        """Fit class k = 0, 1, ... from the k-th float64 latents [N_k, d] of ``latents``,
+        consumed one class at a time."""
+        fits = [(*_fit_class(zk, n_components, k), zk.shape[0]) for k, zk in enumerate(latents)]
+        means, axes, variances, totals, counts = zip(*fits, strict=True)
         return cls(
             torch.stack(means),
             torch.stack(axes),
@@ -364,10 +365,8 @@ class ClassPCA:
         targets = _targets(dataset)
         _check_labels(targets, num_classes)
         device, dtype = _flow_device(flow), _flow_dtype(flow)
-        was_training = flow.training
-        flow.eval()
-        means, axes, variances, counts, totals = [], [], [], [], []
-        try:
+
+        def class_latents() -> Iterator[Tensor]:
             for k in range(num_classes):
                 members = torch.nonzero(targets == k, as_tuple=True)[0]
                 gen = torch.Generator().manual_seed(
@@ -381,23 +380,15 @@ class ClassPCA:
                     x = torch.stack([dataset[i][0] for i in idx]).to(device)
                     z, _ = flow(_bin_centres(x, dtype))
                     zs.append(z.to(torch.float64).cpu())
-                zk = torch.cat(zs) if zs else torch.empty(0, 0, dtype=torch.float64)
-                m, u, v, t = _fit_class(zk, n_components, k)
-                means.append(m)
-                axes.append(u)
-                variances.append(v)
-                totals.append(t)
-                counts.append(zk.shape[0])
-                log.debug("ClassPCA: class %d from %d latents", k, zk.shape[0])
+                log.debug("ClassPCA: class %d from %d latents", k, sum(len(c) for c in zs))
+                yield torch.cat(zs) if zs else torch.empty(0, 0, dtype=torch.float64)
+
+        was_training = flow.training
+        flow.eval()
+        try:
+            pca = cls._from_class_latents(class_latents(), n_components)
         finally:
             flow.train(was_training)
-        pca = cls(
-            torch.stack(means),
-            torch.stack(axes),
-            torch.stack(variances),
-            torch.tensor(counts),
-            torch.stack(totals),
-        )
         log.info(
             "ClassPCA: %d classes, r=%d, mean explained variance %.3f",
             num_classes,
