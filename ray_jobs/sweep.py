@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     resumed = args.resume and parent_file.exists()
     if resumed:  # the sweep's parent run and its params are the first launch's
         parent_id = parent_file.read_text().strip()
-        first = tracking.client().get_run(parent_id).data.params.get("overrides")
+        client = tracking.client()
+        first = client.get_run(parent_id).data.params.get("overrides")
         if first is not None and first != param_value(overrides):
             raise ConfigError(
                 "--set",
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the first launch's overrides {first} to resume sweep {sweep!r} (its trials "
                 "must not change config halfway); start a new sweep with --name to change them",
             )
-        tracking.client().update_run(parent_id, status="RUNNING")
+        client.update_run(parent_id, status="RUNNING")
         parent = RunLogger(tracking, parent_id)
     else:
         parent_id = start_run(tracking, sweep, tags={"nfpi.sweep": sweep, "nfpi.space": space.name})

@@ -83,7 +83,7 @@ def start_run(
     that a re-launched Train run or a resumed Tune trial, which continue from their last
     checkpoint, keep logging to one MLflow run.
     """
-    client = tracking.client()
+    client, experiment_id = tracking.client(), tracking.experiment_id()
     if resume:
         clauses = [f"tags.`{RUN_NAME_TAG}` = '{name}'"] if "'" not in name else []
         if parent_run_id is not None:
@@ -91,7 +91,7 @@ def start_run(
         found = [
             run
             for run in client.search_runs(
-                [tracking.experiment_id()], " and ".join(clauses), order_by=["start_time DESC"]
+                [experiment_id], " and ".join(clauses), order_by=["start_time DESC"]
             )
             if run.data.tags.get(RUN_NAME_TAG) == name
             and run.data.tags.get("mlflow.parentRunId") == parent_run_id
@@ -102,7 +102,7 @@ def start_run(
     all_tags = {RUN_NAME_TAG: name, **(tags or {})}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(tracking.experiment_id(), run_name=name, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     return run.info.run_id
 
 
