@@ -2,11 +2,11 @@
 
 Examples::
 
-    python -m nfpi train                                   # digits, tiny flow, CPU, ~2 min
+    python -m nfpi train                                   # digits, tiny flow, CPU
     python -m nfpi train --experiment digits --set prior.method=gd --set optim.epochs=10
-    python -m nfpi train --experiment cifar10 --set data.root=/data/cifar10 --output-dir runs/c10
+    python -m nfpi train --experiment cifar10 --set data.root=/data/cifar10 --run-dir runs/c10
     python -m nfpi config --experiment digits              # print the resolved config
-    python -m nfpi downstream results/digits/checkpoint --set downstream.kind=cnn \
+    python -m nfpi downstream results/digits --set downstream.kind=cnn \\
         --set cnn.epochs=10 --output-dir results/digits-cnn    # CNN-Acc of a trained flow
 """
 
@@ -15,24 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
 
-from nfpi.config import EXPERIMENTS, ExperimentConfig, experiment_config, parse_override
+from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 
-__all__ = ["build_config", "main"]
-
-
-def build_config(
-    experiment: str, sets: list[str], output_dir: str | None, config_file: str | None
-) -> ExperimentConfig:
-    """Resolve a config: a JSON file or a named experiment, then ``--set`` overrides."""
-    overrides: dict[str, Any] = dict(parse_override(s) for s in sets)
-    if output_dir is not None:
-        overrides["output_dir"] = output_dir
-    if config_file is not None:
-        with open(config_file) as fh:
-            return ExperimentConfig.from_dict(json.load(fh)).with_overrides(overrides)
-    return experiment_config(experiment, overrides)
+__all__ = ["main"]
 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -51,30 +37,31 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--config", dest="config_file", help="a JSON config (e.g. a run's config.json)"
         )
-        _add_set(p, "dotted override, e.g. prior.fpi.lam=300 (repeatable)")
-        p.add_argument("--output-dir", help="run directory (default: results/<experiment>)")
+        _add_set(p, "dotted override, e.g. prior.objective.lam=300 (repeatable)")
+        if name == "train":
+            p.add_argument("--run-dir", help="run directory (default: results/<experiment>)")
     p = sub.add_parser("downstream", help="CNN-Acc or NF augmentation of a trained flow")
-    p.add_argument("checkpoint", help="a run's checkpoint directory")
+    p.add_argument("checkpoint", help="a run directory or one of its checkpoints")
     _add_set(p, "downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)")
     p.add_argument("--output-dir", default="results/downstream")
     p.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.command == "downstream":
         return _downstream(args)
-    out = args.output_dir or (None if args.config_file else f"results/{args.experiment}")
-    config = build_config(args.experiment, args.set, out, args.config_file)
+    config = resolve_config(args.experiment, args.set, args.config_file)
     if args.command == "config":
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from nfpi.train import Trainer
+    from nfpi.training import Trainer
 
-    history = Trainer(config).fit()
+    run_dir = args.run_dir or f"results/{config.name}"
+    history = Trainer(config, run_dir).fit()
     final = history[-1]
     print(json.dumps({k: round(v, 5) for k, v in final.items()}, indent=None))
-    print(f"run directory: {config.output_dir}")
+    print(f"run directory: {run_dir}")
     return 0
 
 

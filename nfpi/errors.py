@@ -20,6 +20,16 @@ class ConfigError(NfpiError, ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"config field {field!r} = {value!r} is invalid: {allowed}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, Any, str]]:
+        # Picklable with its three fields (Ray sends a worker's exception to the driver).
+        return type(self), (self.field, self.value, self.allowed)
+
+    def within(self, path: str) -> ConfigError:
+        """The same error with ``path`` prefixed to its field (a nested config's position)."""
+        if not path:
+            return self
+        return ConfigError(f"{path}.{self.field}", self.value, self.allowed)
+
 
 class ShapeError(NfpiError, ValueError):
     """A tensor has the wrong shape, dtype or layout for the operation."""
@@ -51,6 +61,9 @@ class SolverError(NfpiError, RuntimeError):
     def __init__(self, message: str, report: Any = None) -> None:
         self.report = report
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:
+        return type(self), (str(self), self.report)
 
 
 class FPIDivergenceError(SolverError):

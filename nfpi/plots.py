@@ -1,26 +1,45 @@
-"""The pictures a researcher looks at, written as PNG files (matplotlib, Agg backend)."""
+"""The pictures a researcher looks at, written as PNG files.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (no ``pyplot``): nothing
+here changes matplotlib's global backend or state for the program that imports it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["image_grid", "kl_heatmaps", "residual_curve", "sample_grid", "tsne_plot"]
+from nfpi.errors import ShapeError
+
+__all__ = [
+    "confusion_png",
+    "image_grid",
+    "kl_heatmaps",
+    "residual_curve",
+    "sample_grid",
+    "tsne_plot",
+]
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _figure(
+    nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4)
+) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -40,7 +59,7 @@ def sample_grid(images: Tensor, class_names: Sequence[str], temperature: float, 
     """Class-conditional samples: one row per class (uint8 images [K * n, C, H, W], class-major)."""
     k = len(class_names)
     grid = image_grid(images, rows=k)
-    fig, ax = plt.subplots(figsize=(max(3.0, grid.shape[1] / 12), max(3.0, grid.shape[0] / 12)))
+    fig, ax = _figure(figsize=(max(3.0, grid.shape[1] / 12), max(3.0, grid.shape[0] / 12)))
     ax.imshow(
         grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest"
     )
@@ -69,8 +88,8 @@ def tsne_plot(
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         pts
     )
-    fig, ax = plt.subplots(figsize=(6.5, 6))
-    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    fig, ax = _figure(figsize=(6.5, 6))
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
     lab = labels.cpu().numpy()
     for c in range(k):
         sel = emb[:-k][lab == c]
@@ -100,7 +119,7 @@ def tsne_plot(
 
 def residual_curve(residuals: Sequence[float], path: Path, title: str = "FPI residual") -> Path:
     """The solver's residual per iteration on a log scale."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = _figure(figsize=(5.5, 3.5))
     ax.semilogy(
         np.arange(1, len(residuals) + 1), np.maximum(np.asarray(residuals, dtype=float), 1e-300)
     )
@@ -113,7 +132,7 @@ def residual_curve(residuals: Sequence[float], path: Path, title: str = "FPI res
 
 def kl_heatmaps(before: Tensor, after: Tensor, class_names: Sequence[str], path: Path) -> Path:
     """Pairwise KL(N_y || N_y') before and after a solve, on a shared log colour scale."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig, axes = _figure(1, 2, figsize=(10, 4.5))
     mats = [before.double().cpu().numpy(), after.double().cpu().numpy()]
     off = [m[~np.eye(m.shape[0], dtype=bool)] for m in mats]
     lo = max(min(float(o.min()) for o in off), 1e-6)
@@ -129,4 +148,49 @@ def kl_heatmaps(before: Tensor, after: Tensor, class_names: Sequence[str], path:
             )
             ax.set_yticks(range(len(class_names)), labels=list(class_names), fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.8)
+    return _save(fig, path)
+
+
+def confusion_png(
+    confusion: Tensor,
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """A confusion-matrix PNG: rows true class, columns prediction, colours row-normalised
+    (recall), counts printed when K <= 20, class names on the axes when K <= 40.
+
+    Args:
+        confusion: int ``[K, K]`` (e.g. a classifier result's ``confusion``).
+        class_names: K names.
+        path: the PNG to write (parent directories are created).
+        title: optional title (default: the overall accuracy).
+    """
+    cm = torch.as_tensor(confusion).to(torch.float64)
+    k = len(class_names)
+    if cm.shape != (k, k):
+        raise ShapeError(f"confusion must be [{k}, {k}] for {k} class names, got {tuple(cm.shape)}")
+    rows = cm.sum(dim=1, keepdim=True)
+    recall = torch.where(rows > 0, cm / rows.clamp_min(1), torch.zeros_like(cm)).numpy()
+    total = float(cm.sum())
+    size = min(max(4.0, 0.45 * k + 2.0), 16.0)
+    fig, ax = _figure(figsize=(size + 1.5, size))
+    im = ax.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 40:
+        ax.set_xticks(range(k), [str(c) for c in class_names], rotation=90)
+        ax.set_yticks(range(k), [str(c) for c in class_names])
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j] > 0:
+                    color = "white" if recall[i, j] > 0.5 else "black"
+                    ax.text(
+                        j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7, color=color
+                    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = float(cm.trace()) / total if total else float("nan")
+    ax.set_title(title if title is not None else f"accuracy {acc:.4f} ({int(total)} images)")
     return _save(fig, path)

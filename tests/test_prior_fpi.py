@@ -18,6 +18,7 @@ from nfpi.prior import (
     ClassStatistics,
     FPIConfig,
     GaussianPrior,
+    Objective,
     fpi_step,
     prior_objective,
     solve_fpi,
@@ -48,13 +49,28 @@ def golden():
     return ClassStatistics.from_batch(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]), 10)
 
 
+def _split(kwargs):
+    objective = Objective(**{k: kwargs.pop(k) for k in ("lam", "alpha", "pi") if k in kwargs})
+    return objective, kwargs
+
+
+def cfg_(**kwargs):
+    """(Objective, FPIConfig) from one keyword list: what the solver and its objective take."""
+    objective, rest = _split(kwargs)
+    return objective, FPIConfig(**rest)
+
+
+def ref_(**kwargs):
+    objective, rest = _split(kwargs)
+    return objective, FPIConfig.reference(**rest)
+
+
 def _grads(prior, stats, cfg):
+    objective, _ = cfg
     means = prior.means.clone().requires_grad_()
     scale = prior.scale_param.clone().requires_grad_()
     data_scale = stats.var() if prior.covariance == "diag" else stats.cov()
-    loss = prior_objective(
-        means, scale, stats.mean(), data_scale, lam=cfg.lam, alpha=cfg.alpha, pi=cfg.pi
-    )
+    loss = prior_objective(means, scale, stats.mean(), data_scale, **objective.to_dict())
     return torch.autograd.grad(loss, [means, scale])
 
 
@@ -62,7 +78,7 @@ def _grads(prior, stats, cfg):
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_lambda_zero_returns_class_moments_in_one_iteration(covariance):
     stats = _blobs(full=covariance == "full")
-    prior, report = solve_fpi(stats, FPIConfig(lam=0.0, covariance=covariance, tol=1e-12))
+    prior, report = solve_fpi(stats, *cfg_(lam=0.0, covariance=covariance, tol=1e-12))
     assert report.iterations == 1 and report.converged
     torch.testing.assert_close(prior.means, stats.mean(), rtol=0, atol=1e-12)
     expected = stats.var() if covariance == "diag" else stats.cov()
@@ -72,9 +88,9 @@ def test_lambda_zero_returns_class_moments_in_one_iteration(covariance):
 def test_lambda_zero_from_another_positive_start():
     stats = _blobs()
     start = GaussianPrior(stats.mean() + 3.0, var=torch.full_like(stats.mean(), 7.0))
-    mu1, _ = fpi_step(start.means, start.var, stats.mean(), stats.var(), FPIConfig(lam=0.0))
+    mu1, _ = fpi_step(start.means, start.var, stats.mean(), stats.var(), *cfg_(lam=0.0))
     torch.testing.assert_close(mu1, stats.mean(), rtol=0, atol=1e-12)  # Eq. 5 at lambda = 0: m
-    prior, report = solve_fpi(stats, FPIConfig(lam=0.0, tol=1e-12), init=start)
+    prior, report = solve_fpi(stats, *cfg_(lam=0.0, tol=1e-12), init=start)
     # Eq. 6 is the geometric mean v_old # (s + (m - mu)^2): the log-error halves per plain step;
     # the Anderson mixing solves this linear recursion in a handful of iterations.
     assert report.converged and report.iterations <= 8
@@ -85,25 +101,27 @@ def test_lambda_zero_from_another_positive_start():
 
 # ------------------------------------------------------------------------- GEMM == broadcast
 CONFIGS = [
-    FPIConfig(lam=50.0),
-    FPIConfig(lam=50.0, pi="mean"),
-    FPIConfig(lam=5.0, update="mean"),
-    FPIConfig(lam=5.0, update="variance"),
-    FPIConfig.reference(lam=50.0),
-    FPIConfig.reference(lam=50.0, summed_q=False),
-    FPIConfig.reference(lam=50.0, isotropic_mean=False, pi="mean"),
+    cfg_(lam=50.0),
+    cfg_(lam=50.0, pi="mean"),
+    cfg_(lam=5.0, update="mean"),
+    cfg_(lam=5.0, update="variance"),
+    ref_(lam=50.0),
+    ref_(lam=50.0, summed_q=False),
+    ref_(lam=50.0, isotropic_mean=False, pi="mean"),
 ]
 
 
 @pytest.mark.parametrize("k", [2, 13, 130])
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.form}-{c.pi}-{c.update}-q{c.summed_q:d}i{c.isotropic_mean:d}"
+    "cfg",
+    CONFIGS,
+    ids=lambda c: f"{c[1].form}-{c[0].pi}-{c[1].update}-q{c[1].summed_q:d}i{c[1].isotropic_mean:d}",
 )
 def test_gemm_step_equals_broadcast_step(k, cfg):
     g = torch.Generator().manual_seed(k)
     mu, m = (torch.randn(k, 6, generator=g, dtype=torch.float64) * 2 for _ in range(2))
     v, s = (torch.rand(k, 6, generator=g, dtype=torch.float64) + 0.4 for _ in range(2))
-    got, ref = fpi_step(mu, v, m, s, cfg), fpi_step_broadcast(mu, v, m, s, cfg)
+    got, ref = fpi_step(mu, v, m, s, *cfg), fpi_step_broadcast(mu, v, m, s, *cfg)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-11, atol=1e-11)
 
@@ -113,8 +131,8 @@ def test_gemm_step_equals_broadcast_step(k, cfg):
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_joint_fixed_point_zeroes_the_gradient(pi, covariance):
     stats = _blobs(full=covariance == "full")
-    cfg = FPIConfig(lam=2.0, pi=pi, covariance=covariance, tol=1e-12, max_iter=2000)
-    prior, report = solve_fpi(stats, cfg)
+    cfg = cfg_(lam=2.0, pi=pi, covariance=covariance, tol=1e-12, max_iter=2000)
+    prior, report = solve_fpi(stats, *cfg)
     assert report.converged
     g_mu, g_scale = _grads(prior, stats, cfg)
     assert g_mu.abs().max() < 1e-8 and g_scale.abs().max() < 1e-8
@@ -125,8 +143,8 @@ def test_joint_fixed_point_zeroes_the_gradient(pi, covariance):
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_mean_only_fixed_point_at_large_lambda(pi, covariance):
     stats = _blobs(full=covariance == "full")
-    cfg = FPIConfig(lam=1e4, pi=pi, update="mean", covariance=covariance, tol=1e-11, max_iter=3000)
-    prior, report = solve_fpi(stats, cfg)
+    cfg = cfg_(lam=1e4, pi=pi, update="mean", covariance=covariance, tol=1e-11, max_iter=3000)
+    prior, report = solve_fpi(stats, *cfg)
     assert report.converged
     g_mu, _ = _grads(prior, stats, cfg)
     assert g_mu.abs().max() < 1e-8
@@ -136,8 +154,8 @@ def test_mean_only_fixed_point_at_large_lambda(pi, covariance):
 
 def test_variance_only_keeps_means_and_stays_positive():
     stats = _blobs()
-    cfg = FPIConfig(lam=2.0, update="variance", tol=1e-12)
-    prior, report = solve_fpi(stats, cfg)
+    cfg = cfg_(lam=2.0, update="variance", tol=1e-12)
+    prior, report = solve_fpi(stats, *cfg)
     assert report.converged and torch.equal(prior.means, stats.mean())
     assert (prior.var > 0).all() and torch.isfinite(prior.var).all()
     _, g_v = _grads(prior, stats, cfg)
@@ -147,17 +165,17 @@ def test_variance_only_keeps_means_and_stays_positive():
 def test_identity_variance_start_keeps_unit_variances_with_mean_update():
     stats = _blobs()
     prior, _ = solve_fpi(
-        stats, FPIConfig(lam=100.0, update="mean", variance_init="identity", tol=1e-10)
+        stats, *cfg_(lam=100.0, update="mean", variance_init="identity", tol=1e-10)
     )
     assert torch.equal(prior.var, torch.ones_like(prior.var))
 
 
 # --------------------------------------------------------------------------------- golden 2-D
 def test_golden_reference_form_reproduces_release(golden):
-    cfg = FPIConfig.reference(
+    cfg = ref_(
         lam=1000.0, alpha=10.0, pi="pairwise", summed_q=False, isotropic_mean=True
     )
-    _prior, report = solve_fpi(golden, cfg)
+    _prior, report = solve_fpi(golden, *cfg)
     assert report.iterations == 20 and report.converged
     assert round(report.residuals_mean[-1], 4) == 0.0753
     assert round(report.residuals_var[-1], 4) == 0.0119
@@ -166,16 +184,16 @@ def test_golden_reference_form_reproduces_release(golden):
 
 def test_reference_variance_fixed_point_is_cube_root(golden):
     s = golden.var()
-    _mu, v = fpi_step(golden.mean(), s, golden.mean(), s, FPIConfig.reference(lam=0.0))
+    _mu, v = fpi_step(golden.mean(), s, golden.mean(), s, *ref_(lam=0.0))
     torch.testing.assert_close(v, torch.ones_like(v))  # first iterate from v = s is 1
-    prior, _ = solve_fpi(golden, FPIConfig.reference(lam=0.0, tol=1e-9, round_float32=False))
+    prior, _ = solve_fpi(golden, *ref_(lam=0.0, tol=1e-9, round_float32=False))
     torch.testing.assert_close(prior.var, s ** (1 / 3), rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("lam", [1000.0, 1e5])
 def test_golden_paper_mean_only_converges(golden, lam):
-    cfg = FPIConfig(lam=lam, update="mean", tol=1e-9, max_iter=2000)
-    prior, report = solve_fpi(golden, cfg)
+    cfg = cfg_(lam=lam, update="mean", tol=1e-9, max_iter=2000)
+    prior, report = solve_fpi(golden, *cfg)
     assert report.converged and report.final_residual < 1e-9
     assert report.iterations < 600
     g_mu, _ = _grads(prior, golden, cfg)
@@ -184,7 +202,7 @@ def test_golden_paper_mean_only_converges(golden, lam):
 
 def test_golden_paper_joint_diverges_with_named_error(golden):
     with pytest.raises(FPIDivergenceError, match="var_bounds") as info:
-        solve_fpi(golden, FPIConfig(lam=1000.0, update="both", tol=1e-9, max_iter=2000))
+        solve_fpi(golden, *cfg_(lam=1000.0, update="both", tol=1e-9, max_iter=2000))
     report = info.value.report
     assert report.stop_reason == "diverged" and not report.converged
     assert report.iterations < 2000 and all(np.isfinite(report.residuals))
@@ -192,8 +210,8 @@ def test_golden_paper_joint_diverges_with_named_error(golden):
 
 def test_golden_paper_joint_with_bounds_converges_to_constrained_stationary_point(golden):
     lo, hi = 1.0, 2000.0
-    cfg = FPIConfig(lam=1000.0, update="both", var_bounds=(lo, hi), tol=1e-9, max_iter=2000)
-    prior, report = solve_fpi(golden, cfg)
+    cfg = cfg_(lam=1000.0, update="both", var_bounds=(lo, hi), tol=1e-9, max_iter=2000)
+    prior, report = solve_fpi(golden, *cfg)
     assert report.converged
     v = prior.var
     assert (v >= lo).all() and (v <= hi).all()
@@ -210,35 +228,41 @@ def test_golden_paper_joint_with_bounds_converges_to_constrained_stationary_poin
 
 # ------------------------------------------------------------------------------------- errors
 def test_config_validation_names_the_field():
-    for kwargs, field in [
-        ({"lam": -1.0}, "fpi.lam"),
-        ({"alpha": 0.0}, "fpi.alpha"),
-        ({"pi": "max"}, "fpi.pi"),
-        ({"update": "all"}, "fpi.update"),
-        ({"tol": 0.0}, "fpi.tol"),
-        ({"max_iter": 0}, "fpi.max_iter"),
-        ({"var_bounds": (2.0, 1.0)}, "fpi.var_bounds"),
-        ({"summed_q": True}, "fpi.form"),
-        ({"form": "reference", "covariance": "full"}, "fpi.covariance"),
-        ({"anderson_memory": 0}, "fpi.anderson_memory"),
+    for cls, kwargs, field in [
+        (Objective, {"lam": -1.0}, "lam"),
+        (Objective, {"alpha": 0.0}, "alpha"),
+        (Objective, {"pi": "max"}, r"pi.*one of \('pairwise', 'mean'\)"),
+        (FPIConfig, {"update": "all"}, "update"),
+        (FPIConfig, {"tol": 0.0}, "tol"),
+        (FPIConfig, {"max_iter": 0}, "max_iter"),
+        (FPIConfig, {"max_iter": 2.5}, "max_iter"),
+        (FPIConfig, {"var_bounds": (2.0, 1.0)}, "var_bounds"),
+        (FPIConfig, {"summed_q": True}, "form"),
+        (FPIConfig, {"form": "reference", "covariance": "full"}, "covariance"),
+        (FPIConfig, {"anderson_memory": 0}, "anderson_memory"),
     ]:
         with pytest.raises(ConfigError, match=field):
-            FPIConfig(**kwargs)
+            cls(**kwargs)
     with pytest.raises(ConfigError, match="unknown"):
-        FPIConfig.from_dict({"lam": 1.0, "lambda": 2.0})
+        FPIConfig.from_dict({"tol": 1.0, "lambda": 2.0})
+    # A nested config's errors carry its dotted position.
+    with pytest.raises(ConfigError, match="prior.fpi.tol"):
+        FPIConfig.from_dict({"tol": -1.0}, path="prior.fpi")
     # JSON overrides give ints; float fields hold floats (as configs print and MLflow logs them)
-    parsed = FPIConfig.from_dict({"lam": 300, "alpha": 10, "max_iter": 50})
+    parsed = Objective.from_dict({"lam": 300, "alpha": 10})
     assert type(parsed.lam) is float and type(parsed.alpha) is float
-    assert parsed == FPIConfig(lam=300.0, alpha=10.0, max_iter=50) and type(parsed.max_iter) is int
+    assert parsed == Objective(lam=300.0, alpha=10.0)
+    solver = FPIConfig.from_dict({"max_iter": 50, "var_bounds": [1, 2]})
+    assert type(solver.max_iter) is int and solver.var_bounds == (1.0, 2.0)
 
 
 def test_unconverged_solve_raises_or_reports():
     stats = _blobs()
     with pytest.raises(FPINotConvergedError) as info:
-        solve_fpi(stats, FPIConfig(lam=50.0, update="mean", tol=1e-14, max_iter=3))
+        solve_fpi(stats, *cfg_(lam=50.0, update="mean", tol=1e-14, max_iter=3))
     assert info.value.report.iterations == 3
     _, report = solve_fpi(
-        stats, FPIConfig(lam=50.0, update="mean", tol=1e-14, max_iter=3, require_convergence=False)
+        stats, *cfg_(lam=50.0, update="mean", tol=1e-14, max_iter=3, require_convergence=False)
     )
     assert not report.converged and report.stop_reason == "max_iter"
 
@@ -248,10 +272,10 @@ def test_coinciding_classes_raise_degenerate_error():
     y = torch.arange(400) % 2
     stats = ClassStatistics.from_batch(torch.cat([z, z]), torch.cat([y * 0, y * 0 + 1]), 2)
     with pytest.raises(DegenerateGaussiansError, match="classes 0 and 1"):
-        solve_fpi(stats, FPIConfig(lam=10.0))
+        solve_fpi(stats, *cfg_(lam=10.0))
 
 
 def test_mismatched_init_is_rejected():
     stats = _blobs()
     with pytest.raises(ShapeError):
-        solve_fpi(stats, FPIConfig(), init=GaussianPrior.standard(4, 3))
+        solve_fpi(stats, *cfg_(), init=GaussianPrior.standard(4, 3))

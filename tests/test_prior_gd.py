@@ -15,7 +15,9 @@ from nfpi.prior import (
     GDConfig,
     GDSolver,
     LRPolicy,
+    Objective,
     PriorService,
+    report_kind,
     solve_fpi,
 )
 
@@ -65,17 +67,20 @@ def test_release_geometric_knots_and_constant():
 
 
 def test_policy_validation():
-    with pytest.raises(ConfigError, match="gd.policy.name"):
+    with pytest.raises(ConfigError, match="'name'.*one of"):
         LRPolicy(name="cosine")
-    with pytest.raises(ConfigError, match="gd.policy.lr_min"):
+    with pytest.raises(ConfigError, match="lr_min"):
         LRPolicy(lr0=0.01, lr_min=0.1)
-    with pytest.raises(ConfigError, match="gd.policy.knots"):
+    with pytest.raises(ConfigError, match="knots"):
         LRPolicy(knots=((5, 0.1), (2, 0.01)))
-    with pytest.raises(ConfigError, match="unknown"):
-        GDConfig.from_dict({"lam": 1.0, "policy": {"name": "linear", "power": 3}})
-    parsed = GDConfig.from_dict({"lam": 5, "policy": {"name": "linear", "lr0": 1}})
-    assert type(parsed.lam) is float and type(parsed.policy.lr0) is float
-    with pytest.raises(ConfigError, match="gd.sigmoid"):
+    # Nested inside the experiment config, errors carry the full dotted path.
+    with pytest.raises(ConfigError, match="prior.gd.policy.name"):
+        GDConfig.from_dict({"policy": {"name": "cosine"}}, path="prior.gd")
+    with pytest.raises(ConfigError, match="prior.gd.policy.power.*unknown"):
+        GDConfig.from_dict({"policy": {"name": "linear", "power": 3}}, path="prior.gd")
+    parsed = GDConfig.from_dict({"policy": {"name": "linear", "lr0": 1, "knots": [[0, 1]]}})
+    assert type(parsed.policy.lr0) is float and parsed.policy.knots == ((0, 1.0),)
+    with pytest.raises(ConfigError, match="sigmoid"):
         GDConfig(sigmoid=(1.0, 1.0, 0.0))
 
 
@@ -83,8 +88,8 @@ def test_policy_validation():
 @pytest.mark.parametrize("name", ["constant", "linear", "superlinear_v2", "geometric_knots"])
 def test_gd_lowers_the_pairwise_potential_and_keeps_the_sigmoid_range(name):
     stats = _stats()
-    cfg = GDConfig(lam=20.0, policy=LRPolicy(name=name, lr0=0.02, total_steps=150))
-    solver = GDSolver(GaussianPrior.from_statistics(stats), cfg)
+    cfg = GDConfig(policy=LRPolicy(name=name, lr0=0.02, total_steps=150))
+    solver = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=20.0), cfg)
     prior, report = solver.run(stats, steps=150)
     assert report.merit_after < report.merit_before
     lo, hi = cfg.var_range
@@ -95,8 +100,8 @@ def test_gd_lowers_the_pairwise_potential_and_keeps_the_sigmoid_range(name):
 def test_gd_with_mean_pi_and_no_repulsion_reaches_the_class_means():
     stats = _stats()
     start = GaussianPrior(stats.mean() + 0.5, var=torch.full_like(stats.mean(), 1.0))
-    cfg = GDConfig(lam=0.0, pi="mean", policy=LRPolicy(name="constant", lr0=0.02))
-    solver = GDSolver(start, cfg)
+    cfg = GDConfig(policy=LRPolicy(name="constant", lr0=0.02))
+    solver = GDSolver(start, Objective(lam=0.0, pi="mean"), cfg)
     prior, report = solver.run(stats, steps=400)
     assert report.merit_after < report.merit_before
     torch.testing.assert_close(prior.means, stats.mean(), atol=1e-3, rtol=0)
@@ -105,17 +110,19 @@ def test_gd_with_mean_pi_and_no_repulsion_reaches_the_class_means():
 
 def test_gd_approaches_the_fpi_solution_of_the_same_objective():
     stats = _stats()
-    fpi_prior, _ = solve_fpi(stats, FPIConfig(lam=20.0, update="mean", tol=1e-10))
+    objective = Objective(lam=20.0)
+    fpi_prior, _ = solve_fpi(stats, objective, FPIConfig(update="mean", tol=1e-10))
     init = GaussianPrior.from_statistics(stats)
     solver = GDSolver(
-        init, GDConfig(lam=20.0, update="mean", policy=LRPolicy(name="constant", lr0=0.01))
+        init, objective, GDConfig(update="mean", policy=LRPolicy(name="constant", lr0=0.01))
     )
     gd_prior, _ = solver.run(stats, steps=1500)
     # GD keeps the sigmoid-mapped variances; the FPI's mean-only fixed point uses the data
     # variances: compare on a GD run whose variances are frozen at the same representable values.
     ref, _ = solve_fpi(
         stats,
-        FPIConfig(lam=20.0, update="mean", tol=1e-10),
+        objective,
+        FPIConfig(update="mean", tol=1e-10),
         init=GaussianPrior(stats.mean(), var=solver.variances().detach()),
     )
     torch.testing.assert_close(gd_prior.means, ref.means, atol=2e-3, rtol=0)
@@ -124,10 +131,9 @@ def test_gd_approaches_the_fpi_solution_of_the_same_objective():
 
 def test_gd_state_round_trip_continues_identically():
     stats = _stats()
-    cfg = GDConfig(lam=10.0)
-    a = GDSolver(GaussianPrior.from_statistics(stats), cfg)
+    a = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=10.0))
     a.run(stats, steps=7)
-    b = GDSolver(GaussianPrior.standard(4, 3), cfg)
+    b = GDSolver(GaussianPrior.standard(4, 3), Objective(lam=10.0))
     b.load_state_dict(a.state_dict())
     pa, _ = a.run(stats, steps=5)
     pb, _ = b.run(stats, steps=5)
@@ -137,16 +143,19 @@ def test_gd_state_round_trip_continues_identically():
 def test_gd_rejects_full_covariance():
     cov = torch.eye(2, dtype=torch.float64).expand(3, 2, 2)
     with pytest.raises(ShapeError):
-        GDSolver(GaussianPrior(torch.zeros(3, 2), cov=cov), GDConfig())
+        GDSolver(GaussianPrior(torch.zeros(3, 2), cov=cov), Objective())
 
 
 # ------------------------------------------------------------------------------ PriorService
 @pytest.mark.parametrize("method", ["fpi", "gd", "data-init"])
 def test_service_versions_and_state_round_trip(method):
     stats = _stats()
-    svc = PriorService(
-        method, 4, 3, fpi=FPIConfig(lam=5.0, tol=1e-8), gd=GDConfig(lam=5.0, steps_per_solve=3)
-    )
+    kwargs = {
+        "objective": Objective(lam=5.0),
+        "fpi": FPIConfig(tol=1e-8),
+        "gd": GDConfig(steps_per_solve=3),
+    }
+    svc = PriorService(method, 4, 3, **kwargs)
     update = svc.initialize(stats)
     assert svc.version == update.version == 1
     torch.testing.assert_close(update.build().means, stats.mean())
@@ -155,10 +164,8 @@ def test_service_versions_and_state_round_trip(method):
             svc.update(stats)
     else:
         svc.update(stats)
-        assert svc.version == 2 and svc.reports[-1]["kind"] == method
-    clone = PriorService(
-        method, 4, 3, fpi=FPIConfig(lam=5.0, tol=1e-8), gd=GDConfig(lam=5.0, steps_per_solve=3)
-    )
+        assert svc.version == 2 and report_kind(svc.reports[-1]) == method
+    clone = PriorService(method, 4, 3, **kwargs)
     clone.load_state_dict(svc.state_dict())
     assert clone.version == svc.version and clone.reports == svc.reports
     if method != "data-init":
@@ -175,12 +182,12 @@ def test_service_rejects_mismatched_statistics():
 
 
 def test_service_reset_forgets_everything():
-    svc = PriorService("gd", 4, 3, gd=GDConfig(lam=5.0, steps_per_solve=2))
+    svc = PriorService("gd", 4, 3, objective=Objective(lam=5.0), gd=GDConfig(steps_per_solve=2))
     stats = _stats()
     svc.initialize(stats)
     svc.update(stats)
     svc.reset()
-    fresh = PriorService("gd", 4, 3, gd=GDConfig(lam=5.0, steps_per_solve=2))
+    fresh = PriorService("gd", 4, 3, objective=Objective(lam=5.0), gd=GDConfig(steps_per_solve=2))
     assert svc.version == 0 and svc.reports == [] and svc.state_dict()["gd"] is None
     assert svc.initialize(stats).version == 1
     a, b = svc.update(stats).prior, (fresh.initialize(stats), fresh.update(stats))[1].prior

@@ -6,15 +6,20 @@ import math
 import pytest
 import torch
 
+from nfpi.checkpoint import find_checkpoint, load_checkpoint, load_trained
 from nfpi.cli import main as cli_main
-from nfpi.config import ExperimentConfig, PriorConfig, experiment_config
+from nfpi.config import ExperimentConfig, PriorConfig
 from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
-from nfpi.train import CHECKPOINT_FILE, Trainer, evaluate, load_trained
+from nfpi.presets import experiment_config
+from nfpi.training import Trainer, evaluate
 
 
 def _cfg(tmp_path, **overrides):
-    base = {"output_dir": str(tmp_path / "run"), "eval.plots": False}
-    return experiment_config("smoke", {**base, **overrides})
+    return experiment_config("smoke", {"eval.plots": False, **overrides})
+
+
+def _run(tmp_path):
+    return tmp_path / "run"
 
 
 class _Stop(Exception):
@@ -31,7 +36,7 @@ def _stop_after(epoch):
 
 def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     cfg = _cfg(tmp_path, **{"eval.plots": True, "optim.epochs": 2})
-    history = Trainer(cfg).fit()
+    history = Trainer(cfg, _run(tmp_path)).fit()
     assert len(history) == 2
     last = history[-1]
     for key in ("train_bpd", "test_bpd", "nf_acc", "lr", "kl_min", "kl_mean", "prior_version"):
@@ -42,29 +47,29 @@ def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     out = tmp_path / "run"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0.0, 1.0]
-    assert (out / "checkpoint" / CHECKPOINT_FILE).exists()
+    assert find_checkpoint(out) == out / "checkpoints" / "epoch-0002" / "state.pt"
     pngs = {p.name for p in (out / "plots").glob("*.png")}
     assert {"samples_T0.7.png", "tsne.png", "kl_heatmap_v2.png", "fpi_residual_v2.png"} <= pngs
     assert ExperimentConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-    straight = Trainer(_cfg(tmp_path / "a", **{"optim.epochs": 3})).fit()
+    cfg = _cfg(tmp_path, **{"optim.epochs": 3})
+    straight = Trainer(cfg, tmp_path / "a").fit()
 
-    cfg = _cfg(tmp_path / "b", **{"optim.epochs": 3})
     with pytest.raises(_Stop):
-        Trainer(cfg, callbacks=[_stop_after(1)]).fit()  # dies after epoch 1's checkpoint
-    resumed_trainer = Trainer(cfg)
+        Trainer(cfg, tmp_path / "b", callbacks=[_stop_after(1)]).fit()  # dies after epoch 1
+    resumed_trainer = Trainer(cfg, tmp_path / "b")
     resumed = resumed_trainer.fit()
     assert len(resumed) == 3
     for a, b in zip(straight, resumed, strict=True):
         for key in ("train_bpd", "test_bpd", "nf_acc", "kl_min", "prior_version"):
             assert a[key] == b[key], (key, a[key], b[key])
-    state_a = torch.load(
-        tmp_path / "a" / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False
-    )
+    state_a = load_checkpoint(tmp_path / "a")
     for name, tensor in resumed_trainer.flow.state_dict().items():
         assert torch.equal(tensor, state_a["flow"][name]), name
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0.0, 1.0, 2.0]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -76,16 +81,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                 next(trainer.flow.parameters()).fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
-        Trainer(cfg, callbacks=[poison]).fit()
-    state = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT_FILE, weights_only=False)
+        Trainer(cfg, _run(tmp_path), callbacks=[poison]).fit()
+    state = load_checkpoint(_run(tmp_path))
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["flow"].values() if t.is_floating_point())
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    Trainer(_cfg(tmp_path, **{"optim.epochs": 1})).fit()
-    with pytest.raises(CheckpointError, match="prior.fpi.lam"):
-        Trainer(_cfg(tmp_path, **{"optim.epochs": 2, "prior.fpi.lam": 7.0})).fit()
+    Trainer(_cfg(tmp_path, **{"optim.epochs": 1}), _run(tmp_path)).fit()
+    changed = _cfg(tmp_path, **{"optim.epochs": 2, "prior.objective.lam": 7.0})
+    with pytest.raises(CheckpointError, match="prior.objective.lam"):
+        Trainer(changed, _run(tmp_path)).fit()
 
 
 @pytest.mark.parametrize(
@@ -102,17 +108,17 @@ def test_prior_schedule_per_method(tmp_path, method, versions):
             "prior.gd.steps_per_solve": 5,
         },
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, _run(tmp_path))
     history = trainer.fit()
     assert [int(h["prior_version"]) for h in history] == versions
-    assert trainer.ema_active  # fpi: started after the solve; others: from the start
+    assert trainer.ema.active  # fpi: started after the solve; others: from the start
 
 
 def test_ema_starts_after_first_fpi_solve(tmp_path):
     cfg = _cfg(tmp_path, **{"optim.epochs": 1, "prior.solve_epoch": 3})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, _run(tmp_path))
     trainer.fit()
-    assert not trainer.ema_active and trainer.eval_flow() is trainer.flow
+    assert not trainer.ema.active and trainer.eval_flow() is trainer.flow
 
 
 def test_schedule_rules():
@@ -121,28 +127,34 @@ def test_schedule_rules():
     assert [e for e in range(5) if PriorConfig(method="fpi").solves_after(e)] == [0]
     assert all(PriorConfig(method="gd").solves_after(e) for e in range(4))
     assert not any(PriorConfig(method="data-init").solves_after(e) for e in range(4))
+    release = PriorConfig(method="fpi", solve_epoch=0, resolve_every=1, solve_until=1)
+    assert [e for e in range(6) if release.solves_after(e)] == [0, 1]
 
 
 def test_bad_values_are_rejected_with_the_field_name(tmp_path):
     with pytest.raises(ConfigError, match="optim.batch_size"):
-        Trainer(_cfg(tmp_path, **{"optim.batch_size": 10_000}))
+        Trainer(_cfg(tmp_path, **{"optim.batch_size": 10_000}), _run(tmp_path))
     with pytest.raises(ConfigError, match="data.root"):
         _cfg(tmp_path, **{"data.name": "cifar10"})
-    with pytest.raises(ConfigError, match="prior.fpi.alpha"):
-        _cfg(tmp_path, **{"prior.fpi.alpha": 0.0})
+    with pytest.raises(ConfigError, match="prior.objective.alpha"):
+        _cfg(tmp_path, **{"prior.objective.alpha": 0.0})
+    with pytest.raises(ConfigError, match="prior.fpi.tol"):
+        _cfg(tmp_path, **{"prior.fpi.tol": -1})
+    with pytest.raises(ConfigError, match=r"prior.fpi.form.*one of \('paper', 'reference'\)"):
+        _cfg(tmp_path, **{"prior.fpi.form": "papr"})
     with pytest.raises(ConfigError, match="unknown"):
         _cfg(tmp_path, **{"optim.learning_rate": 1.0})
 
 
 def test_cli_train_and_config(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert cli_main(["config", "--experiment", "smoke", "--set", "prior.fpi.lam=42"]) == 0
-    assert json.loads(capsys.readouterr().out)["prior"]["fpi"]["lam"] == 42.0
+    assert cli_main(["config", "--experiment", "smoke", "--set", "prior.objective.lam=42"]) == 0
+    assert json.loads(capsys.readouterr().out)["prior"]["objective"]["lam"] == 42.0
     args = [
         "train",
         "--experiment",
         "smoke",
-        "--output-dir",
+        "--run-dir",
         str(out),
         "--set",
         "optim.epochs=1",
@@ -150,14 +162,14 @@ def test_cli_train_and_config(tmp_path, capsys):
         "eval.plots=false",
     ]
     assert cli_main(args) == 0
-    assert (out / "checkpoint" / CHECKPOINT_FILE).exists()
+    assert find_checkpoint(out) is not None
     assert "nf_acc" in capsys.readouterr().out
 
 
 def test_load_trained_gives_the_ema_flow_and_prior_that_were_evaluated(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, **{"optim.epochs": 2}))
+    trainer = Trainer(_cfg(tmp_path, **{"optim.epochs": 2}), _run(tmp_path))
     history = trainer.fit()
-    model = load_trained(tmp_path / "run" / "checkpoint")
+    model = load_trained(_run(tmp_path))
     assert model.epoch == 2 and model.info == trainer.info and model.config == trainer.config
     assert torch.equal(model.prior.means, trainer.prior.means)
     again = evaluate(

@@ -5,6 +5,9 @@ iteration costs O(K^2 d) time and O(K d + K^2) memory (K = 1000, d = 3072 fits i
 
 Two forms are offered:
 
+Both solve for the stationary point of an :class:`~nfpi.prior.objective.Objective` (lambda,
+alpha, pi: the same object the GD baseline minimises); :class:`FPIConfig` holds only how.
+
 ``paper`` (default) -- the stationary point of :func:`~nfpi.prior.objective.prior_objective`.
     With D_yy' = mu_y - mu_y' and kappa = lambda / (K (K-1)), all right-hand sides at the
     previous iterate (Jacobi)::
@@ -24,9 +27,9 @@ Two forms are offered:
     float32 after each iteration.
 
 The undamped map can oscillate with period 2 and crawls along flat directions at large lambda.
-The default damping is safeguarded Anderson mixing (each step combines the last few iterates to
-cancel the residual, on the coordinates (mu, log v); a step that would not reduce the residual
-is replaced by the plain one). With both means and variances free and a large lambda the paper
+The default damping is safeguarded Anderson mixing (:mod:`nfpi.prior.anderson`, on the
+coordinates (mu, log v)); a mixed step that would not reduce the residual is replaced by the
+plain one. With both means and variances free and a large lambda the paper
 form has no finite fixed point: the variances grow without bound. The solver detects this and
 raises :class:`FPIDivergenceError` with its report; variance bounds (projection after every
 update) make it converge.
@@ -41,18 +44,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nfpi.errors import (
-    ConfigError,
-    FPIDivergenceError,
-    FPINotConvergedError,
-    NonFiniteError,
-    ShapeError,
-)
+from nfpi.errors import FPIDivergenceError, FPINotConvergedError, NonFiniteError, ShapeError
+from nfpi.prior.anderson import AndersonMixer
 from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.kl import pairwise_kl
-from nfpi.prior.objective import PiMode, kappa, prior_objective, repulsion_weights
+from nfpi.prior.objective import Objective, kappa, prior_objective, repulsion_weights
 from nfpi.prior.stats import ClassStatistics
-from nfpi.validation import config_kwargs
+from nfpi.schema import Config, check, is_number
 
 __all__ = ["FPIConfig", "FPIReport", "fpi_step", "initial_prior", "solve_fpi"]
 
@@ -61,13 +59,10 @@ Form = Literal["paper", "reference"]
 
 
 @dataclass(frozen=True)
-class FPIConfig:
-    """Settings of the fixed-point solver; validated at construction.
+class FPIConfig(Config):
+    """How the fixed-point solver runs (what it solves is the :class:`Objective`).
 
     Attributes:
-        lam: lambda >= 0, weight of the KLD repulsion (divided by K (K-1) internally).
-        alpha: alpha > 0 in exp(-KL / (pi alpha)).
-        pi: ``pairwise`` (Eq. 9) or ``mean`` (Eq. 10).
         update: what moves: ``both``, ``mean`` (variances fixed at the start) or ``variance``.
         form: ``paper`` (true stationary point) or ``reference`` (released code).
         variance_init: start variances at the class variances (``data``) or at 1 (``identity``,
@@ -76,9 +71,8 @@ class FPIConfig:
         summed_q, isotropic_mean: the reference form's options.
         tol: stop when max over classes of the L2 change of mu and of v are both <= tol.
         max_iter: iteration cap.
-        damping: ``anderson`` (adaptive damping by safeguarded Anderson mixing: each step
-            combines the last iterates so as to cancel the residual, and falls back to the plain
-            step whenever that would not reduce it) or ``none`` (plain x <- F(x), the release).
+        damping: ``anderson`` (safeguarded Anderson mixing, :mod:`nfpi.prior.anderson`) or
+            ``none`` (plain x <- F(x), the release).
         anderson_memory: number of past iterates the Anderson mixing combines (>= 1).
         var_bounds: (v_min, v_max) projection of the variances (eigenvalues for full
             covariances) after each update, or None.
@@ -88,9 +82,6 @@ class FPIConfig:
             residual no longer decreasing, counts as unbounded.
     """
 
-    lam: float = 100.0
-    alpha: float = 10.0
-    pi: PiMode = "pairwise"
     update: Update = "both"
     form: Form = "paper"
     variance_init: Literal["data", "identity"] = "data"
@@ -106,54 +97,36 @@ class FPIConfig:
     require_convergence: bool = True
     divergence_factor: float = 1e6
 
-    def __post_init__(self) -> None:
-        choices = {
-            "pi": ("pairwise", "mean"),
-            "update": ("both", "mean", "variance"),
-            "form": ("paper", "reference"),
-            "variance_init": ("data", "identity"),
-            "covariance": ("diag", "full"),
-            "damping": ("anderson", "none"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"fpi.{name}", getattr(self, name), f"one of {allowed}")
-        for name in ("lam", "alpha", "tol", "divergence_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"fpi.{name}", value, "a finite number")
-        if self.lam < 0:
-            raise ConfigError("fpi.lam", self.lam, "lambda must be >= 0")
-        if self.alpha <= 0:
-            raise ConfigError(
-                "fpi.alpha", self.alpha, "alpha must be > 0 (the paper uses 0.1 to 10)"
-            )
-        if self.tol <= 0:
-            raise ConfigError("fpi.tol", self.tol, "a tolerance > 0")
-        if self.divergence_factor <= 1:
-            raise ConfigError(
-                "fpi.divergence_factor", self.divergence_factor, "a growth factor > 1"
-            )
-        for name, low in (("max_iter", 1), ("anderson_memory", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"fpi.{name}", value, f"an integer >= {low}")
+    def validate(self) -> None:
+        check(is_number(self.tol) and self.tol > 0, "tol", self.tol, "a tolerance > 0")
+        check(
+            is_number(self.divergence_factor) and self.divergence_factor > 1,
+            "divergence_factor",
+            self.divergence_factor,
+            "a growth factor > 1",
+        )
+        check(self.max_iter >= 1, "max_iter", self.max_iter, "an integer >= 1")
+        check(self.anderson_memory >= 1, "anderson_memory", self.anderson_memory, "an integer >= 1")
         if self.var_bounds is not None:
             lo, hi = self.var_bounds
-            if not (0 < lo < hi and math.isfinite(hi)):
-                raise ConfigError(
-                    "fpi.var_bounds", self.var_bounds, "(v_min, v_max) with 0 < v_min < v_max < inf"
-                )
-        if self.form == "paper" and (self.summed_q or self.isotropic_mean):
-            raise ConfigError(
-                "fpi.form",
-                self.form,
-                "summed_q and isotropic_mean are options of form='reference' only",
+            check(
+                0 < lo < hi and math.isfinite(hi),
+                "var_bounds",
+                self.var_bounds,
+                "(v_min, v_max) with 0 < v_min < v_max < inf",
             )
-        if self.form == "reference" and self.covariance == "full":
-            raise ConfigError(
-                "fpi.covariance", "full", "the reference form exists for diagonal covariances only"
-            )
+        check(
+            self.form == "reference" or not (self.summed_q or self.isotropic_mean),
+            "form",
+            self.form,
+            "'reference' when summed_q or isotropic_mean is on (they are its options only)",
+        )
+        check(
+            not (self.form == "reference" and self.covariance == "full"),
+            "covariance",
+            self.covariance,
+            "'diag': the reference form exists for diagonal covariances only",
+        )
 
     @classmethod
     def reference(cls, **overrides: Any) -> FPIConfig:
@@ -167,19 +140,7 @@ class FPIConfig:
             "damping": "none",
             "round_float32": True,
         }
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FPIConfig:
-        """Build from a plain dict (e.g. a sweep sample); unknown keys are rejected."""
-        values = config_kwargs(cls, values, "fpi")
-        if values.get("var_bounds") is not None:
-            values["var_bounds"] = tuple(float(b) for b in values["var_bounds"])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return cls(**{**base, **overrides})
 
 
 @dataclass
@@ -326,16 +287,16 @@ def _full_step(
 
 
 def fpi_step(
-    mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, config: FPIConfig
+    mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, objective: Objective, config: FPIConfig
 ) -> tuple[Tensor, Tensor]:
     """One undamped application F(mu, scale) of the fixed-point map (no bounds for diag).
 
     Shapes: mu, m [K, d]; scale, s [K, d] (diag) or [K, d, d] (full). Float64 in and out.
     """
     k = mu.shape[0]
-    kap = kappa(config.lam, k)
+    kap = kappa(objective.lam, k)
     if kap > 0:
-        w = repulsion_weights(pairwise_kl(mu, scale), config.alpha, config.pi)
+        w = repulsion_weights(pairwise_kl(mu, scale), objective.alpha, objective.pi)
     else:
         w = torch.zeros(k, k, dtype=mu.dtype, device=mu.device)
     if scale.ndim == 3:
@@ -364,63 +325,173 @@ def _kl_summary(mu: Tensor, scale: Tensor) -> tuple[float, float]:
     return float(off.min()), float(off.mean())
 
 
-def _objective(mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, config: FPIConfig) -> float:
-    """The objective of Prop. 1 at (mu, scale), pi frozen there (for the report)."""
-    value = prior_objective(mu, scale, m, s, lam=config.lam, alpha=config.alpha, pi=config.pi)
-    return float(value)
+@dataclass
+class _Point:
+    """An iterate x = (mu, scale) with its packed coordinates u, its image F(x), and the two
+    residuals |F(x) - x|."""
+
+    u: Tensor
+    mu: Tensor
+    scale: Tensor
+    mu_f: Tensor
+    scale_f: Tensor
+    r_mu: float
+    r_var: float
+
+    @property
+    def residual(self) -> float:
+        return max(self.r_mu, self.r_var)
 
 
-class _Anderson:
-    """Anderson mixing (type II) with a fixed-size history in preallocated buffers.
+class _FixedPointMap:
+    """The FPI map of one solve, with everything the solver needs around it: the projection
+    onto the variance bounds, float32 rounding, finiteness and divergence checks, and the
+    packing of the moving coordinates into one vector u = (mu, log v) for Anderson mixing
+    (log v keeps diagonal variances positive; full covariances are mixed linearly)."""
 
-    Given the current point u and its fixed-point residual g = G(u) - u, the next point is
-    u + g - (dU + dG) gamma, gamma the least-squares fit of g by the last ``memory`` residual
-    differences dG (weighted by ``weight``): an adaptive damping that extrapolates through
-    period-2 oscillations and slow drifts alike. Memory: 2 x memory x len(u) floats.
-    """
+    def __init__(
+        self, stats: ClassStatistics, objective: Objective, config: FPIConfig, report: FPIReport
+    ) -> None:
+        self.objective, self.config, self.report = objective, config, report
+        self.diag = config.covariance == "diag"
+        self.m = stats.mean()
+        self.s = stats.var() if self.diag else stats.cov()
+        self.k, self.d = self.m.shape
+        self.move_mu, self.move_var = config.update != "variance", config.update != "mean"
+        self.bounds = config.var_bounds if self.diag and self.move_var else None
+        self.data_var = self.s if self.diag else stats.var()  # no 2nd K x d copy when diagonal
+        self.fixed: tuple[Tensor, Tensor] | None = None  # the coordinates that do not move
 
-    def __init__(self, memory: int, weight: Tensor) -> None:
-        n = weight.numel()
-        self.memory, self.weight = memory, weight
-        self.du = weight.new_zeros(memory, n)
-        self.dg = weight.new_zeros(memory, n)  # weighted differences
-        self.count = 0
-        self.prev: tuple[Tensor, Tensor] | None = None
+    def start(self, init: GaussianPrior) -> tuple[Tensor, Tensor]:
+        mu = init.means.to(self.m).clone()
+        scale = init.scale_param.to(self.m).clone()
+        if self.bounds is not None:
+            scale = scale.clamp(*self.bounds)
+        self.fixed = (mu, scale)
+        # Reference scales of the divergence test: the data's spread and the variances' size.
+        var_now = scale if self.diag else torch.diagonal(scale, dim1=1, dim2=2)
+        self.ref_var = float(torch.maximum(self.data_var.max(), var_now.max()))
+        self.ref_mu = math.sqrt(self.ref_var) + float((self.m - self.m.mean(0)).norm(dim=1).max())
+        return mu, scale
 
-    def reset(self) -> None:
-        self.count, self.prev = 0, None
-
-    def step(self, u: Tensor, g: Tensor) -> Tensor:
-        gw = g * self.weight
-        if self.prev is not None:
-            slot = self.count % self.memory
-            self.du[slot] = u - self.prev[0]
-            self.dg[slot] = gw - self.prev[1]
-            self.count += 1
-        self.prev = (u, gw)
-        used = min(self.count, self.memory)
-        if used == 0:
-            return u + g
-        du, dg = self.du[:used], self.dg[:used]
-        gram = dg @ dg.T
-        ridge = 1e-10 * float(gram.diagonal().max()) + 1e-300
-        gamma = torch.linalg.solve(
-            gram + ridge * torch.eye(used, dtype=gram.dtype, device=gram.device), dg @ gw
+    # ---------------------------------------------------------------------------- evaluation
+    def point(self, u: Tensor, mu: Tensor, scale: Tensor, it: int) -> _Point:
+        """F at x = (mu, scale) (packed: u), projected and rounded, checked finite, with its
+        residuals."""
+        mu_f, scale_f = fpi_step(mu, scale, self.m, self.s, self.objective, self.config)
+        if self.diag and self.move_var:
+            if self.bounds is not None:
+                scale_f = scale_f.clamp(*self.bounds)
+            elif torch.isinf(scale_f).any():
+                self.report.stop_reason = "diverged"
+                raise FPIDivergenceError(
+                    f"iteration {it}: the variance update has no positive solution for "
+                    f"{int(torch.isinf(scale_f).sum())} coordinates (A <= 0: the repulsion "
+                    "outweighs the likelihood); set var_bounds, lower lam, or update the means only",
+                    self.report,
+                )
+        if self.config.round_float32:
+            mu_f, scale_f = mu_f.float().double(), scale_f.float().double()
+        if not (torch.isfinite(mu_f).all() and torch.isfinite(scale_f).all()):
+            self.report.stop_reason = "non-finite"
+            raise NonFiniteError(f"FPI iteration {it} produced NaN/inf ({self.report.summary()})")
+        return _Point(
+            u, mu, scale, mu_f, scale_f, _class_l2(mu_f - mu), _class_l2(scale_f - scale)
         )
-        # Two small products instead of materialising (du + dg / w): no [memory, n] temporaries.
-        return u + g - gamma @ du - (gamma @ dg) / self.weight
+
+    def check_divergence(self, x: _Point, it: int) -> None:
+        """Raise FPIDivergenceError when the state has grown far beyond the data's own scale
+        while the residual stopped decreasing: no finite fixed point is being approached."""
+        var_now = x.scale if self.diag else torch.diagonal(x.scale, dim1=1, dim2=2)
+        growth = max(float(var_now.max()) / self.ref_var, _class_l2(x.mu - self.m) / self.ref_mu)
+        residuals = self.report.residuals
+        if growth > self.config.divergence_factor and x.residual >= min(residuals[-10:]):
+            self.report.stop_reason = "diverged"
+            self.report.kl_min_after, self.report.kl_mean_after = _kl_summary(x.mu, x.scale)
+            raise FPIDivergenceError(
+                f"FPI diverges at iteration {it}: means/variances grew to {growth:.3g}x the data "
+                f"scale ({self.report.summary()}); with both means and variances free this lambda "
+                "has no finite fixed point: set var_bounds, lower lam, or update the means only",
+                self.report,
+            )
+
+    # ------------------------------------------------------------------------------- packing
+    def pack(self, mu: Tensor, scale: Tensor) -> Tensor:
+        parts = [mu.flatten()] if self.move_mu else []
+        if self.move_var:
+            parts.append(scale.log().flatten() if self.diag else scale.flatten())
+        return torch.cat(parts)
+
+    def project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u -> (u, mu, scale) with the log-variances clamped to the bounds (in place) and the
+        state rounded like an iterate (then u is re-packed from the rounded values)."""
+        assert self.fixed is not None
+        kd = self.k * self.d
+        if self.bounds is not None:
+            u[-kd:] = u[-kd:].clamp(math.log(self.bounds[0]), math.log(self.bounds[1]))
+        mu, rest = (u[:kd].view(self.k, self.d), u[kd:]) if self.move_mu else (self.fixed[0], u)
+        if not self.move_var:
+            scale = self.fixed[1]
+        elif self.diag:
+            scale = rest.view(self.k, self.d).exp()
+        else:
+            scale = rest.view(self.k, self.d, self.d)
+        if self.config.round_float32:
+            mu, scale = mu.float().double(), scale.float().double()
+            u = self.pack(mu, scale)
+        return u, mu, scale
+
+    def residual_weight(self) -> Tensor:
+        """Units of the residual for the mixing: means in data standard deviations, log
+        variances as they are (full covariances in the class's mean variance)."""
+        parts = []
+        if self.move_mu:
+            parts.append((1.0 / self.data_var.sqrt()).flatten())
+        if self.move_var:
+            kd = self.k * self.d
+            parts.append(
+                torch.ones(kd, dtype=self.m.dtype, device=self.m.device)
+                if self.diag
+                else (1.0 / self.data_var.mean(1))[:, None].expand(self.k, self.d * self.d).flatten()
+            )
+        return torch.cat(parts)
+
+    def admissible(self, scale: Tensor) -> bool:
+        """Whether a mixed full covariance is still SPD (diagonal ones are by construction)."""
+        if self.diag or not self.move_var:
+            return True
+        return bool((torch.linalg.cholesky_ex(scale)[1] == 0).all())
+
+    def finish(self, mu: Tensor, scale: Tensor) -> GaussianPrior:
+        """The prior at the solver's result, with the report's closing numbers filled in."""
+        report, bounds = self.report, self.config.var_bounds
+        report.kl_min_after, report.kl_mean_after = _kl_summary(mu, scale)
+        report.objective_after = _objective_value(mu, scale, self.m, self.s, self.objective)
+        if bounds is not None:
+            lo, hi = bounds
+            var_now = scale if self.diag else torch.linalg.eigvalsh(scale)
+            report.at_lower_bound = int((var_now <= lo * (1 + 1e-12)).sum())
+            report.at_upper_bound = int((var_now >= hi * (1 - 1e-12)).sum())
+        return GaussianPrior(mu, var=scale) if self.diag else GaussianPrior(mu, cov=scale)
+
+
+def _objective_value(mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, objective: Objective) -> float:
+    """The objective of Prop. 1 at (mu, scale), pi frozen there (for the report)."""
+    return float(prior_objective(mu, scale, m, s, **objective.to_dict()))
 
 
 def solve_fpi(
     stats: ClassStatistics,
-    config: FPIConfig,
+    objective: Objective,
+    config: FPIConfig | None = None,
     init: GaussianPrior | None = None,
 ) -> tuple[GaussianPrior, FPIReport]:
     """Solve the FPI from class statistics.
 
     Args:
         stats: class statistics of the latents (K classes, d dims; >= 2 samples per class).
-        config: solver settings.
+        objective: lambda, alpha and pi of the objective (shared with the GD baseline).
+        config: how to solve (default :class:`FPIConfig()`).
         init: starting prior (default :func:`initial_prior`: class means and variances).
 
     Returns:
@@ -434,170 +505,83 @@ def solve_fpi(
     Example:
         >>> z, y = torch.randn(200, 4, dtype=torch.float64), torch.arange(200) % 4
         >>> stats = ClassStatistics.from_batch(z, y, 4)
-        >>> prior, report = solve_fpi(stats, FPIConfig(lam=10.0, update="mean"))
+        >>> prior, report = solve_fpi(stats, Objective(lam=10.0), FPIConfig(update="mean"))
         >>> report.converged
         True
     """
-    m = stats.mean()
-    diag = config.covariance == "diag"
-    s = stats.var() if diag else stats.cov()
+    config = config or FPIConfig()
     init = initial_prior(stats, config) if init is None else init
-    if init.covariance != config.covariance or tuple(init.means.shape) != tuple(m.shape):
+    if init.covariance != config.covariance or tuple(init.means.shape) != (
+        stats.num_classes,
+        stats.dim,
+    ):
         raise ShapeError(
             f"initial prior ({init.covariance}, {tuple(init.means.shape)}) does not match the "
-            f"statistics/config ({config.covariance}, {tuple(m.shape)})"
+            f"statistics/config ({config.covariance}, {(stats.num_classes, stats.dim)})"
         )
-    mu = init.means.to(m).clone()
-    scale = init.scale_param.to(m).clone()
-    bounds = config.var_bounds
-    if bounds is not None and diag and config.update != "mean":
-        scale = scale.clamp(*bounds)
     report = FPIReport()
+    fmap = _FixedPointMap(stats, objective, config, report)
+    mu, scale = fmap.start(init)
     report.kl_min_before, report.kl_mean_before = _kl_summary(mu, scale)
-    report.objective_before = _objective(mu, scale, m, s, config)
-
-    # The mixing runs on u = (mu, log v): positivity of diagonal variances is then automatic.
-    # Full covariances mix linearly and fall back to a plain damped step if SPD is lost.
-    move_mu, move_var = config.update != "variance", config.update != "mean"
-    data_var = s if diag else stats.var()  # no second K x d copy for diagonal priors
-    k, d = m.shape
-
-    def pack(mu_: Tensor, scale_: Tensor) -> Tensor:
-        parts = [mu_.flatten()] if move_mu else []
-        if move_var:
-            parts.append(scale_.log().flatten() if diag else scale_.flatten())
-        return torch.cat(parts)
-
-    def unpack(u: Tensor) -> tuple[Tensor, Tensor]:
-        mu_, rest = (u[: k * d].view(k, d), u[k * d :]) if move_mu else (mu, u)
-        if not move_var:
-            return mu_, scale
-        return mu_, (rest.view(k, d).exp() if diag else rest.view(k, d, d))
-
-    weights = []
-    if move_mu:
-        weights.append((1.0 / data_var.sqrt()).flatten())  # mean residuals in data std units
-    if move_var:
-        weights.append(
-            torch.ones(k * d, dtype=m.dtype, device=m.device)
-            if diag
-            else (1.0 / data_var.mean(1))[:, None].expand(k, d * d).flatten()
-        )
-    mixer_weight = torch.cat(weights)
+    report.objective_before = _objective_value(mu, scale, fmap.m, fmap.s, objective)
     mixer = (
-        _Anderson(config.anderson_memory, mixer_weight) if config.damping == "anderson" else None
+        AndersonMixer(config.anderson_memory, fmap.residual_weight())
+        if config.damping == "anderson"
+        else None
     )
-
-    # Reference scales for divergence detection: data spread and variance magnitude.
-    ref_var = float(
-        torch.maximum(
-            data_var.max(), torch.diagonal(scale, dim1=1, dim2=2).max() if not diag else scale.max()
-        )
-    )
-    ref_mu = math.sqrt(ref_var) + float((m - m.mean(0)).norm(dim=1).max())
-
-    def evaluate(mu_: Tensor, scale_: Tensor, it: int) -> tuple[Tensor, Tensor, float, float]:
-        """F at (mu_, scale_), projected/rounded and checked, with its two residuals."""
-        mu_f, scale_f = fpi_step(mu_, scale_, m, s, config)
-        if diag and move_var:
-            if bounds is not None:
-                scale_f = scale_f.clamp(*bounds)
-            elif torch.isinf(scale_f).any():
-                report.stop_reason = "diverged"
-                raise FPIDivergenceError(
-                    f"iteration {it}: the variance update has no positive solution for "
-                    f"{int(torch.isinf(scale_f).sum())} coordinates (A <= 0: the repulsion "
-                    "outweighs the likelihood); set var_bounds, lower lam, or update the means only",
-                    report,
-                )
-        if config.round_float32:
-            mu_f, scale_f = mu_f.float().double(), scale_f.float().double()
-        if not (torch.isfinite(mu_f).all() and torch.isfinite(scale_f).all()):
-            report.stop_reason = "non-finite"
-            raise NonFiniteError(f"FPI iteration {it} produced NaN/inf ({report.summary()})")
-        return mu_f, scale_f, _class_l2(mu_f - mu_), _class_l2(scale_f - scale_)
-
-    def project(u_: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if diag and move_var and bounds is not None:
-            u_[-k * d :] = u_[-k * d :].clamp(math.log(bounds[0]), math.log(bounds[1]))
-        mu_, scale_ = unpack(u_)
-        if config.round_float32:
-            mu_, scale_ = mu_.float().double(), scale_.float().double()
-            u_ = pack(mu_, scale_)
-        return u_, mu_, scale_
-
-    def weighted_norm(g_: Tensor) -> float:
-        return float((g_ * mixer_weight).norm())
 
     it = 1
-    u = pack(mu, scale)
-    mu_f, scale_f, r_mu, r_v = evaluate(mu, scale, it)
+    x = fmap.point(fmap.pack(mu, scale), mu, scale, it)
     while True:
-        res = max(r_mu, r_v)
         report.iterations = it
-        report.residuals.append(res)
-        report.residuals_mean.append(r_mu)
-        report.residuals_var.append(r_v)
-        if res <= config.tol:
-            mu, scale = mu_f, scale_f
+        report.residuals.append(x.residual)
+        report.residuals_mean.append(x.r_mu)
+        report.residuals_var.append(x.r_var)
+        if x.residual <= config.tol:
             report.converged, report.stop_reason = True, "converged"
+            mu, scale = x.mu_f, x.scale_f  # the last image F(x) is the solution
             break
-
-        # Divergence: the state keeps growing far beyond the data's own scale.
-        var_now = scale if diag else torch.diagonal(scale, dim1=1, dim2=2)
-        growth = max(float(var_now.max()) / ref_var, _class_l2(mu - m) / ref_mu)
-        if growth > config.divergence_factor and res >= min(report.residuals[-10:]):
-            report.stop_reason = "diverged"
-            report.kl_min_after, report.kl_mean_after = _kl_summary(mu, scale)
-            raise FPIDivergenceError(
-                f"FPI diverges at iteration {it}: means/variances grew to {growth:.3g}x the data "
-                f"scale ({report.summary()}); with both means and variances free this lambda has "
-                "no finite fixed point: set var_bounds, lower lam, or update the means only",
-                report,
-            )
+        fmap.check_divergence(x, it)
         if it >= config.max_iter:
-            report.stop_reason = "max_iter"
+            report.stop_reason, mu, scale = "max_iter", x.mu, x.scale
             break
         it += 1
+        step = _next_point(fmap, mixer, x, it)
+        if step is None:  # a rejected mixing step used up the last iteration
+            report.iterations, report.stop_reason, mu, scale = it, "max_iter", x.mu, x.scale
+            break
+        x, it = step
 
-        if config.damping == "none":
-            mu, scale = mu_f, scale_f
-            mu_f, scale_f, r_mu, r_v = evaluate(mu, scale, it)
-            continue
-
-        g = pack(mu_f, scale_f) - u
-        # Safeguarded Anderson step: taken only if its residual beats the current one; otherwise
-        # the local secant model is stale: restart it and take a plain step.
-        assert mixer is not None
-        cand, mu_c, scale_c = project(mixer.step(u, g))
-        if diag or not move_var or bool((torch.linalg.cholesky_ex(scale_c)[1] == 0).all()):
-            cand_f = evaluate(mu_c, scale_c, it)
-            if weighted_norm(pack(cand_f[0], cand_f[1]) - cand) < weighted_norm(g):
-                report.anderson_accepted += 1
-                u, mu, scale = cand, mu_c, scale_c
-                mu_f, scale_f, r_mu, r_v = cand_f
-                continue
-            if it >= config.max_iter:
-                report.iterations, report.stop_reason = it, "max_iter"
-                break
-            it += 1
-        report.anderson_rejected += 1
-        mixer.reset()
-        u, mu, scale = project(u + g)
-        mu_f, scale_f, r_mu, r_v = evaluate(mu, scale, it)
-
-    report.kl_min_after, report.kl_mean_after = _kl_summary(mu, scale)
-    report.objective_after = _objective(mu, scale, m, s, config)
-    if bounds is not None:
-        lo, hi = bounds
-        var_now = scale if diag else torch.linalg.eigvalsh(scale)
-        report.at_lower_bound = int((var_now <= lo * (1 + 1e-12)).sum())
-        report.at_upper_bound = int((var_now >= hi * (1 - 1e-12)).sum())
+    prior = fmap.finish(mu, scale)
     if not report.converged and config.require_convergence:
         raise FPINotConvergedError(
             f"FPI did not reach tol={config.tol:g} within max_iter={config.max_iter} "
             f"({report.summary()}); raise max_iter/tol or pass require_convergence=False",
             report,
         )
-    prior = GaussianPrior(mu, var=scale) if diag else GaussianPrior(mu, cov=scale)
     return prior, report
+
+
+def _next_point(
+    fmap: _FixedPointMap, mixer: AndersonMixer | None, x: _Point, it: int
+) -> tuple[_Point, int] | None:
+    """The next iterate, evaluated: the plain step x <- F(x), or a safeguarded Anderson step
+    taken only if its residual beats the current one; otherwise the mixer restarts and the plain
+    step is taken, which costs one more iteration (``None`` when none is left)."""
+    if mixer is None:
+        return fmap.point(fmap.pack(x.mu_f, x.scale_f), x.mu_f, x.scale_f, it), it
+    g = fmap.pack(x.mu_f, x.scale_f) - x.u
+    u_c, mu_c, scale_c = fmap.project(mixer.step(x.u, g))
+    if fmap.admissible(scale_c):
+        cand = fmap.point(u_c, mu_c, scale_c, it)
+        g_cand = fmap.pack(cand.mu_f, cand.scale_f) - cand.u
+        if float((g_cand * mixer.weight).norm()) < float((g * mixer.weight).norm()):
+            fmap.report.anderson_accepted += 1
+            return cand, it
+        if it >= fmap.config.max_iter:
+            return None
+        it += 1
+    fmap.report.anderson_rejected += 1
+    mixer.reset()
+    u_p, mu_p, scale_p = fmap.project(x.u + g)
+    return fmap.point(u_p, mu_p, scale_p, it), it

@@ -31,11 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nfpi.errors import ConfigError, NonFiniteError, ShapeError
+from nfpi.errors import NonFiniteError, ShapeError
 from nfpi.prior.gaussian import GaussianPrior
-from nfpi.prior.objective import PiMode, pairwise_potential, prior_objective
+from nfpi.prior.objective import Objective, pairwise_potential, prior_objective
 from nfpi.prior.stats import ClassStatistics
-from nfpi.validation import config_kwargs
+from nfpi.schema import Config, check, is_number
 
 __all__ = ["POLICY_POWERS", "GDConfig", "GDReport", "GDSolver", "LRPolicy"]
 
@@ -59,7 +59,7 @@ _RELEASE_KNOTS = ((0, 0.1), (10, 0.1), (11, 0.01), (100, 0.001))
 
 
 @dataclass(frozen=True)
-class LRPolicy:
+class LRPolicy(Config):
     """A learning-rate schedule over GD steps; ``lr(t)`` gives the rate of step t (0-based)."""
 
     name: PolicyName = "geometric_knots"
@@ -68,28 +68,20 @@ class LRPolicy:
     total_steps: int = 1000
     knots: tuple[tuple[int, float], ...] = _RELEASE_KNOTS
 
-    def __post_init__(self) -> None:
-        allowed = ("constant", "geometric_knots", *POLICY_POWERS)
-        if self.name not in allowed:
-            raise ConfigError("gd.policy.name", self.name, f"one of {allowed}")
-        if not (self.lr0 > 0 and math.isfinite(self.lr0)):
-            raise ConfigError("gd.policy.lr0", self.lr0, "a finite learning rate > 0")
-        if not (0 <= self.lr_min <= self.lr0):
-            raise ConfigError("gd.policy.lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}")
-        if not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise ConfigError("gd.policy.total_steps", self.total_steps, "an integer >= 1")
+    def validate(self) -> None:
+        check(is_number(self.lr0) and self.lr0 > 0, "lr0", self.lr0, "a finite learning rate > 0")
+        check(0 <= self.lr_min <= self.lr0, "lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}")
+        check(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
         steps = [k for k, _ in self.knots]
-        if (
-            not self.knots
-            or steps != sorted(set(steps))
-            or steps[0] != 0
-            or any(not lr > 0 for _, lr in self.knots)
-        ):
-            raise ConfigError(
-                "gd.policy.knots",
-                self.knots,
-                "((0, lr), (t1, lr1), ...) with increasing steps and lr > 0",
-            )
+        check(
+            bool(self.knots)
+            and steps == sorted(set(steps))
+            and steps[0] == 0
+            and all(lr > 0 for _, lr in self.knots),
+            "knots",
+            self.knots,
+            "((0, lr), (t1, lr1), ...) with increasing steps and lr > 0",
+        )
 
     def lr(self, step: int) -> float:
         if self.name == "constant":
@@ -103,21 +95,12 @@ class LRPolicy:
         frac = 1.0 - min(step, self.total_steps) / self.total_steps
         return self.lr_min + (self.lr0 - self.lr_min) * frac ** POLICY_POWERS[self.name]
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LRPolicy:
-        values = config_kwargs(cls, values, "gd.policy")
-        if "knots" in values:
-            values["knots"] = tuple((int(t), float(lr)) for t, lr in values["knots"])
-        return cls(**values)
-
 
 @dataclass(frozen=True)
-class GDConfig:
-    """Settings of the gradient-descent baseline (same objective as the FPI)."""
+class GDConfig(Config):
+    """How the gradient-descent baseline runs (what it minimises is the :class:`Objective`,
+    the same one the FPI solves)."""
 
-    lam: float = 100.0
-    alpha: float = 10.0
-    pi: PiMode = "pairwise"
     update: Literal["both", "mean", "variance"] = "both"
     policy: LRPolicy = field(default_factory=LRPolicy)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -125,42 +108,23 @@ class GDConfig:
     sigmoid: tuple[float, float, float] = (1.0, 1.0, 0.25)  # (a, b, c): v = a sigmoid(b theta) + c
     steps_per_solve: int = 100
 
-    def __post_init__(self) -> None:
-        if self.pi not in ("pairwise", "mean"):
-            raise ConfigError("gd.pi", self.pi, "one of ('pairwise', 'mean')")
-        if self.update not in ("both", "mean", "variance"):
-            raise ConfigError("gd.update", self.update, "one of ('both', 'mean', 'variance')")
-        if not (self.lam >= 0 and math.isfinite(self.lam)):
-            raise ConfigError("gd.lam", self.lam, "a finite lambda >= 0")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError("gd.alpha", self.alpha, "a finite alpha > 0")
+    def validate(self) -> None:
         a, b, c = self.sigmoid
-        if not (a > 0 and b > 0 and c > 0):
-            raise ConfigError(
-                "gd.sigmoid", self.sigmoid, "(a, b, c) all > 0 so that v lies in (c, a + c)"
-            )
-        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
-            raise ConfigError("gd.betas", self.betas, "Adam betas in [0, 1)")
-        if not isinstance(self.steps_per_solve, int) or self.steps_per_solve < 1:
-            raise ConfigError("gd.steps_per_solve", self.steps_per_solve, "an integer >= 1")
+        check(
+            a > 0 and b > 0 and c > 0,
+            "sigmoid",
+            self.sigmoid,
+            "(a, b, c) all > 0 so that v lies in (c, a + c)",
+        )
+        check(
+            0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1, "betas", self.betas, "Adam betas in [0, 1)"
+        )
+        check(self.steps_per_solve >= 1, "steps_per_solve", self.steps_per_solve, "an integer >= 1")
 
     @property
     def var_range(self) -> tuple[float, float]:
         a, _, c = self.sigmoid
         return c, a + c
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GDConfig:
-        values = config_kwargs(cls, values, "gd")
-        if isinstance(values.get("policy"), dict):
-            values["policy"] = LRPolicy.from_dict(values["policy"])
-        for key in ("betas", "sigmoid"):
-            if key in values:
-                values[key] = tuple(float(x) for x in values[key])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -181,6 +145,9 @@ class GDReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        return f"{self.steps} steps, merit {self.merit_before:.6g} -> {self.merit_after:.6g}"
+
 
 class GDSolver:
     """Adam on (mu, theta) of the sigmoid-reparametrised prior; stateful across calls.
@@ -188,16 +155,19 @@ class GDSolver:
     Example:
         >>> z, y = torch.randn(300, 3, dtype=torch.float64), torch.arange(300) % 3
         >>> stats = ClassStatistics.from_batch(z, y, 3)
-        >>> solver = GDSolver(GaussianPrior.from_statistics(stats), GDConfig(lam=10.0))
+        >>> solver = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=10.0))
         >>> prior, report = solver.run(stats, steps=20)
         >>> report.steps
         20
     """
 
-    def __init__(self, init: GaussianPrior, config: GDConfig) -> None:
+    def __init__(
+        self, init: GaussianPrior, objective: Objective, config: GDConfig | None = None
+    ) -> None:
         if init.covariance != "diag":
             raise ShapeError("the GD baseline supports diagonal covariances only")
-        self.config = config
+        config = config or GDConfig()
+        self.objective, self.config = objective, config
         self.mu = init.means.detach().clone().requires_grad_(config.update != "variance")
         self.theta = self._theta_of(init.var).requires_grad_(config.update != "mean")
         params = [p for p in (self.mu, self.theta) if p.requires_grad]
@@ -220,19 +190,14 @@ class GDSolver:
         return GaussianPrior(self.mu.detach(), var=self.variances().detach())
 
     def _objective(self, m: Tensor, s: Tensor) -> Tensor:
-        cfg = self.config
-        return prior_objective(
-            self.mu, self.variances(), m, s, lam=cfg.lam, alpha=cfg.alpha, pi=cfg.pi
-        )
+        return prior_objective(self.mu, self.variances(), m, s, **self.objective.to_dict())
 
     @torch.no_grad()
     def merit(self, stats: ClassStatistics) -> float:
         """The value GD steps decrease (see :class:`GDReport`), at the current parameters."""
-        cfg, m, s = self.config, stats.mean().to(self.mu), stats.var().to(self.mu)
-        if cfg.pi == "pairwise":
-            value = pairwise_potential(
-                self.mu, self.variances(), m, s, lam=cfg.lam, alpha=cfg.alpha
-            )
+        obj, m, s = self.objective, stats.mean().to(self.mu), stats.var().to(self.mu)
+        if obj.pi == "pairwise":
+            value = pairwise_potential(self.mu, self.variances(), m, s, lam=obj.lam, alpha=obj.alpha)
         else:
             value = self._objective(m, s)
         return float(value)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from nfpi.prior.fpi import FPIConfig
-from nfpi.prior.objective import kappa, repulsion_weights
+from nfpi.prior.objective import Objective, kappa, repulsion_weights
 
 __all__ = ["fpi_step_broadcast", "pairwise_kl_broadcast"]
 
@@ -27,12 +27,12 @@ def pairwise_kl_broadcast(means: Tensor, var: Tensor) -> Tensor:
 
 
 def fpi_step_broadcast(
-    mu: Tensor, v: Tensor, m: Tensor, s: Tensor, config: FPIConfig
+    mu: Tensor, v: Tensor, m: Tensor, s: Tensor, objective: Objective, config: FPIConfig
 ) -> tuple[Tensor, Tensor]:
     """One undamped FPI map for diagonal covariances, written pair by pair with [K, K, d] tensors."""
     k = mu.shape[0]
-    kap = kappa(config.lam, k)
-    w = repulsion_weights(pairwise_kl_broadcast(mu, v), config.alpha, config.pi)[
+    kap = kappa(objective.lam, k)
+    w = repulsion_weights(pairwise_kl_broadcast(mu, v), objective.alpha, objective.pi)[
         :, :, None
     ]  # W_yy'
     wt = w.transpose(0, 1)  # W_y'y at [y, y']

@@ -16,6 +16,7 @@ current KLs: ``pairwise`` (Eq. 9, pi_yy' = KL_yy') or ``mean`` (Eq. 10, the mean
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,8 +24,10 @@ from torch import Tensor
 
 from nfpi.errors import DegenerateGaussiansError
 from nfpi.prior.kl import pairwise_kl
+from nfpi.schema import Config, check, is_number
 
 __all__ = [
+    "Objective",
     "PiMode",
     "class_nll",
     "kappa",
@@ -36,6 +39,31 @@ __all__ = [
 
 PiMode = Literal["pairwise", "mean"]
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Objective(Config):
+    """The objective both prior solvers minimise (FPI and GD read the same one, so a comparison
+    is at equal objective by construction).
+
+    Attributes:
+        lam: lambda >= 0, weight of the KLD repulsion (divided by K (K-1) internally).
+        alpha: alpha > 0 in exp(-KL / (pi alpha)) (the paper's range is 0.1 to 10).
+        pi: ``pairwise`` (Eq. 9, pi_yy' = KL_yy') or ``mean`` (Eq. 10).
+    """
+
+    lam: float = 100.0
+    alpha: float = 10.0
+    pi: PiMode = "pairwise"
+
+    def validate(self) -> None:
+        check(is_number(self.lam) and self.lam >= 0, "lam", self.lam, "a finite lambda >= 0")
+        check(
+            is_number(self.alpha) and self.alpha > 0,
+            "alpha",
+            self.alpha,
+            "a finite alpha > 0 (the paper uses 0.1 to 10)",
+        )
 
 
 def kappa(lam: float, num_classes: int) -> float:

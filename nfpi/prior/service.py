@@ -10,21 +10,65 @@ into every training checkpoint so that a restarted service can be re-seeded exac
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from torch import Tensor
 
 from nfpi.errors import ConfigError, ShapeError
-from nfpi.prior.fpi import FPIConfig, solve_fpi
+from nfpi.prior.fpi import FPIConfig, FPIReport, solve_fpi
 from nfpi.prior.gaussian import Covariance, GaussianPrior
-from nfpi.prior.gd import GDConfig, GDSolver
+from nfpi.prior.gd import GDConfig, GDReport, GDSolver
+from nfpi.prior.objective import Objective
 from nfpi.prior.stats import ClassStatistics
 
-__all__ = ["PriorMethod", "PriorService", "PriorUpdate"]
+__all__ = [
+    "InitReport",
+    "PriorMethod",
+    "PriorReport",
+    "PriorService",
+    "PriorUpdate",
+    "report_from_dict",
+    "report_kind",
+    "report_to_dict",
+]
 
 log = logging.getLogger(__name__)
 PriorMethod = Literal["fpi", "gd", "data-init"]
+
+
+@dataclass
+class InitReport:
+    """The data-init prior: class moments of ``samples`` latents."""
+
+    samples: int = 0
+
+    def summary(self) -> str:
+        return f"class moments of {self.samples} samples"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PriorReport = InitReport | FPIReport | GDReport
+_REPORTS: dict[str, type] = {"data-init": InitReport, "fpi": FPIReport, "gd": GDReport}
+_KIND: dict[type, str] = {cls: kind for kind, cls in _REPORTS.items()}
+
+
+def report_kind(report: PriorReport) -> str:
+    """``data-init``, ``fpi`` or ``gd``."""
+    return _KIND[type(report)]
+
+
+def report_to_dict(report: PriorReport) -> dict[str, Any]:
+    """Plain values (what checkpoints store: they load with ``weights_only=True``)."""
+    return {"kind": report_kind(report), **report.to_dict()}
+
+
+def report_from_dict(values: dict[str, Any]) -> PriorReport:
+    """Inverse of :func:`report_to_dict`."""
+    values = dict(values)
+    return _REPORTS[values.pop("kind")](**values)
 
 
 @dataclass
@@ -32,12 +76,16 @@ class PriorUpdate:
     """What a prior update hands back to the workers (picklable, small).
 
     ``prior`` is the new prior's state (``GaussianPrior.from_state_dict`` rebuilds it),
-    ``version`` counts updates (1 = data-init), ``report`` is the solver's report as a dict.
+    ``version`` counts updates (1 = data-init), ``report`` is the solver's typed report.
     """
 
     prior: dict[str, Tensor]
     version: int
-    report: dict[str, Any] = field(default_factory=dict)
+    report: PriorReport
+
+    @property
+    def kind(self) -> str:
+        return report_kind(self.report)
 
     def build(self) -> GaussianPrior:
         return GaussianPrior.from_state_dict(self.prior)
@@ -50,7 +98,8 @@ class PriorService:
         method: ``fpi`` (solve the FPI on :meth:`update`), ``gd`` (run GD steps) or
             ``data-init`` (class moments at :meth:`initialize`, never updated).
         num_classes, dim: K and d.
-        fpi, gd: solver configs for the two methods.
+        objective: lambda, alpha, pi of the objective the solver minimises.
+        fpi, gd: how the two solvers run.
         covariance: ``diag`` or ``full`` (full with ``fpi`` only).
     """
 
@@ -60,6 +109,7 @@ class PriorService:
         num_classes: int,
         dim: int,
         *,
+        objective: Objective | None = None,
         fpi: FPIConfig | None = None,
         gd: GDConfig | None = None,
         covariance: Covariance = "diag",
@@ -71,11 +121,14 @@ class PriorService:
                 "prior.covariance", covariance, "the GD baseline supports 'diag' only"
             )
         self.method, self.num_classes, self.dim = method, num_classes, dim
+        self.objective = objective if objective is not None else Objective()
         self.fpi = fpi if fpi is not None else FPIConfig(covariance=covariance)
         self.gd = gd if gd is not None else GDConfig()
         if self.fpi.covariance != covariance:
             raise ConfigError(
-                "fpi.covariance", self.fpi.covariance, f"must match prior.covariance={covariance!r}"
+                "prior.fpi.covariance",
+                self.fpi.covariance,
+                f"must match prior.covariance={covariance!r}",
             )
         self.covariance: Covariance = covariance
         self.reset()
@@ -85,7 +138,7 @@ class PriorService:
         (e.g. restarted before its first checkpoint) must not meet a previous attempt's prior."""
         self.prior = GaussianPrior.standard(self.num_classes, self.dim, self.covariance)
         self.version = 0
-        self.reports: list[dict[str, Any]] = []
+        self.reports: list[PriorReport] = []
         self._gd: GDSolver | None = None
 
     # ------------------------------------------------------------------------------- requests
@@ -96,13 +149,15 @@ class PriorService:
                 f"of (K, d) = {(self.num_classes, self.dim)}"
             )
 
-    def _publish(self, prior: GaussianPrior, report: dict[str, Any]) -> PriorUpdate:
+    def _publish(self, prior: GaussianPrior, report: PriorReport) -> PriorUpdate:
         self.prior = prior
         self.version += 1
-        report = {"version": self.version, **report}
         self.reports.append(report)
-        log.info("prior v%d (%s): %s", self.version, report.get("kind"), report.get("summary", ""))
+        log.info("prior v%d (%s): %s", self.version, report_kind(report), report.summary())
         return PriorUpdate(self.state(), self.version, report)
+
+    def _gd_solver(self, prior: GaussianPrior) -> GDSolver:
+        return GDSolver(prior, self.objective, self.gd)
 
     def initialize(self, stats: ClassStatistics) -> PriorUpdate:
         """Data-init: the class moments of ``stats`` (identity variances if the FPI asks so)."""
@@ -110,11 +165,9 @@ class PriorService:
         variance_init = self.fpi.variance_init if self.method == "fpi" else "data"
         prior = GaussianPrior.from_statistics(stats, self.covariance, variance_init)
         if self.method == "gd":
-            self._gd = GDSolver(prior, self.gd)
+            self._gd = self._gd_solver(prior)
             prior = self._gd.prior()  # variances as the sigmoid range represents them
-        return self._publish(
-            prior, {"kind": "data-init", "summary": f"{int(stats.count.sum())} samples"}
-        )
+        return self._publish(prior, InitReport(samples=int(stats.count.sum())))
 
     def update(self, stats: ClassStatistics) -> PriorUpdate:
         """One scheduled prior update from the reduced statistics: an FPI solve (from the
@@ -125,32 +178,23 @@ class PriorService:
                 "prior.method", self.method, "data-init priors are frozen; no update is scheduled"
             )
         if self.method == "fpi":
-            prior, report = solve_fpi(stats, self.fpi)
-            return self._publish(
-                prior, {"kind": "fpi", "summary": report.summary(), **report.to_dict()}
-            )
+            return self._publish(*solve_fpi(stats, self.objective, self.fpi))
         if self._gd is None:
-            self._gd = GDSolver(self.prior, self.gd)
-        prior, report = self._gd.run(stats)
-        return self._publish(
-            prior, {"kind": "gd", "summary": f"{report.steps} steps", **report.to_dict()}
-        )
+            self._gd = self._gd_solver(self.prior)
+        return self._publish(*self._gd.run(stats))
 
     def state(self) -> dict[str, Tensor]:
         """The current prior's tensors (``GaussianPrior.from_state_dict`` rebuilds it)."""
         return {k: v.clone() for k, v in self.prior.state_dict().items()}
 
-    def get(self) -> PriorUpdate:
-        """The current prior, its version and the last report (e.g. after a restart)."""
-        return PriorUpdate(self.state(), self.version, self.reports[-1] if self.reports else {})
-
     # ------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (loads with ``torch.load(weights_only=True)``)."""
         return {
             "method": self.method,
             "prior": self.state(),
             "version": self.version,
-            "reports": list(self.reports),
+            "reports": [report_to_dict(r) for r in self.reports],
             "gd": None if self._gd is None else self._gd.state_dict(),
         }
 
@@ -166,12 +210,9 @@ class PriorService:
             self.covariance,
         ):
             raise ShapeError("checkpointed prior does not match this service's (K, d, covariance)")
-        self.prior, self.version, self.reports = (
-            prior,
-            int(state["version"]),
-            list(state["reports"]),
-        )
+        self.prior, self.version = prior, int(state["version"])
+        self.reports = [report_from_dict(r) for r in state["reports"]]
         self._gd = None
         if state.get("gd") is not None:
-            self._gd = GDSolver(prior, self.gd)
+            self._gd = self._gd_solver(prior)
             self._gd.load_state_dict(state["gd"])

@@ -1,0 +1,25 @@
+"""Training: the loop, the prior's schedule, evaluation and the pictures of a run.
+
+Owns how a flow and its class-gaussian prior are trained together, on one process or
+data-parallel under ``torch.distributed``: :class:`Trainer` (the loop, :mod:`.loop`), when and
+by whom the prior is updated (:class:`PriorSchedule`, :class:`PriorClient`, :mod:`.schedule`),
+what is measured (class statistics, NF-Acc, bits/dim, :mod:`.evaluation`), the EMA of the flow
+(:mod:`.ema`), the few collective operations (:mod:`.distributed`), epoch-keyed randomness
+(:mod:`.randomness`) and the run's pictures (:mod:`.pictures`). Checkpoints are read and written
+by :mod:`nfpi.checkpoint`; nothing here imports Ray or MLflow.
+"""
+
+from nfpi.training.evaluation import collect_statistics, evaluate
+from nfpi.training.loop import Callback, EpochResult, Trainer
+from nfpi.training.schedule import PriorClient, PriorSchedule, report_metrics
+
+__all__ = [
+    "Callback",
+    "EpochResult",
+    "PriorClient",
+    "PriorSchedule",
+    "Trainer",
+    "collect_statistics",
+    "evaluate",
+    "report_metrics",
+]

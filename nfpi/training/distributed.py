@@ -1,0 +1,70 @@
+"""The few torch.distributed operations the loop needs, each a no-op on a single process.
+
+Ray Train (or ``torchrun``) initialises the process group; the library only asks who it is,
+sums tensors across ranks, broadcasts small objects from rank 0, and wraps the flow in DDP once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from nfpi.errors import ConfigError
+
+__all__ = ["all_reduce_", "barrier", "broadcast_object", "resolve_device", "world", "wrap_ddp"]
+
+T = TypeVar("T")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """Sum ``t`` over all ranks in place (returns it)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj: T | None) -> T:
+    """Rank 0's ``obj`` on every rank (others pass ``None``)."""
+    if world()[1] > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    assert obj is not None, "rank 0 must pass the object to broadcast"
+    return obj
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when several ranks train it, else itself."""
+    if world()[1] == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when visible, else cpu; a CUDA rank gets its ``LOCAL_RANK``'s device."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "'cpu' or 'auto': no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return torch.device(name)
+
+

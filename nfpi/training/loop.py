@@ -1,0 +1,419 @@
+"""The experiment loop: flow + class-gaussian prior, trained on one process or data-parallel.
+
+Plain PyTorch. When ``torch.distributed`` is initialised (Ray Train does that) the same loop runs
+data-parallel: each rank trains on its shard of every epoch's permutation under DDP, the class
+statistics of all ranks are summed before a prior update (:mod:`nfpi.training.evaluation`), rank
+0 hands them to the prior client and every rank receives the new prior
+(:mod:`nfpi.training.schedule`), and only rank 0 writes files.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per finished epoch, always
+the checkpoint's history), ``plots/`` and ``checkpoints/`` (:mod:`nfpi.checkpoint`). Every epoch
+ends with a checkpoint; a re-launched run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from nfpi.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from nfpi.config import ExperimentConfig
+from nfpi.data import BatchAugment, dequantize, epoch_seed, load_dataset
+from nfpi.data.load import NO_FLIP
+from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
+from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
+from nfpi.flows import FlowModel, build_flow
+from nfpi.prior import ClassStatistics, GaussianPrior, PriorReport
+from nfpi.training.distributed import all_reduce_, barrier, resolve_device, world, wrap_ddp
+from nfpi.training.ema import FlowEMA
+from nfpi.training.evaluation import collect_statistics, evaluate, keyed_inputs, nll_nats
+from nfpi.training.pictures import prior_update_pictures, sample_and_tsne_pictures
+from nfpi.training.randomness import (
+    PHASE_STATS,
+    PHASE_TRAIN,
+    get_rng_state,
+    seed_phase,
+    set_rng_state,
+)
+from nfpi.training.schedule import PriorClient, PriorSchedule, report_metrics
+
+__all__ = ["Callback", "EpochResult", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochResult:
+    """Handed to every callback at the end of an epoch, on every rank.
+
+    ``checkpoint_dir`` (rank 0 only) holds the checkpoint just written; ``artifacts`` the PNGs
+    written this epoch; ``prior_report`` the report of a prior update made this epoch.
+    """
+
+    epoch: int
+    metrics: dict[str, float]
+    checkpoint_dir: Path | None = None
+    artifacts: list[Path] = field(default_factory=list)
+    prior_report: PriorReport | None = None
+
+
+Callback = Callable[["Trainer", EpochResult], None]
+
+
+class Trainer:
+    """One experiment. ``Trainer(config, run_dir).fit()`` trains, evaluates, checkpoints, plots.
+
+    Args:
+        config: the experiment.
+        run_dir: where the run's files go (rank 0 writes; created if missing).
+        prior_client: who solves the prior on rank 0 (default: an in-process PriorService).
+        callbacks: called as ``callback(trainer, EpochResult)`` at every epoch end, on all ranks.
+        device: overrides ``config.device`` (e.g. the device Ray Train assigns).
+        resume_from: a checkpoint to resume from (see :func:`nfpi.checkpoint.find_checkpoint`);
+            default: the run directory's own last good checkpoint, if any.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: str | Path,
+        *,
+        prior_client: PriorClient | None = None,
+        callbacks: Iterable[Callback] = (),
+        device: torch.device | str | None = None,
+        resume_from: str | Path | None = None,
+    ) -> None:
+        c = self.config = config
+        self.rank, self.world = world()
+        self.device = torch.device(device) if device is not None else resolve_device(c.device)
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        if c.optim.batch_size % self.world:
+            raise ConfigError(
+                "optim.batch_size",
+                c.optim.batch_size,
+                f"a multiple of the number of workers ({self.world})",
+            )
+        self._build_data()
+        # Model: every rank builds the same flow (seeded) and data-initialises it on the same batch.
+        self.flow: FlowModel = build_flow(
+            c.flow.preset, in_shape=tuple(self.info.shape), seed=c.seed, **c.flow.overrides()
+        ).to(self.device)
+        self.model: nn.Module = self.flow  # the DDP wrapper once training starts
+        if prior_client is None and self.is_main:
+            prior_client = PriorSchedule.default_client(c.prior, self.num_classes, self.dim)
+        self.schedule = PriorSchedule(
+            c.prior, prior_client if self.is_main else None, self.num_classes, self.dim, self.device
+        )
+        self.optimizer = torch.optim.Adamax(self.flow.parameters(), lr=c.optim.lr)
+        warm = max(c.optim.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm)
+        )
+        self.ema = FlowEMA(self.flow, c.ema)
+        self.epoch, self.step = 0, 0
+        self.history: list[dict[str, float]] = []
+
+    def _build_data(self) -> None:
+        """Datasets, augmentation and loaders. The training set (augmented) feeds training and
+        the statistics passes, as in the release; the test set is never augmented."""
+        c = self.config
+        kwargs = c.data.dataset_kwargs()
+        self.train_set, self.info = load_dataset(
+            c.data.name, "train", items_per_class=c.data.items_per_class, seed=c.seed, **kwargs
+        )
+        self.test_set, _ = load_dataset(
+            c.data.name, "test", items_per_class=c.data.test_items_per_class, seed=c.seed, **kwargs
+        )
+        if len(self.train_set) < c.optim.batch_size:
+            raise ConfigError(
+                "optim.batch_size",
+                c.optim.batch_size,
+                f"<= the training set size ({len(self.train_set)})",
+            )
+        self.num_classes, self.dim = self.info.num_classes, math.prod(self.info.shape)
+        # The paper's augmentation, drawn per image but applied per batch on the device.
+        self.augment = (
+            BatchAugment(self.info.shape, flip=c.data.name not in NO_FLIP)
+            if c.data.augment
+            else None
+        )
+        self.train_sampler = EpochShardSampler(
+            len(self.train_set), seed=c.seed, rank=self.rank, world=self.world
+        )
+        loader_kw = {"num_workers": c.data.num_workers, "pin_memory": self.device.type == "cuda"}
+        self.train_loader = DataLoader(
+            self.train_set,
+            c.optim.batch_size // self.world,
+            sampler=self.train_sampler,
+            drop_last=True,
+            **loader_kw,
+        )
+
+        def shard(ds: Any) -> ShardSampler:
+            return ShardSampler(len(ds), rank=self.rank, world=self.world)
+
+        self.stats_loader = DataLoader(
+            IndexedDataset(self.train_set),
+            c.eval.batch_size,
+            sampler=shard(self.train_set),
+            **loader_kw,
+        )
+        self.test_loader = DataLoader(
+            self.test_set, c.eval.batch_size, sampler=shard(self.test_set), **loader_kw
+        )
+
+    # ------------------------------------------------------------------------------ helpers
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def prior(self) -> GaussianPrior:
+        """The current prior (owned by :attr:`schedule`)."""
+        return self.schedule.prior
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.is_main:
+            log.info(msg, *args)
+
+    def eval_flow(self) -> nn.Module:
+        """The EMA flow once the EMA runs, the online flow before."""
+        return self.ema.model()
+
+    def _statistics(self, flow: nn.Module, epoch: int) -> ClassStatistics:
+        was_training = flow.training
+        flow.eval()
+        try:
+            return collect_statistics(
+                flow,
+                self.stats_loader,
+                self.num_classes,
+                self.device,
+                seed=epoch_seed(self.config.seed, 2 * epoch + PHASE_STATS),
+                shift=self.prior.means,
+                full=self.config.prior.covariance == "full",
+                augment=self.augment,
+            )
+        finally:
+            flow.train(was_training)
+
+    # -------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as tensors and plain values (``weights_only`` loadable)."""
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "flow": self.flow.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "prior": self.prior.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "history": self.history,
+            "data_info": dataclasses.asdict(self.info),
+            "rng": get_rng_state(),
+        }
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from the checkpoint at ``path``; it must come from the same experiment (only
+        ``optim.epochs`` may differ: a resumed run may train longer)."""
+        state = load_checkpoint(path, map_location=self.device)
+        file = state["_file"]
+        saved = ExperimentConfig.from_dict(state["config"]).flat()
+        mine = self.config.flat()
+        diff = {
+            k: (v, mine.get(k)) for k, v in saved.items() if k != "optim.epochs" and mine.get(k) != v
+        }
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {file} was written by a different config: {diff} (saved, now); "
+                "use a fresh run directory or the same config"
+            )
+        self.flow.load_state_dict(state["flow"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+        self._info("resumed from %s at epoch %d (step %d)", file, self.epoch, self.step)
+
+    def _write_run_files(self, metrics_only: bool = False) -> None:
+        """config.json and metrics.jsonl (rewritten from the history: after a resume it holds
+        exactly the epochs the checkpoint holds)."""
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not metrics_only:
+            (self.run_dir / "config.json").write_text(
+                json.dumps(self.config.to_dict(), indent=2, default=str)
+            )
+        tmp = self.run_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        os.replace(tmp, self.run_dir / "metrics.jsonl")
+
+    # ------------------------------------------------------------------------------- phases
+    def _start(self) -> None:
+        """Fresh run: data-init of the flow (same batch on every rank) and of the prior."""
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed)
+        idx = torch.randperm(len(self.train_set), generator=gen)[: min(512, len(self.train_set))]
+        batch = torch.stack([self.train_set[int(i)][0] for i in idx])
+        seed = epoch_seed(c.seed, PHASE_STATS)
+        self.flow.data_init(keyed_inputs(batch, idx, seed, self.augment, self.device))
+        stats = self._statistics(self.flow, epoch=0)
+        self.schedule.initialize(stats)
+        if c.prior.method != "fpi":  # the FPI's EMA starts after its first solve (release)
+            self.ema.start()
+        self._info("prior data-init (v%d) from %d samples", self.schedule.version, int(stats.count.sum()))
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        c = self.config
+        gen = seed_phase(c.seed, epoch, PHASE_TRAIN)
+        self.train_sampler.set_epoch(epoch)
+        self.model.train()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not (self.is_main and sys.stderr.isatty()),
+        )
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x = self.augment(x, gen)
+            nll, _ = nll_nats(self.model, self.prior, dequantize(x), y)
+            loss = nll.mean() / (self.dim * math.log(2))  # bits/dim
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {self.step}; the last "
+                    f"good checkpoint is in {self.run_dir / 'checkpoints'}. Lower optim.lr or set "
+                    "optim.grad_clip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.flow.parameters(), c.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.ema.update()
+            totals += torch.stack(
+                [loss.detach().double() * len(y), torch.tensor(float(len(y)), device=self.device)]
+            )
+            bar.set_postfix(bpd=f"{loss.item():.3f}")
+        all_reduce_(totals)
+        return {"train_bpd": float(totals[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0]}
+
+    def _prior_update(self, epoch: int) -> tuple[dict[str, float], list[Path]]:
+        before = self.prior.clone()
+        t0 = time.perf_counter()
+        stats = self._statistics(self.flow, epoch)  # includes the all-reduce
+        t1 = time.perf_counter()
+        update = self.schedule.update(stats)
+        metrics = {
+            "prior_stats_s": t1 - t0,
+            "prior_refresh_s": time.perf_counter() - t1,
+            **report_metrics(update.report),
+        }
+        if update.kind == "fpi" and not self.ema.active:
+            # The EMA starts from the online weights that produced the solved prior (release).
+            self.ema.start()
+        artifacts: list[Path] = []
+        if self.is_main and self.config.eval.plots and update.kind == "fpi":
+            artifacts = prior_update_pictures(
+                before, self.prior, update.report, update.version, self.info.class_names,
+                self.run_dir / "plots",
+            )  # fmt: skip
+        return metrics, artifacts
+
+    def _pictures(self, last: bool, epoch: int) -> list[Path]:
+        c = self.config
+        tag = "" if last else f"_epoch{epoch}"
+        paths = sample_and_tsne_pictures(
+            self.eval_flow(),
+            self.prior,
+            self.test_loader,
+            self.info.class_names,
+            self.run_dir / "plots",
+            temperatures=c.eval.temperatures,
+            samples_per_class=c.eval.samples_per_class,
+            tsne_points=c.eval.tsne_points,
+            seed=c.seed,
+            tag=tag,
+        )
+        if last and self.schedule.initial is not None:
+            # Every prior method: the data-init prior against the final one.
+            paths += prior_update_pictures(
+                self.schedule.initial, self.prior, None, self.schedule.version,
+                self.info.class_names, self.run_dir / "plots",
+            )  # fmt: skip
+        return paths
+
+    # ---------------------------------------------------------------------------------- fit
+    def fit(self) -> list[dict[str, float]]:
+        """Train to ``optim.epochs`` (resuming if a checkpoint exists); returns the per-epoch
+        metrics history."""
+        c = self.config
+        self._write_run_files()
+        resume = self.resume_from or find_checkpoint(self.run_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        else:
+            self._start()
+        self.model = wrap_ddp(self.flow, self.device)
+        for epoch in range(self.epoch, c.optim.epochs):
+            t0 = time.perf_counter()
+            metrics: dict[str, float] = {"epoch": float(epoch)}
+            metrics.update(self._train_epoch(epoch))
+            artifacts: list[Path] = []
+            report = None
+            if self.schedule.due(epoch):
+                prior_metrics, artifacts = self._prior_update(epoch)
+                metrics.update(prior_metrics)
+                report = self.schedule.report
+            metrics["prior_version"] = float(self.schedule.version)
+            metrics.update(self.schedule.separation())
+            last = epoch == c.optim.epochs - 1
+            if (epoch + 1) % c.eval.every == 0 or last:
+                metrics.update(
+                    evaluate(self.eval_flow(), self.prior, self.test_loader, self.device, c.seed)
+                )
+            plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
+            if self.is_main and c.eval.plots and plot_now:
+                artifacts += self._pictures(last, epoch)
+            metrics["epoch_seconds"] = time.perf_counter() - t0
+            self.epoch = epoch + 1
+            self.history.append(metrics)
+            ckpt = save_checkpoint(self.run_dir, self.state_dict()) if self.is_main else None
+            self._write_run_files(metrics_only=True)
+            barrier()
+            self._info(
+                "epoch %d: %s",
+                epoch,
+                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
+            )
+            result = EpochResult(epoch, metrics, ckpt, artifacts, report)
+            for callback in self.callbacks:
+                callback(self, result)
+        return self.history
+

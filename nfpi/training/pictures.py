@@ -1,0 +1,83 @@
+"""The pictures of a training run: class-conditional sample grids, t-SNE of test latents, and
+per prior update the pairwise-KL heatmaps and (FPI) the solver's residual curve."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nfpi import plots
+from nfpi.data import dequantize, to_uint8
+from nfpi.prior import FPIReport, GaussianPrior, PriorReport, pairwise_kl
+
+__all__ = ["prior_update_pictures", "sample_and_tsne_pictures"]
+
+
+@torch.no_grad()
+def sample_and_tsne_pictures(
+    flow: nn.Module,
+    prior: GaussianPrior,
+    test_batches: Iterable[tuple[Tensor, Tensor]],
+    class_names: Sequence[str],
+    out: Path,
+    *,
+    temperatures: Sequence[float],
+    samples_per_class: int,
+    tsne_points: int,
+    seed: int,
+    tag: str = "",
+) -> list[Path]:
+    """Sample grids (one row per class) at each temperature and the t-SNE of up to
+    ``tsne_points`` test latents with the prior means; returns the PNGs written."""
+    was_training = flow.training
+    flow.eval()
+    device = prior.means.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.arange(prior.num_classes, device=device).repeat_interleave(samples_per_class)
+    paths = []
+    try:
+        for t in temperatures:
+            z = prior.sample(labels, temperature=t, generator=gen)
+            x, _ = flow.inverse(z)
+            paths.append(
+                plots.sample_grid(to_uint8(x), class_names, t, out / f"samples_T{t:g}{tag}.png")
+            )
+        if tsne_points > 0:
+            zs, ys, seen = [], [], 0
+            for x, y in test_batches:
+                z, _ = flow(dequantize(x.to(device)))
+                zs.append(z.cpu())
+                ys.append(y)
+                seen += len(y)
+                if seen >= tsne_points:
+                    break
+            z, y = torch.cat(zs)[:tsne_points], torch.cat(ys)[:tsne_points]
+            paths.append(
+                plots.tsne_plot(z, y, prior.means, class_names, out / f"tsne{tag}.png", seed)
+            )
+    finally:
+        flow.train(was_training)
+    return paths
+
+
+def prior_update_pictures(
+    before: GaussianPrior,
+    after: GaussianPrior,
+    report: PriorReport | None,
+    version: int,
+    class_names: Sequence[str],
+    out: Path,
+) -> list[Path]:
+    """The pairwise KL before and after an update and, for an FPI solve, its residual curve."""
+    kl_before = pairwise_kl(before.means, before.scale_param)
+    kl_after = pairwise_kl(after.means, after.scale_param)
+    paths = [plots.kl_heatmaps(kl_before, kl_after, class_names, out / f"kl_heatmap_v{version}.png")]
+    if isinstance(report, FPIReport) and report.residuals:
+        title = f"FPI residual ({report.stop_reason}, {len(report.residuals)} iterations)"
+        paths.append(
+            plots.residual_curve(report.residuals, out / f"fpi_residual_v{version}.png", title=title)
+        )
+    return paths
