@@ -8,18 +8,18 @@ Usage::
 Rows (each in a fresh subprocess; ``peak_mb`` is its peak resident set, ``VmHWM``, torch
 included; ``base_mb`` the resident set after imports and model construction):
 
-- ``generate_mef_cifar``: :func:`nfpi.generate.generate_dataset` end to end (latent sampling,
+- ``generate_mef_cifar``: :func:`nfpi.downstream.generate_dataset` end to end (latent sampling,
   ``flow.inverse``, ``to_uint8``, ``.npy`` shard + SHA-256 to a temporary directory) with an
   untrained ``mef-cifar`` flow (3x32x32) and a random 16-class diagonal prior: throughput does not
   depend on training. ``per_s`` = images / seconds of the timed call, after a warm-up call on
   a few images. Full mode times 2 batches of 256; ``--quick`` times 1 batch of 64 (a mef-cifar
   batch of 256 takes 30-40 s on 2 cores).
 - ``augment_standard``: random crop (padding 4) + flip + RandAugment(2, 9) on a uint8 batch of
-  100 3x32x32 images (:class:`nfpi.classifier.BatchCropFlip`, :class:`BatchRandAugment`).
+  100 3x32x32 images (:class:`nfpi.downstream.BatchCropFlip`, :class:`BatchRandAugment`).
 - ``augment_standard_torchvision``: the same standard augmentations as a per-image torchvision
   pipeline (``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``RandAugment(2, 9)``),
   what a Dataset transform would run, for comparison.
-- ``augment_standard_plus_nf``: :class:`nfpi.nf_augment.NFAugment` (p = 0.5, r = 16, partners
+- ``augment_standard_plus_nf``: :class:`nfpi.downstream.NFAugment` (p = 0.5, r = 16, partners
   from the batch, 10 classes of 10 images) on the same untrained mef-cifar flow, then the same
   standard augmentations. ``per_s`` = images per second through the augmentation.
 - ``classifier_step_resnet18``: for scale, one SGD step of the CNN-Acc ResNet-18 (CIFAR stem) on
@@ -47,11 +47,11 @@ from _common import vm, worker_env, write_records  # benchmarks/ is on sys.path
 
 def _random_model(num_classes: int, seed: int = 0) -> Any:
     """An untrained mef-cifar flow with a random diagonal prior, as a TrainedModel."""
+    from nfpi.checkpoint import TrainedModel
     from nfpi.config import ExperimentConfig
     from nfpi.data import DatasetInfo
     from nfpi.flows import build_flow
     from nfpi.prior import GaussianPrior
-    from nfpi.train import TrainedModel
 
     torch.manual_seed(seed)
     flow = build_flow("mef-cifar", in_shape=(3, 32, 32)).eval()
@@ -77,7 +77,7 @@ def _best(fn, reps: int) -> tuple[float, list[float]]:
 
 
 def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
-    from nfpi.generate import generate_dataset
+    from nfpi.downstream import generate_dataset
 
     k = 16
     model = _random_model(k)
@@ -106,7 +106,7 @@ def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
 
 
 def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
-    from nfpi.classifier import BatchCropFlip, BatchRandAugment
+    from nfpi.downstream import BatchCropFlip, BatchRandAugment
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=gen)
@@ -130,7 +130,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
             return torch.stack([per_image(im) for im in images])
 
     if what == "augment_standard_plus_nf":
-        from nfpi.nf_augment import ClassPCA, NFAugment, NFAugmentConfig
+        from nfpi.downstream import ClassPCA, NFAugment, NFAugmentConfig
 
         flow = _random_model(10).flow
         d, r = flow.latent_dim, 16
@@ -173,7 +173,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
 
 
 def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
-    from nfpi.classifier import build_classifier
+    from nfpi.downstream import build_classifier
 
     torch.manual_seed(0)
     net = build_classifier("resnet18", 10, 3, 32)

@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from _common import write_records  # benchmarks/ is on sys.path when a script runs
 
-from nfpi.config import experiment_config
-from nfpi.train import Trainer
+from nfpi.presets import experiment_config
+from nfpi.training import Trainer
 
 
-def _config(epochs: int, out: Path):
+def _config(epochs: int):
     return experiment_config(
         "digits",
         {
-            "output_dir": str(out),
             "eval.plots": False,
             "optim.epochs": epochs,
             "prior.solve_epoch": 1,
@@ -64,7 +63,7 @@ def _summary(history: list[dict], wall: float) -> dict:
 def run_plain(epochs: int, tmp: Path) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    history = Trainer(_config(epochs, tmp / "plain")).fit()
+    history = Trainer(_config(epochs), tmp / "plain").fit()
     return {"setting": "plain", **_summary(history, time.perf_counter() - t0)}
 
 
@@ -78,7 +77,7 @@ def run_ray(epochs: int, workers: int, tmp: Path) -> dict:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     result = run_experiment(
-        _config(epochs, tmp / f"ray{workers}"),
+        _config(epochs),
         storage_path=tmp / "ray",
         run_name=f"overhead-{workers}",
         num_workers=workers,

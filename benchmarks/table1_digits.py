@@ -21,9 +21,9 @@ from pathlib import Path
 
 from _common import write_records  # benchmarks/ is on sys.path when a script runs
 
-from nfpi.config import experiment_config, parse_override
+from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import POLICY_POWERS
-from nfpi.train import Trainer
+from nfpi.training import Trainer
 
 
 def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = experiment_config(
                     "digits",
                     {
-                        "output_dir": str(Path(tmp) / f"{method}-{policy}-{seed}"),
                         "seed": seed,
                         "optim.epochs": epochs,
                         "eval.plots": False,
@@ -84,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         **extra,
                     },
                 )
-                final = Trainer(cfg).fit()[-1]
+                run_dir = Path(tmp) / f"{method}-{policy}-{seed}"
+                final = Trainer(cfg, run_dir).fit()[-1]
                 rec = {
                     "method": method,
                     "policy": policy,

@@ -55,13 +55,12 @@ def tracking(tmp_path, _mlflow_template):
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """A smoke run's checkpoint (1 epoch on digits, no pictures), trained once and shared
-    read-only by the generation, classifier, NF-augmentation and downstream tests."""
-    from nfpi.config import experiment_config
-    from nfpi.train import Trainer
+    """A smoke run's directory (1 epoch on digits, no pictures; its last checkpoint is what
+    ``load_trained`` reads from it), trained once and shared read-only by the generation,
+    classifier, NF-augmentation and downstream tests."""
+    from nfpi.presets import experiment_config
+    from nfpi.training import Trainer
 
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    Trainer(
-        experiment_config("smoke", {"output_dir": str(out), "eval.plots": False, "optim.epochs": 1})
-    ).fit()
-    return out / "checkpoint"
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    Trainer(experiment_config("smoke", {"eval.plots": False, "optim.epochs": 1}), run_dir).fit()
+    return run_dir

@@ -7,21 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from nfpi.classifier import (
+from nfpi.checkpoint import load_trained
+from nfpi.data import TensorImageDataset, load_dataset
+from nfpi.downstream import (
     BatchCropFlip,
     BatchRandAugment,
     ClassifierConfig,
+    ClassPCA,
+    GeneratedDataset,
+    NFAugment,
+    NFAugmentConfig,
     build_classifier,
     channel_stats,
-    confusion_png,
     evaluate_classifier,
+    generate_dataset,
     train_classifier,
 )
-from nfpi.data import TensorImageDataset, load_dataset
 from nfpi.errors import ConfigError, ShapeError
-from nfpi.generate import GeneratedDataset, generate_dataset
-from nfpi.nf_augment import ClassPCA, NFAugment, NFAugmentConfig
-from nfpi.train import load_trained
+from nfpi.plots import confusion_png
 
 # A small, fast classifier for 8x8 digits on two CPU cores (resnet18 works too, ~3x slower).
 FAST = {"model": "resnet10t", "flip": False, "batch_size": 64}
@@ -144,7 +147,8 @@ def test_channel_stats(digits):
         ({"normalize": "imagenet"}, "normalize"),
         ({"device": "tpu"}, "device"),
         ({"seed": -3}, "seed"),
-        ({"nf_augment": {"n_components": 4}}, "nf_augment"),
+        ({"nf_augment": 4}, "nf_augment"),
+        ({"nf_augment": {"n_components": 0}}, "nf_augment.n_components"),
     ],
 )
 def test_config_validation_names_the_field(changes, field):
@@ -263,7 +267,7 @@ def test_randaugment_ops_match_torchvision():
     torchvision release renames it)."""
     from torchvision.transforms import v2
 
-    from nfpi.classifier import _ra_apply, _ra_space
+    from nfpi.downstream.augment import _ra_apply, _ra_space
 
     tv = v2.RandAugment()
     apply = getattr(tv, "_apply_image_or_video_transform", None)

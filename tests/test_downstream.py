@@ -55,6 +55,55 @@ def test_bad_downstream_values_name_their_field():
         DownstreamConfig.from_overrides({"downstream.tempo": 1})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"downstream.kind": "gan"}, "downstream.kind"),
+        ({"downstream.temperature": -1}, "downstream.temperature"),
+        ({"downstream.per_class": 0}, "downstream.per_class"),
+        ({"downstream.classifier": {}}, "downstream.classifier"),
+        ({"cnn.epochs": 0}, "cnn.epochs"),
+        ({"cnn.epoch": 3}, "cnn.epoch"),
+        ({"cnn.nf_augment": {"probability": 0.5}}, "cnn.nf_augment"),
+        ({"model.name": "x"}, "model.name"),
+        # Nested NF-augmentation fields keep their whole path (this once said cnn.probability).
+        (
+            {"downstream.kind": "augment", "cnn.nf_augment": {"probability": 2.0}},
+            "cnn.nf_augment.probability",
+        ),
+        (
+            {"downstream.kind": "augment", "cnn.nf_augment.probability": 2.0},
+            "cnn.nf_augment.probability",
+        ),
+        (
+            {"downstream.kind": "augment", "cnn.nf_augment": {"n_components": 0}},
+            "cnn.nf_augment.n_components",
+        ),
+    ],
+)
+def test_errors_carry_the_dotted_key(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        DownstreamConfig.from_overrides(overrides)
+    assert err.value.field == field
+
+
+def test_overrides_build_nested_configs():
+    config = DownstreamConfig.from_overrides(
+        {
+            "downstream.kind": "augment",
+            "downstream.temperature": 1,
+            "cnn.epochs": 2,
+            "cnn.nf_augment": {"n_components": 4},
+            "cnn.nf_augment.probability": 1,
+        }
+    )
+    assert config.temperature == 1.0 and isinstance(config.temperature, float)
+    assert config.classifier.epochs == 2
+    assert config.classifier.nf_augment.n_components == 4
+    assert config.classifier.nf_augment.probability == 1.0
+    assert DownstreamConfig.from_dict(config.to_dict()) == config
+
+
 def test_cli_downstream(checkpoint, tmp_path, capsys):
     from nfpi.cli import main
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from nfpi.checkpoint import TrainedModel, load_trained
 from nfpi.config import ExperimentConfig
 from nfpi.data import DatasetInfo, make_loader
+from nfpi.downstream import GeneratedDataset, GenerationConfig, generate_dataset, sample_latents
+from nfpi.downstream.generated import MANIFEST
 from nfpi.errors import CheckpointError, ConfigError, DatasetNotFoundError
-from nfpi.generate import MANIFEST, GeneratedDataset, GenerationConfig, generate_dataset
 from nfpi.prior import GaussianPrior
-from nfpi.train import TrainedModel, load_trained
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,14 @@ def test_counts_labels_range_and_manifest(generated, model, checkpoint):
     assert [s["count"] for s in m["shards"]] == [7, 7, 7, 7, 2]
     assert m["format_version"] == 1 and m["nonfinite_pixels"] == 0
     assert ds.info.num_classes == 10 and ds.info.shape == (1, 8, 8)
+
+
+def test_sample_latents_are_the_priors_own_samples(model):
+    # Drawn by GaussianPrior.sample on a CPU float64 copy of the prior, from the CPU generator.
+    y = torch.arange(25) % 10
+    z = sample_latents(model, y, 0.7, torch.Generator().manual_seed(3))
+    ref = model.prior.sample(y, 0.7, torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert z.dtype == torch.float64 and z.device.type == "cpu" and torch.equal(z, ref)
 
 
 def test_loader_subset_and_reload(generated):

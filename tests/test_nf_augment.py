@@ -4,10 +4,10 @@ through a real tiny flow."""
 import pytest
 import torch
 
+from nfpi.checkpoint import load_trained
 from nfpi.data import load_dataset
+from nfpi.downstream import ClassPCA, NFAugment, NFAugmentConfig
 from nfpi.errors import ConfigError, InsufficientSamplesError, LabelRangeError, ShapeError
-from nfpi.nf_augment import ClassPCA, NFAugment, NFAugmentConfig
-from nfpi.train import load_trained
 
 K, D, R = 3, 12, 4
 
@@ -142,20 +142,22 @@ def test_weight_distributions():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"n_components": 0}, "nf_augment.n_components"),
-        ({"weights": "gauss"}, "nf_augment.weights"),
-        ({"weights": "uniform", "weight_param": 1.5}, "nf_augment.weight_param"),
-        ({"weights": "beta", "weight_param": 0.0}, "nf_augment.weight_param"),
-        ({"weights": "constant", "weight_param": -0.1}, "nf_augment.weight_param"),
-        ({"probability": 1.1}, "nf_augment.probability"),
-        ({"partner": "anyone"}, "nf_augment.partner"),
-        ({"per_class_fit_samples": 4, "n_components": 4}, "nf_augment.per_class_fit_samples"),
-        ({"seed": -1}, "nf_augment.seed"),
-        ({"per_axis": 1}, "nf_augment.per_axis"),
-        ({"checkpoint": 3}, "nf_augment.checkpoint"),
+        ({"n_components": 0}, "n_components"),
+        ({"weights": "gauss"}, "weights"),
+        ({"weights": "uniform", "weight_param": 1.5}, "weight_param"),
+        ({"weights": "beta", "weight_param": 0.0}, "weight_param"),
+        ({"weights": "constant", "weight_param": -0.1}, "weight_param"),
+        ({"probability": 1.1}, "probability"),
+        ({"partner": "anyone"}, "partner"),
+        ({"per_class_fit_samples": 4, "n_components": 4}, "per_class_fit_samples"),
+        ({"seed": -1}, "seed"),
+        ({"per_axis": 1}, "per_axis"),
+        ({"checkpoint": 3}, "checkpoint"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
+    # The field's own name; inside a classifier config it is "nf_augment.<field>" (and
+    # "cnn.nf_augment.<field>" in a downstream config: see test_downstream).
     with pytest.raises(ConfigError) as err:
         NFAugmentConfig(**kwargs)
     assert err.value.field == field
@@ -166,6 +168,9 @@ def test_config_dict_round_trip():
     assert NFAugmentConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError) as err:
         NFAugmentConfig.from_dict({"n_componets": 3})
+    assert err.value.field == "n_componets"
+    with pytest.raises(ConfigError) as err:
+        NFAugmentConfig.from_dict({"n_componets": 3}, path="nf_augment")
     assert err.value.field == "nf_augment.n_componets"
 
 

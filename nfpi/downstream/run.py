@@ -6,38 +6,46 @@ real test set. With ``reference=True`` the same classifier is also trained on th
 set (the reference row).
 
 ``augment`` (Tables 5-6): train a classifier on the real training set, optionally with the NF
-augmentation (latent mixup in the class's principal subspace, :mod:`nfpi.nf_augment`) of the
-trained flow, alone or with standard augmentations (RandAugment, random erasing, mixup/cutmix).
+augmentation (latent mixup in the class's principal subspace, :mod:`nfpi.downstream.nf_augment`)
+of the trained flow, alone or with standard augmentations (RandAugment, random erasing,
+mixup/cutmix).
 
 Both return flat metrics, per-epoch histories and the PNGs they wrote.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from nfpi.classifier import ClassifierConfig, ClassifierResult, confusion_png, train_classifier
+from nfpi.checkpoint import load_trained
 from nfpi.data import load_dataset
+from nfpi.downstream.classifier import ClassifierConfig, ClassifierResult, train_classifier
+from nfpi.downstream.generate import generate_dataset
+from nfpi.downstream.generated import GeneratedDataset
+from nfpi.downstream.nf_augment import NFAugment
 from nfpi.errors import ConfigError
-from nfpi.generate import GeneratedDataset, generate_dataset
-from nfpi.nf_augment import NFAugment
+from nfpi.plots import confusion_png
+from nfpi.schema import Config, check
 
 __all__ = ["DownstreamConfig", "DownstreamResult", "run_downstream"]
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[str, int, dict[str, float]], None]
 
+# The sections of DownstreamConfig.from_overrides' dotted keys: ``downstream.<field>`` and
+# ``cnn.<classifier field>``.
+_CNN, _DOWNSTREAM = "cnn", "downstream"
+
 
 @dataclass(frozen=True)
-class DownstreamConfig:
+class DownstreamConfig(Config):
     """A downstream evaluation of a trained flow; validated at construction.
 
     Attributes:
@@ -60,54 +68,56 @@ class DownstreamConfig:
     reference: bool = False
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
-    def __post_init__(self) -> None:
-        if self.kind not in ("cnn", "augment"):
-            raise ConfigError("downstream.kind", self.kind, "one of ('cnn', 'augment')")
-        if self.per_class is not None and (
-            not isinstance(self.per_class, int) or self.per_class < 1
-        ):
-            raise ConfigError("downstream.per_class", self.per_class, "None or an int >= 1")
-        if not (
-            isinstance(self.temperature, (int, float))
-            and math.isfinite(self.temperature)
-            and self.temperature >= 0
-        ):
-            raise ConfigError("downstream.temperature", self.temperature, "a finite number >= 0")
-        if self.kind == "cnn" and self.classifier.nf_augment is not None:
-            raise ConfigError(
-                "cnn.nf_augment", "set", "NF augmentation applies to kind='augment' (real data)"
-            )
+    def validate(self) -> None:
+        check(
+            self.per_class is None or self.per_class >= 1,
+            "per_class",
+            self.per_class,
+            "None or an int >= 1",
+        )
+        t = self.temperature
+        check(math.isfinite(t) and t >= 0, "temperature", t, "a finite number >= 0")
+        check(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
+        check(
+            self.kind != "cnn" or self.classifier.nf_augment is None,
+            "classifier.nf_augment",
+            "set",
+            "NF augmentation applies to kind='augment' (real data)",
+        )
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any]) -> DownstreamConfig:
-        """From dotted keys: ``downstream.<field>`` and ``cnn.<classifier field>`` (with
-        ``cnn.nf_augment`` a dict of NF-augmentation settings, or None). Unknown keys are
-        rejected with their name."""
-        mine, clf = {}, {}
+        """From dotted keys on top of the defaults: ``downstream.<field>`` and
+        ``cnn.<classifier field>`` (``cnn.nf_augment`` a dict of NF-augmentation settings, or
+        None; ``cnn.nf_augment.<field>`` sets one of them). Errors name the key as given
+        (``cnn.nf_augment.probability``); unknown keys are rejected with their name."""
+        known = sorted(f.name for f in fields(cls) if f.name != "classifier")
+        dotted: dict[str, Any] = {}
         for key, value in overrides.items():
             section, _, name = key.partition(".")
-            if section == "downstream":
-                mine[name] = value
-            elif section == "cnn":
-                clf[name] = value
+            if section == _DOWNSTREAM:
+                if name not in known:
+                    raise ConfigError(
+                        key, value, f"unknown key; known: {known} (the classifier's are cnn.*)"
+                    )
+                dotted[name] = value
+            elif section == _CNN and name:
+                dotted[f"classifier.{name}"] = value
             else:
                 raise ConfigError(key, value, "a downstream.* or cnn.* key")
-        known = {f.name for f in dataclasses.fields(cls)} - {"classifier"}
-        for name, value in mine.items():
-            if name not in known:
-                raise ConfigError(
-                    f"downstream.{name}", value, f"unknown key; known: {sorted(known)}"
-                )
         try:
-            classifier = ClassifierConfig.from_dict(clf)
+            return cls().with_overrides(dotted)
         except ConfigError as err:
-            raise ConfigError(f"cnn.{err.field.split('.')[-1]}", err.value, err.allowed) from None
-        return cls(**mine, classifier=classifier)
+            raise ConfigError(_override_key(err.field), err.value, err.allowed) from None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "classifier"}
-        out["classifier"] = self.classifier.to_dict()
-        return out
+
+def _override_key(path: str) -> str:
+    """A field path of DownstreamConfig as :meth:`DownstreamConfig.from_overrides` spells it."""
+    head, _, tail = path.partition(".")
+    if head == "classifier":
+        return f"{_CNN}.{tail}" if tail else _CNN
+    return f"{_DOWNSTREAM}.{path}"
 
 
 @dataclass
@@ -152,12 +162,10 @@ def run_downstream(
     device: str | torch.device = "cpu",
     callback: EpochCallback | None = None,
 ) -> DownstreamResult:
-    """Run ``config`` on the flow of ``checkpoint`` (a run's checkpoint dir; not needed for an
-    ``augment`` run without NF augmentation, which then needs the data config from ``checkpoint``
-    anyway for the dataset: pass it). ``callback(role, epoch, metrics)`` sees every classifier
+    """Run ``config`` on the flow of ``checkpoint`` (a run directory, its ``checkpoints/``
+    folder, an epoch folder or a state.pt; an ``augment`` run without NF augmentation does not
+    use the flow but still needs the checkpoint's data config for the dataset: pass it). ``callback(role, epoch, metrics)`` sees every classifier
     epoch (role: ``generated``, ``real`` or ``augmented``)."""
-    from nfpi.train import load_trained  # the flow stack
-
     if checkpoint is None:
         raise ConfigError(
             "checkpoint", None, "a trained flow's checkpoint directory (it names the dataset too)"
@@ -211,7 +219,7 @@ def run_downstream(
     else:
         nf = None
         if clf.nf_augment is not None:
-            nf_cfg = dataclasses.replace(clf.nf_augment, checkpoint=str(checkpoint))
+            nf_cfg = clf.nf_augment.replace(checkpoint=str(checkpoint))
             nf = NFAugment.from_checkpoint(nf_cfg, train, device=device)
         role = "augmented" if nf is not None else "real"
         results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
