@@ -1,5 +1,8 @@
+"""``python -m nfpi``: the command line of :mod:`nfpi.cli` (train, config, downstream)."""
+
 import sys
 
 from nfpi.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,7 @@ from nfpi.prior import GaussianPrior
 __all__ = [
     "CHECKPOINT_FILE",
     "TrainedModel",
+    "checkpoint_epoch",
     "find_checkpoint",
     "load_checkpoint",
     "load_trained",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "state.pt"
+META_FILE = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_GOOD = "last_good"
 
@@ -60,6 +62,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3
     torch.save(state, tmp)
     os.replace(tmp, folder / CHECKPOINT_FILE)
     _write_text(folder / "config.json", json.dumps(state["config"], indent=2, default=str))
+    _write_text(folder / META_FILE, json.dumps({"epoch": int(state["epoch"])}) + "\n")
     _write_text(root / LAST_GOOD, folder.name + "\n")
     for old in sorted(p for p in root.glob("epoch-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -87,6 +90,18 @@ def find_checkpoint(path: str | Path) -> Path | None:
         return None
     file = root / pointer.read_text().strip() / CHECKPOINT_FILE
     return file if file.is_file() else None
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The number of finished epochs in the checkpoint at ``path`` (from its small ``meta.json``,
+    without loading the state), or ``None`` when there is no checkpoint there."""
+    file = find_checkpoint(path)
+    if file is None:
+        return None
+    try:
+        return int(json.loads((file.parent / META_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -142,5 +157,10 @@ def load_trained(
     flow.load_state_dict(weights)
     prior = GaussianPrior.from_state_dict(state["prior"])
     return TrainedModel(
-        flow.to(device).eval(), prior.to(device), config, info, int(state["epoch"]), Path(state["_file"])
+        flow.to(device).eval(),
+        prior.to(device),
+        config,
+        info,
+        int(state["epoch"]),
+        Path(state["_file"]),
     )

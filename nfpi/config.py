@@ -96,9 +96,7 @@ class FlowConfig(Config):
 
     def overrides(self) -> dict[str, object]:
         """The :class:`~nfpi.flows.FlowSpec` fields this config changes from its preset."""
-        return {
-            k: v for k, v in self.to_dict().items() if k != "preset" and v is not None
-        }
+        return {k: v for k, v in self.to_dict().items() if k != "preset" and v is not None}
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,9 @@ class PriorConfig(Config):
 
     def solves_after(self, epoch: int) -> bool:
         """Whether a prior update is scheduled at the end of ``epoch`` (0-based)."""
-        if self.method == "data-init" or (self.solve_until is not None and epoch > self.solve_until):
+        if self.method == "data-init" or (
+            self.solve_until is not None and epoch > self.solve_until
+        ):
             return False
         if self.method == "gd":
             return True

@@ -107,7 +107,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def resolve_config(
-    experiment: str = "digits", sets: list[str] = (), config_file: str | None = None  # type: ignore[assignment]
+    experiment: str = "digits",
+    sets: list[str] = (),
+    config_file: str | None = None,  # type: ignore[assignment]
 ) -> ExperimentConfig:
     """A run's config: a JSON file (e.g. a run's ``config.json``) or a named experiment, then
     ``--set`` overrides."""
@@ -117,7 +119,9 @@ def resolve_config(
         try:
             values = json.loads(path.read_text())
         except OSError as err:
-            raise ConfigError("--config", config_file, f"a readable JSON file ({err.strerror})") from None
+            raise ConfigError(
+                "--config", config_file, f"a readable JSON file ({err.strerror})"
+            ) from None
         except json.JSONDecodeError as err:
             raise ConfigError("--config", config_file, f"valid JSON ({err})") from None
         return ExperimentConfig.from_dict(values).with_overrides(overrides)

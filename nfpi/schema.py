@@ -29,13 +29,11 @@ import functools
 import math
 import types
 import typing
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self
 
 from nfpi.errors import ConfigError
 
 __all__ = ["Config", "check", "is_int", "is_number", "literal_values"]
-
-C = TypeVar("C", bound="Config")
 
 
 def is_int(value: Any) -> bool:
@@ -152,7 +150,7 @@ class Config:
 
     # ------------------------------------------------------------------------------ building
     @classmethod
-    def from_dict(cls: type[C], values: Any, path: str = "") -> C:
+    def from_dict(cls, values: Any, path: str = "") -> Self:
         """Build from a (nested) dict, e.g. :meth:`to_dict`'s output or a Tune sample.
 
         Unknown keys are rejected with the known ones; every error names the dotted field,
@@ -178,7 +176,7 @@ class Config:
         """Nested plain values (tuples stay tuples); :meth:`from_dict` inverts it."""
         return dataclasses.asdict(self)
 
-    def replace(self: C, **changes: Any) -> C:
+    def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` applied (checked like a new config)."""
         known = {f.name for f in dataclasses.fields(self)}
         for key, value in changes.items():
@@ -200,7 +198,7 @@ class Config:
         walk("", self.to_dict())
         return out
 
-    def with_overrides(self: C, overrides: dict[str, Any]) -> C:
+    def with_overrides(self, overrides: dict[str, Any]) -> Self:
         """A new config with dotted-key overrides applied (``{"prior.objective.lam": 300}``).
 
         A dict given for a nested config replaces only the keys it names; ``None`` clears an
@@ -222,7 +220,9 @@ class Config:
             leaf = parts[-1]
             known = {f.name for f in dataclasses.fields(cls)}
             if leaf not in known:
-                raise ConfigError(key, value, f"unknown key; known in this section: {sorted(known)}")
+                raise ConfigError(
+                    key, value, f"unknown key; known in this section: {sorted(known)}"
+                )
             if isinstance(node.get(leaf), dict) and isinstance(value, dict):
                 node[leaf] = {**node[leaf], **value}
             else:

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from nfpi.config import PriorConfig
 from nfpi.errors import NfpiError
 from nfpi.prior import ClassStatistics, PriorService, PriorUpdate
 
@@ -28,16 +29,26 @@ class PriorActorTimeoutError(NfpiError, TimeoutError):
     """The prior actor did not answer in time (dead node, overloaded cluster, deadlock)."""
 
 
-def create_prior_actor(*args: Any, max_restarts: int = 3, **kwargs: Any) -> ray.actor.ActorHandle:
-    """Start a PriorService actor (arguments as :class:`PriorService`)."""
+def create_prior_actor(
+    config: PriorConfig, num_classes: int, dim: int, *, max_restarts: int = 3
+) -> ray.actor.ActorHandle:
+    """Start the PriorService actor of an experiment's prior section (K classes, d dims)."""
     remote = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts)(
         PriorService
     )
-    return remote.remote(*args, **kwargs)
+    return remote.remote(
+        config.method,
+        num_classes,
+        dim,
+        objective=config.objective_for(),
+        fpi=config.fpi,
+        gd=config.gd,
+        covariance=config.covariance,
+    )
 
 
 class ActorPriorClient:
-    """The :class:`nfpi.train.PriorClient` of rank 0: every call has a timeout, and a restarted
+    """The :class:`nfpi.training.PriorClient` of rank 0: every call has a timeout, and a restarted
     (state-less) actor is re-seeded before its answer is used.
 
     Args:

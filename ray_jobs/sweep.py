@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,53 +35,56 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from nfpi.config import ExperimentConfig, parse_override
+from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
-from ray_jobs.tracking import RunLogger, Tracking, param_value, resolve_tracking, start_run
-from ray_jobs.train import add_common_args, connect, final_metrics, run_experiment
+from nfpi.presets import parse_override
+from ray_jobs.settings import RaySettings, add_common_args, connect
+from ray_jobs.tracking import RunLogger, param_value, start_run
+from ray_jobs.train import final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
-__all__ = ["flow_digest", "main", "results_table", "run_trial"]
+__all__ = ["SweepSpec", "flow_digest", "main", "results_table", "run_trial"]
 
 log = logging.getLogger("nfpi.sweep")
 _DRIVER_CPU = 0.01
 
 
-def run_trial(tune_config: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
+@dataclass(frozen=True)
+class SweepSpec:
+    """What every trial of a sweep shares: the space, the sweep's name, the command line's
+    overrides, the cluster settings and the parent MLflow run."""
+
+    space: str
+    sweep: str
+    overrides: dict[str, Any]
+    settings: RaySettings
+    parent_run_id: str | None = None
+
+
+def run_trial(tune_config: dict[str, Any], spec: SweepSpec) -> dict[str, float]:
     """One Tune trial: the space's flow config for this sample as a Ray Train run (reporting
     every epoch to Tune), or, for a downstream space, that flow (trained once per distinct
     config and shared) followed by its downstream evaluation."""
-    space = load_space(settings["space"])
-    trial_id = tune.get_context().get_trial_id()
-    run_name = f"{settings['sweep']}-{trial_id}"
-    results = Path(settings["results"])
-    overrides = {**settings["overrides"], "output_dir": str(results / "runs" / run_name)}
-    config = space.config_for(tune_config, overrides)
-    common = {
-        "num_workers": settings["num_workers"],
-        "use_gpu": settings["use_gpu"],
-        "tracking": settings["tracking"],
-        "max_failures": settings["max_failures"],
-        "actor_timeout": settings["actor_timeout"],
-        "cpus_per_worker": settings["cpus_per_worker"],
-    }
+    space = load_space(spec.space)
+    run_name = f"{spec.sweep}-{tune.get_context().get_trial_id()}"
+    config = space.config_for(tune_config, spec.overrides)
     if space.kind == "flow":
         result = run_experiment(
             config,
-            storage_path=results / "ray" / settings["sweep"] / "train",
-            run_name=run_name,
-            parent_run_id=settings["parent_run_id"],
+            spec.settings,
+            run_name,
+            parent_run_id=spec.parent_run_id,
+            storage=spec.settings.storage / spec.sweep / "train",
             train_callbacks=[TuneReportCallback()],
-            **common,
         )
         return final_metrics(result)
-    return _downstream_trial(space, tune_config, config, run_name, settings, common)
+    return _downstream_trial(space, tune_config, config, run_name, spec)
 
 
 def flow_digest(config: ExperimentConfig) -> str:
-    """A name for a flow config (its output directory aside): trials and sweeps that train the
-    same flow share one Ray Train run under ``ray/flows/flow-<digest>``."""
-    values = {k: v for k, v in config.flat().items() if k not in ("output_dir", "name")}
+    """A name for a flow config (its name aside): trials and sweeps that train the same flow
+    share one Ray Train run under ``ray/flows/flow-<digest>``."""
+    values = {k: v for k, v in config.flat().items() if k != "name"}
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -89,52 +93,40 @@ def _downstream_trial(
     tune_config: dict[str, Any],
     config: ExperimentConfig,
     run_name: str,
-    settings: dict[str, Any],
-    common: dict[str, Any],
+    spec: SweepSpec,
 ) -> dict[str, float]:
-    results = Path(settings["results"])
-    down = space.downstream_for(tune_config, settings["overrides"])
-    tracking: Tracking | None = settings["tracking"]
+    settings = spec.settings
+    down = space.downstream_for(tune_config, spec.overrides)
+    tracking = settings.tracking
     run_id = None
     if tracking is not None:
-        run_id = start_run(
-            tracking,
-            run_name,
-            parent_run_id=settings["parent_run_id"],
-            resume=True,  # a resumed trial keeps its run
-        )
+        # A resumed trial keeps its run.
+        run_id = start_run(tracking, run_name, parent_run_id=spec.parent_run_id, resume=True)
         RunLogger(tracking, run_id).params(
             {f"downstream.{k}": v for k, v in down.to_dict().items()}
         )
     flow_name = f"flow-{flow_digest(config)}"
-    flows = results / "ray" / "flows"
+    flows = settings.storage / "flows"
     flows.mkdir(parents=True, exist_ok=True)
-    config = config.with_overrides({"output_dir": str(results / "runs" / flow_name)})
     # One trainer per flow config at a time; a finished flow re-launched under its name resumes
     # at its end and returns at once.
     with FileLock(str(flows / f"{flow_name}.lock")):
-        flow = run_experiment(
-            config, storage_path=flows, run_name=flow_name, mlflow_run_id=run_id, **common
-        )
+        flow = run_experiment(config, settings, flow_name, mlflow_run_id=run_id, storage=flows)
     metrics = {
         k: v
         for k, v in final_metrics(flow).items()
         if k in ("nf_acc", "test_bpd", "train_bpd", "epoch")
     }
     resources = {
-        "num_cpus": settings["cpus_per_worker"],
-        "num_gpus": 1 if settings["use_gpu"] else 0,
+        "num_cpus": settings.cpus_per_worker,
+        "num_gpus": 1 if settings.use_gpu else 0,
     }
     # Outside the trial's (token-sized) placement group: the task holds a worker's resources.
     escape = PlacementGroupSchedulingStrategy(placement_group=None)
     task = ray.remote(**resources)(_run_downstream_task).options(scheduling_strategy=escape)
-    out_dir = results / "runs" / run_name / "downstream"
+    out_dir = settings.run_dir(run_name) / "downstream"
     metrics.update(
-        ray.get(
-            task.remote(
-                flow.checkpoint.path, down, str(out_dir), tracking, run_id, settings["use_gpu"]
-            )
-        )
+        ray.get(task.remote(str(settings.run_dir(flow_name)), down, str(out_dir), settings, run_id))
     )
     if tracking is not None:
         RunLogger(tracking, run_id).finish()
@@ -143,12 +135,7 @@ def _downstream_trial(
 
 
 def _run_downstream_task(
-    checkpoint: str,
-    down: Any,
-    out_dir: str,
-    tracking: Tracking | None,
-    run_id: str | None,
-    use_gpu: bool,
+    flow_run_dir: str, down: Any, out_dir: str, settings: RaySettings, run_id: str | None
 ) -> dict[str, float]:
     """The downstream evaluation on a Ray worker: per-epoch classifier metrics and the PNGs go
     to the trial's MLflow run."""
@@ -156,14 +143,15 @@ def _run_downstream_task(
 
     from nfpi.downstream import run_downstream
 
-    logger = RunLogger(tracking, run_id) if tracking is not None else None
+    tracking = settings.tracking
+    logger = RunLogger(tracking, run_id) if tracking is not None and run_id is not None else None
 
     def log_epoch(role: str, epoch: int, m: dict[str, float]) -> None:
         if logger is not None:
             logger.metrics({f"{role}_{k}": v for k, v in m.items() if k != "epoch"}, step=epoch)
 
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    result = run_downstream(checkpoint, down, out_dir, device=device, callback=log_epoch)
+    device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
+    result = run_downstream(flow_run_dir, down, out_dir, device=device, callback=log_epoch)
     if logger is not None:
         logger.metrics(result.metrics, step=0)
         for path in result.artifacts:
@@ -200,12 +188,21 @@ def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
         )
         if any(k in r["metrics"] for r in rows)
     ]
-    cols = ["best config", "NF-Acc", *[t for _, t in extra], "test bits/dim", "epochs", "status"]
+    cols = [
+        "objective",
+        "best config",
+        "NF-Acc",
+        *[t for _, t in extra],
+        "test bits/dim",
+        "epochs",
+        "status",
+    ]
     lines = [f"| {head} | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     for key, row in sorted(groups.items(), key=lambda kv: str(kv[0])):
         m = row["metrics"]
         cfg = json.dumps(space.overrides_of(row["config"]), default=str)
         cells = [
+            _objective_cell(row["full_config"]),
             f"`{cfg}`",
             _fmt(m.get("nf_acc")),
             *[_fmt(m.get(k)) for k, _ in extra],
@@ -215,6 +212,18 @@ def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
         ]
         lines.append(f"| {' / '.join(str(k) for k in key)} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _objective_cell(full: dict[str, Any]) -> str:
+    """What the row's prior solver minimised (every row says it: FPI and GD compare at equal
+    objective unless ``prior.gd_objective`` says otherwise); ``-`` for data-init."""
+    if not full:
+        return "-"
+    prior = ExperimentConfig.from_dict(full).prior
+    if prior.method == "data-init":
+        return "- (no solve)"
+    o = prior.objective_for()
+    return f"lambda={o.lam:g}, alpha={o.alpha:g}, pi={o.pi}"
 
 
 def _lookup(overrides: dict[str, Any], full: dict[str, Any], key: str) -> Any:
@@ -254,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-    results = Path(args.results_dir).expanduser().resolve()
+    if args.smoke_test:
+        args.space = "smoke"
     space = load_space(args.space)
     sweep = args.name or space.name
     overrides = dict(parse_override(s) for s in args.set)
@@ -264,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--num-workers must be >= 1 in a sweep (Train's local mode cannot run in a Tune trial)"
         )
-    tracking: Tracking = resolve_tracking(results, args.tracking_uri, args.mlflow_experiment)
-    parent_file = results / "ray" / sweep / "mlflow_parent_run_id"
+    settings = RaySettings.from_args(args)
+    tracking = settings.tracking
+    assert tracking is not None
+    parent_file = settings.storage / sweep / "mlflow_parent_run_id"
     resumed = args.resume and parent_file.exists()
     if resumed:  # the sweep's parent run and its params are the first launch's
         parent_id = parent_file.read_text().strip()
@@ -290,33 +301,21 @@ def main(argv: list[str] | None = None) -> int:
                 "space": space.name,
                 "reproduces": space.reproduces,
                 "overrides": overrides,
-                "num_workers": args.num_workers,
-                "use_gpu": args.use_gpu,
+                "num_workers": settings.num_workers,
+                "use_gpu": settings.use_gpu,
             }
         )
 
     connect(args.address)
-    per_trial_cpu = args.num_workers * args.cpus_per_worker
+    per_trial_cpu = settings.num_workers * settings.cpus_per_worker
     max_concurrent = args.max_concurrent or max(
         1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpu)
     )
-    settings = {
-        "space": space.name,
-        "sweep": sweep,
-        "overrides": overrides,
-        "results": str(results),
-        "num_workers": args.num_workers,
-        "use_gpu": args.use_gpu,
-        "tracking": tracking,
-        "parent_run_id": parent_id,
-        "max_failures": args.max_failures,
-        "actor_timeout": args.actor_timeout,
-        "cpus_per_worker": args.cpus_per_worker,
-    }
+    spec = SweepSpec(space.name, sweep, overrides, settings, parent_id)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings), {"cpu": _DRIVER_CPU}
+        tune.with_parameters(run_trial, spec=spec), {"cpu": _DRIVER_CPU}
     )
-    storage = results / "ray"
+    storage = settings.storage
     if args.resume and (storage / sweep).exists():
         tuner = tune.Tuner.restore(
             str(storage / sweep), trainable=trainable, resume_unfinished=True, resume_errored=True

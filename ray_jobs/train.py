@@ -6,60 +6,93 @@
         --num-workers 8 --results-dir /shared/nfpi
     python ray_jobs/train.py --smoke-test                         # seconds; what CI runs
 
-Each worker runs :class:`nfpi.train.Trainer` (the library loop) under ``torch.distributed``
+Each worker runs :class:`nfpi.training.Trainer` (the library loop) under ``torch.distributed``
 (gloo on CPU, nccl on GPU) set up by Ray Train; the global batch is split across workers. Rank 0
-hands the all-reduced class statistics to the prior actor, reports every epoch's metrics and
-checkpoint to Ray Train (``storage_path``) and logs metrics and pictures to MLflow. Re-running
-with the same ``--run-name`` and ``--results-dir`` resumes from the latest checkpoint; a lost
-worker restarts the group from it (``--max-failures``).
+hands the all-reduced class statistics to the prior actor, writes the run's files under
+``<results-dir>/runs/<run name>/``, reports every epoch's metrics and checkpoint to Ray Train and
+logs metrics and pictures to MLflow. Re-running with the same ``--run-name`` and
+``--results-dir`` resumes from the latest checkpoint; a lost worker restarts the group from it
+(``--max-failures``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
+import shutil
 import sys
-import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
+import ray.train.collective
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from nfpi.cli import build_config
-from nfpi.config import EXPERIMENTS, ExperimentConfig
+from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint
+from nfpi.config import ExperimentConfig
+from nfpi.data import load_dataset
 from nfpi.errors import ConfigError
-from nfpi.train import EpochResult, Trainer
+from nfpi.presets import EXPERIMENTS, resolve_config
+from nfpi.training import Callback, EpochResult, Trainer
 from ray_jobs.prior_actor import ActorPriorClient, create_prior_actor
-from ray_jobs.tracking import RunLogger, Tracking, resolve_tracking, start_run
+from ray_jobs.settings import RaySettings, add_common_args, connect
+from ray_jobs.tracking import RunLogger, Tracking, start_run
 
-__all__ = ["connect", "final_metrics", "main", "run_experiment", "train_loop_per_worker"]
+__all__ = ["WorkerSpec", "final_metrics", "main", "run_experiment", "train_loop_per_worker"]
 
 log = logging.getLogger("nfpi.ray")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every Train worker of one run needs besides the experiment config."""
+
+    run_name: str
+    run_dir: Path
+    use_gpu: bool
+    actor: Any  # the prior actor's handle
+    actor_timeout: float
+    tracking: Tracking | None = None
+    mlflow_run_id: str | None = None
+    callbacks: tuple[Callback, ...] = field(default_factory=tuple)
+
+
+def _resume_source(run_dir: Path) -> Path | None:
+    """The checkpoint a (re)started worker group resumes from (decided on rank 0): the run
+    directory's own last good one, or the one Ray Train registered (e.g. after the loss of a node
+    whose local disk held the run directory), whichever holds more epochs; ``None`` for a fresh
+    start. A registered checkpoint is copied into the run directory first, which every worker
+    reads (the results directory is shared storage on a cluster)."""
+    local = find_checkpoint(run_dir)
+    registered = ray.train.get_checkpoint()
+    if registered is None:
+        return local
+    local_epoch = checkpoint_epoch(run_dir) if local is not None else None
+    with registered.as_directory() as path:
+        ray_epoch = checkpoint_epoch(path)
+        if local is not None and (ray_epoch is None or (local_epoch or 0) >= ray_epoch):
+            return local
+        target = run_dir / "checkpoints" / "from-ray"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(path, target)
+    return target
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     """What every Ray Train worker runs: the library loop plus Ray reporting and MLflow."""
     config = ExperimentConfig.from_dict(loop_config["experiment"])  # parsed once, at the top
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
-    # Pictures and the local copy of each checkpoint go to a fresh worker-local directory; the
-    # checkpoints that count are the ones reported to Ray Train's storage.
-    workdir = tempfile.mkdtemp(prefix=f"nfpi-{loop_config['run_name']}-rank{rank}-")
-    config = config.with_overrides({"output_dir": workdir})
+    spec: WorkerSpec = loop_config["spec"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     logger = None
-    if rank == 0 and loop_config.get("tracking") is not None:
-        logger = RunLogger(loop_config["tracking"], loop_config["mlflow_run_id"])
-    client = (
-        ActorPriorClient(loop_config["prior_actor"], loop_config["actor_timeout"])
-        if rank == 0
-        else None
-    )
+    if rank == 0 and spec.tracking is not None and spec.mlflow_run_id is not None:
+        logger = RunLogger(spec.tracking, spec.mlflow_run_id)
+    client = ActorPriorClient(spec.actor, spec.actor_timeout) if rank == 0 else None
 
     def report(trainer: Trainer, result: EpochResult) -> None:
         if logger is not None:
@@ -75,65 +108,61 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             result.metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False
         )
 
-    callbacks = [*loop_config.get("callbacks", ()), report]
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as resume_dir:
-            trainer = Trainer(
-                config,
-                prior_client=client,
-                callbacks=callbacks,
-                device=device,
-                resume_from=resume_dir,
-            )
-            history = trainer.fit()
-    else:
-        trainer = Trainer(config, prior_client=client, callbacks=callbacks, device=device)
-        history = trainer.fit()
+    resume = ray.train.collective.broadcast_from_rank_zero(
+        _resume_source(spec.run_dir) if rank == 0 else None
+    )
+    trainer = Trainer(
+        config,
+        spec.run_dir,
+        prior_client=client,
+        callbacks=[*spec.callbacks, report],
+        device=device,
+        resume_from=resume,
+    )
+    history = trainer.fit()
     if logger is not None:
-        prior_file = Path(workdir) / "prior.pt"
-        torch.save(trainer.prior.state_dict(), prior_file)
-        logger.artifact(prior_file, "prior")
-        logger.artifact(Path(workdir) / "metrics.jsonl")
+        logger.artifact(spec.run_dir / "metrics.jsonl")
         if client is not None and client.reseeds:
             logger.tag("prior_actor_reseeds", str(client.reseeds))
     return history[-1] if history else {}
 
 
+def _actor_for(config: ExperimentConfig) -> Any:
+    """The prior actor for ``config``, sized (K, d) from the dataset's test split."""
+    _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
+    dim = info.shape[0] * info.shape[1] * info.shape[2]
+    return create_prior_actor(config.prior, info.num_classes, dim)
+
+
 def run_experiment(
     config: ExperimentConfig,
-    *,
-    storage_path: str | Path,
+    settings: RaySettings,
     run_name: str,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    tracking: Tracking | None = None,
+    *,
     parent_run_id: str | None = None,
-    max_failures: int = 1,
-    actor_timeout: float = 600.0,
-    cpus_per_worker: float = 1.0,
-    train_callbacks: list[Any] | None = None,
-    worker_callbacks: list[Any] | None = None,
-    prior_actor: Any = None,
     mlflow_run_id: str | None = None,
+    storage: Path | None = None,
+    train_callbacks: Sequence[Any] = (),
+    worker_callbacks: Sequence[Callback] = (),
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
 
-    ``num_workers=0`` runs Train's local mode in this process (unit tests). The prior actor is
-    created here (owned by this driver) unless one is passed in. ``train_callbacks`` are Ray
-    Train callbacks (driver side, e.g. ``TuneReportCallback``); ``worker_callbacks`` are
-    picklable ``callback(trainer, EpochResult)`` run by every worker after each epoch, before the
-    report (custom logging, fault injection in tests). With ``tracking`` the run logs to a new
+    ``settings.num_workers=0`` runs Train's local mode in this process (unit tests). The prior
+    actor is created here, owned by this driver. ``train_callbacks`` are Ray Train callbacks
+    (driver side, e.g. ``TuneReportCallback``); ``worker_callbacks`` are picklable
+    ``callback(trainer, EpochResult)`` run by every worker after each epoch, before the report
+    (custom logging, fault injection in tests). With ``settings.tracking`` the run logs to a new
     MLflow run (a child of ``parent_run_id``; the earlier run of the same name and parent when
     re-launched), or to ``mlflow_run_id`` if given (left open for the caller to finish).
+    ``storage`` overrides where Ray Train keeps the run (default ``settings.storage``).
     """
-    if num_workers > 0 and config.optim.batch_size % num_workers:
+    if settings.num_workers > 0 and config.optim.batch_size % settings.num_workers:
         raise ConfigError(
             "optim.batch_size",
             config.optim.batch_size,
-            f"a multiple of --num-workers ({num_workers})",
+            f"a multiple of --num-workers ({settings.num_workers})",
         )
-    storage_path = Path(storage_path).expanduser().resolve()
+    tracking = settings.tracking
     owns_run = mlflow_run_id is None
     if tracking is not None:
         if owns_run:
@@ -141,35 +170,34 @@ def run_experiment(
             mlflow_run_id = start_run(tracking, run_name, parent_run_id=parent_run_id, resume=True)
         logger = RunLogger(tracking, mlflow_run_id)
         logger.params(config.flat())
-        logger.params({"ray.num_workers": num_workers, "ray.use_gpu": use_gpu})
-    loop_config = {
-        "experiment": config.to_dict(),
-        "use_gpu": use_gpu,
-        "run_name": run_name,
-        "tracking": tracking,
-        "mlflow_run_id": mlflow_run_id,
-        "actor_timeout": actor_timeout,
-        "prior_actor": prior_actor,  # filled in below when created here
-        "callbacks": list(worker_callbacks or []),
-    }
-    created = None
-    if prior_actor is None:
-        created = _create_actor_for(config)
-        loop_config["prior_actor"] = created
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        logger.params({"ray.num_workers": settings.num_workers, "ray.use_gpu": settings.use_gpu})
+    actor = _actor_for(config)
+    spec = WorkerSpec(
+        run_name=run_name,
+        run_dir=settings.run_dir(run_name),
+        use_gpu=settings.use_gpu,
+        actor=actor,
+        actor_timeout=settings.actor_timeout,
+        tracking=tracking,
+        mlflow_run_id=mlflow_run_id,
+        callbacks=tuple(worker_callbacks),
+    )
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"experiment": config.to_dict(), "spec": spec},
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker=resources,
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=str(storage or settings.storage),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=train_callbacks or [],
+            callbacks=list(train_callbacks),
         ),
     )
     try:
@@ -179,8 +207,7 @@ def run_experiment(
             RunLogger(tracking, mlflow_run_id).finish("FAILED")
         raise
     finally:
-        if created is not None:
-            ray.kill(created)
+        ray.kill(actor)
     if tracking is not None:
         logger = RunLogger(tracking, mlflow_run_id)
         if result.checkpoint is not None:
@@ -198,104 +225,35 @@ def final_metrics(result: ray.train.Result) -> dict[str, float]:
         return dict(result.metrics)
     if result.checkpoint is None:
         return {}
-    history = torch.load(
-        Path(result.checkpoint.path) / "state.pt", map_location="cpu", weights_only=False
-    )["history"]
+    history = load_checkpoint(result.checkpoint.path)["history"]
     return dict(history[-1]) if history else {}
 
 
-def _create_actor_for(config: ExperimentConfig) -> Any:
-    """The prior actor for ``config``, sized (K, d) from the dataset's test split."""
-    from nfpi.data import load_dataset
-
-    _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
-    dim = info.shape[0] * info.shape[1] * info.shape[2]
-    return create_prior_actor(
-        config.prior.method,
-        info.num_classes,
-        dim,
-        fpi=config.prior.fpi,
-        gd=config.prior.gd,
-        covariance=config.prior.covariance,
-    )
-
-
-def connect(address: str | None) -> None:
-    """Attach to ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local
-    Ray; never both."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", log_to_driver=True)
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--results-dir",
-        default="results",
-        help="root for Ray storage, the MLflow store and run files (made absolute)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-        "else sqlite:////<results-dir>/mlflow.db)",
-    )
-    parser.add_argument("--mlflow-experiment", default="nfpi", help="MLflow experiment name")
-    parser.add_argument(
-        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
-    )
-    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per run")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
-    parser.add_argument(
-        "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. prior.fpi.lam=300 (repeatable)",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="experiments: " + ", ".join(sorted(EXPERIMENTS)),
+    )
     parser.add_argument("--experiment", default="digits", choices=sorted(EXPERIMENTS))
     parser.add_argument("--config", dest="config_file", help="a JSON experiment config")
     parser.add_argument("--run-name", help="Ray/MLflow run name (default: the experiment name)")
-    parser.add_argument("--smoke-test", action="store_true", help="tiny run in seconds (CI)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    results = Path(args.results_dir).expanduser().resolve()
-    sets = list(args.set)
     experiment = "smoke" if args.smoke_test else args.experiment
-    config = build_config(
-        experiment, sets, str(results / "runs" / (args.run_name or experiment)), args.config_file
-    )
+    config = resolve_config(experiment, args.set, args.config_file)
+    settings = RaySettings.from_args(args)
     run_name = args.run_name or config.name
-    tracking = resolve_tracking(results, args.tracking_uri, args.mlflow_experiment)
     connect(args.address)
-    result = run_experiment(
-        config,
-        storage_path=results / "ray",
-        run_name=run_name,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        tracking=tracking,
-        max_failures=args.max_failures,
-        actor_timeout=args.actor_timeout,
-        cpus_per_worker=args.cpus_per_worker,
-    )
+    result = run_experiment(config, settings, run_name)
     final = result.metrics or {}
     keys = ("epoch", "train_bpd", "test_bpd", "nf_acc", "prior_version")
     print("final:", {k: round(float(final[k]), 4) for k in keys if k in final})
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(f"MLflow: {tracking.uri} (experiment {tracking.experiment!r})")
+    print(f"run directory: {settings.run_dir(run_name)}")
+    if settings.tracking is not None:
+        print(f"MLflow: {settings.tracking.uri} (experiment {settings.tracking.experiment!r})")
     return 0
 
 

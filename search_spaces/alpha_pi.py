@@ -12,9 +12,9 @@ SPACE = SearchSpace(
     experiment="cifar10",
     base={"prior.method": "fpi"},
     params={
-        "prior.fpi.alpha": tune.loguniform(0.1, 10.0),
-        "prior.fpi.pi": tune.choice(["pairwise", "mean"]),
+        "prior.objective.alpha": tune.loguniform(0.1, 10.0),
+        "prior.objective.pi": tune.choice(["pairwise", "mean"]),
     },
     num_samples=8,
-    group_by=("prior.fpi.pi",),
+    group_by=("prior.objective.pi",),
 )

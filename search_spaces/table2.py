@@ -12,6 +12,6 @@ SPACE = SearchSpace(
     reproduces="Table 2 (NF-Acc vs lambda in {10, 50, 100, 200, 300, 500}), CIFAR-100",
     experiment="cifar100",
     base={"prior.method": "fpi"},
-    params={"prior.fpi.lam": tune.grid_search(list(LAMBDAS))},
-    group_by=("prior.fpi.lam",),
+    params={"prior.objective.lam": tune.grid_search(list(LAMBDAS))},
+    group_by=("prior.objective.lam",),
 )

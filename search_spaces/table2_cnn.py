@@ -19,7 +19,7 @@ SPACE = SearchSpace(
         "downstream.temperature": 1.0,
         "cnn.epochs": 50,
     },
-    params={"prior.fpi.lam": tune.grid_search(list(LAMBDAS))},
-    group_by=("prior.fpi.lam",),
+    params={"prior.objective.lam": tune.grid_search(list(LAMBDAS))},
+    group_by=("prior.objective.lam",),
     kind="downstream",
 )

@@ -18,7 +18,7 @@ SPACE = SearchSpace(
     name="table3",
     reproduces="Table 3 (KLD on mu only / Sigma only / both / none), CIFAR-10",
     experiment="cifar10",
-    base={"prior.fpi.lam": 300.0},
+    base={"prior.objective.lam": 300.0},
     params={"setting": tune.grid_search(SETTINGS)},
     group_by=("prior.method", "prior.fpi.update", "prior.fpi.variance_init"),
 )

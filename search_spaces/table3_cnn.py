@@ -12,7 +12,7 @@ SPACE = SearchSpace(
     reproduces="Table 3 (NF-Acc and CNN-Acc per KLD setting), CIFAR-10",
     experiment="cifar10",
     base={
-        "prior.fpi.lam": 300.0,
+        "prior.objective.lam": 300.0,
         "downstream.kind": "cnn",
         "downstream.temperature": 1.0,
         "cnn.epochs": 30,

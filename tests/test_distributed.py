@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from nfpi.data import BatchAugment, load_dataset
 from nfpi.data.sharding import IndexedDataset, ShardSampler
 from nfpi.flows import build_flow
-from nfpi.train import collect_statistics
+from nfpi.training import collect_statistics
 
 
 def _stats(rank: int, world: int) -> torch.Tensor:

@@ -94,17 +94,25 @@ FACTORIES: dict[str, list[tuple[str, Factory, tuple[int, ...]]]] = {
     ],
 }
 
-TINY = "preset:tiny"
 
 
-def _tiny(g: torch.Generator) -> FlowModel:
-    return build_flow("tiny", in_shape=(1, 8, 8), seed=int(torch.randint(1000, (1,), generator=g)))
+def _preset(name: str, **overrides) -> Factory:
+    def factory(g: torch.Generator) -> FlowModel:
+        seed = int(torch.randint(1000, (1,), generator=g))
+        return build_flow(name, in_shape=(1, 8, 8), seed=seed, **overrides)
 
+    return factory
+
+
+# The whole multi-scale model is a registered layer too: it passes the same battery.
+FACTORIES["flow"] = [
+    ("tiny-mef", _preset("tiny"), (1, 8, 8)),
+    ("glow", _preset("glow-small", levels=2, steps=1, blocks=1, hidden=8), (1, 8, 8)),
+]
 
 CASES = [
     (f"{name}:{cid}", fac, shape) for name, lst in FACTORIES.items() for cid, fac, shape in lst
 ]
-CASES.append((TINY, _tiny, (1, 8, 8)))
 
 
 def make(factory: Factory, seed: int = 0, perturb: float = 0.1) -> nn.Module:

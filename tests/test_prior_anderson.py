@@ -39,7 +39,7 @@ def test_exact_on_a_linear_map_after_n_plus_one_steps(n):
 
 def test_extrapolates_through_a_period_two_oscillation():
     # u -> -0.999 u + 1: the plain iteration oscillates and needs ~10^4 steps to reach 1e-6.
-    residual = lambda u: -0.999 * u + 1.0 - u  # noqa: E731
+    residual = lambda u: -0.999 * u + 1.0 - u
     mixer = AndersonMixer(2, torch.ones(1, dtype=torch.float64))
     u = torch.zeros(1, dtype=torch.float64)
     for _ in range(3):

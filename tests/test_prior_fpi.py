@@ -172,9 +172,7 @@ def test_identity_variance_start_keeps_unit_variances_with_mean_update():
 
 # --------------------------------------------------------------------------------- golden 2-D
 def test_golden_reference_form_reproduces_release(golden):
-    cfg = ref_(
-        lam=1000.0, alpha=10.0, pi="pairwise", summed_q=False, isotropic_mean=True
-    )
+    cfg = ref_(lam=1000.0, alpha=10.0, pi="pairwise", summed_q=False, isotropic_mean=True)
     _prior, report = solve_fpi(golden, *cfg)
     assert report.iterations == 20 and report.converged
     assert round(report.residuals_mean[-1], 4) == 0.0753

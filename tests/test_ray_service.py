@@ -17,11 +17,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from nfpi.config import experiment_config
+from nfpi.checkpoint import load_checkpoint
+from nfpi.config import PriorConfig
 from nfpi.errors import ConfigError
+from nfpi.presets import experiment_config
 from nfpi.prior import ClassStatistics, PriorService
-from nfpi.train import Trainer
+from nfpi.training import Trainer
 from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError, create_prior_actor
+from ray_jobs.settings import RaySettings
 from ray_jobs.train import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +39,25 @@ def _stats(seed=0, k=4, d=3):
     return ClassStatistics.from_batch(z, y, k)
 
 
-def _smoke(tmp_path, **overrides):
-    base = {"output_dir": str(tmp_path / "local"), "eval.plots": False, "optim.epochs": 3}
-    return experiment_config("smoke", {**base, **overrides})
+def _smoke(**overrides):
+    return experiment_config("smoke", {"eval.plots": False, "optim.epochs": 3, **overrides})
+
+
+def _settings(tmp_path, tracking=None, **kwargs):
+    return RaySettings(results_dir=tmp_path / "results", tracking=tracking, **kwargs)
+
+
+def _poll(condition, what, timeout=120.0):
+    """Wait until ``condition()`` holds (polled), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------------- prior actor
 def test_actor_client_reseeds_a_restarted_actor(ray_session):
-    actor = create_prior_actor("gd", 4, 3)
+    actor = create_prior_actor(PriorConfig(method="gd"), 4, 3)
     client = ActorPriorClient(actor, timeout_s=60)
     reference = PriorService("gd", 4, 3)
     stats = _stats()
@@ -51,9 +65,16 @@ def test_actor_client_reseeds_a_restarted_actor(ray_session):
     client.update(stats)
     reference.update(stats)
     ray_session.kill(actor, no_restart=False)  # Ray restarts it, without its state
-    time.sleep(1.0)
+
+    def restarted():
+        try:
+            return ray_session.get(actor.state_dict.remote(), timeout=5)["version"] == 0
+        except ray_session.exceptions.RayActorError:
+            return False  # still restarting
+
+    _poll(restarted, "the actor's restart")
     got, want = client.update(stats), reference.update(stats)
-    assert client.reseeds >= 1 and got.version == want.version == 3
+    assert client.reseeds == 1 and got.version == want.version == 3
     for key in want.prior:  # the GD optimiser state was re-seeded too: same third step
         torch.testing.assert_close(got.prior[key], want.prior[key], rtol=1e-12, atol=1e-12)
 
@@ -79,17 +100,17 @@ def test_actor_timeout_is_a_clear_error(ray_session):
 
 # ------------------------------------------------------------------------------- Train runs
 def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, tracking):
-    config = _smoke(
-        tmp_path, **{"prior.method": "data-init", "optim.epochs": 2, "eval.plots": True}
-    )
-    result = run_experiment(
-        config, storage_path=tmp_path / "ray", run_name="two", num_workers=2, tracking=tracking
-    )
+    config = _smoke(**{"prior.method": "data-init", "optim.epochs": 2, "eval.plots": True})
+    settings = _settings(tmp_path, tracking, num_workers=2)
+    result = run_experiment(config, settings, "two")
     assert result.error is None and result.metrics["epoch"] == 1.0
     assert 0 <= result.metrics["nf_acc"] <= 1 and result.checkpoint is not None
+    # The run's files are under results/runs/<name>, not in a temporary directory.
+    run_dir = settings.run_dir("two")
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "plots" / "tsne.png").exists()
     # The data-init prior from two workers' all-reduced statistics equals one process's.
-    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)
-    single = Trainer(config.with_overrides({"optim.epochs": 1}))
+    state = load_checkpoint(result.checkpoint.path)
+    single = Trainer(config.with_overrides({"optim.epochs": 1}), tmp_path / "single")
     single.fit()
     for key in ("means", "var"):
         torch.testing.assert_close(
@@ -105,7 +126,7 @@ def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, track
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_bpd")] == [0, 1]
     assert {"nf_acc", "train_bpd", "kl_min", "kl_mean", "lr"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plots", "prior", "final_checkpoint.txt", "metrics.jsonl"} <= arts
+    assert {"plots", "final_checkpoint.txt", "metrics.jsonl"} <= arts
     assert any(a.path.endswith("tsne.png") for a in client.list_artifacts(run.info.run_id, "plots"))
     assert run.data.tags["final_checkpoint"] == result.checkpoint.path
 
@@ -113,56 +134,67 @@ def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, track
 def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
     ray_session, tmp_path, tracking
 ):
-    config = _smoke(tmp_path, **{"prior.method": "gd", "prior.gd.steps_per_solve": 5})
+    config = _smoke(**{"prior.method": "gd", "prior.gd.steps_per_solve": 5})
 
     def kill_actor(trainer, result):
         import ray
 
         if result.epoch == 0 and trainer.rank == 0:
-            ray.kill(trainer.client.actor, no_restart=False)
+            ray.kill(trainer.schedule.client.actor, no_restart=False)
 
     killed = run_experiment(
-        config,
-        storage_path=tmp_path / "ray",
-        run_name="kill-actor",
-        num_workers=1,
-        worker_callbacks=[kill_actor],
+        config, _settings(tmp_path), "kill-actor", worker_callbacks=[kill_actor]
     )
-    reference = Trainer(config).fit()
+    reference = Trainer(config, tmp_path / "reference").fit()
     assert killed.metrics["prior_version"] == reference[-1]["prior_version"] == 4.0
     for key in ("nf_acc", "test_bpd", "train_bpd", "kl_min"):
         assert killed.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
 
 
 @pytest.mark.parametrize(
-    ("crash_epoch", "wait_s"),
-    [(1, 5.0), (0, 0.0)],
-    ids=["after-a-registered-checkpoint", "before-any-checkpoint"],
+    ("crash_epoch", "lose_local", "path"),
+    [(1, False, "run-dir"), (1, True, "ray"), (0, True, "scratch")],
+    ids=["from-the-run-directory", "from-the-ray-checkpoint", "from-scratch"],
 )
 def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
-    ray_session, tmp_path, crash_epoch, wait_s
+    ray_session, tmp_path, crash_epoch, lose_local, path
 ):
-    config = _smoke(tmp_path, **{"prior.method": "fpi"})
-    marker = tmp_path / "crashed"
+    """A worker dies at the end of epoch ``crash_epoch``, before reporting it. The restarted
+    group resumes from the run directory's last good checkpoint; when that disk is lost too,
+    from the checkpoint Ray Train registered; with neither, from scratch (prior actor reset)."""
+    config = _smoke(**{"prior.method": "fpi"})
+    settings = _settings(tmp_path, max_failures=1)
+    marker, resumed_log = tmp_path / "crashed", tmp_path / "resumed_from"
+    snapshot = settings.storage / "crash" / "checkpoint_manager_snapshot.json"
 
-    def crash_once(trainer, result):
-        if result.epoch == crash_epoch and not marker.exists():
-            marker.write_text(str(os.getpid()))
-            time.sleep(wait_s)  # time for the controller to register the last reported checkpoint
-            os._exit(1)  # the worker process dies before reporting this epoch
+    def crash_once(trainer, result):  # runs in the worker: no globals of this test module
+        import os
+        import shutil
+        import time
 
-    result = run_experiment(
-        config,
-        storage_path=tmp_path / "ray",
-        run_name="crash",
-        num_workers=1,
-        max_failures=1,
-        worker_callbacks=[crash_once],
-    )
-    reference = Trainer(config).fit()
+        if marker.exists():
+            resumed_log.write_text(str(trainer.resumed_from))
+            return
+        if result.epoch != crash_epoch:
+            return
+        deadline = time.monotonic() + 120
+        while path == "ray" and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+            assert time.monotonic() < deadline, "Ray Train never registered the checkpoint"
+            time.sleep(0.1)  # polled: wait until the controller registered epoch 0's checkpoint
+        marker.write_text(str(os.getpid()))
+        if lose_local:
+            shutil.rmtree(trainer.run_dir / "checkpoints")
+        os._exit(1)  # the worker process dies before reporting this epoch
+
+    result = run_experiment(config, settings, "crash", worker_callbacks=[crash_once])
+    reference = Trainer(config, tmp_path / "reference").fit()
     assert marker.exists() and result.metrics["epoch"] == 2.0
-    # A restart from the last checkpoint (or from scratch, with the prior actor reset) ends
-    # where an uninterrupted run ends.
+    resumed = resumed_log.read_text()
+    assert {
+        "run-dir": "checkpoints/epoch-0002",
+        "ray": "checkpoints/from-ray",
+        "scratch": "None",
+    }[path] in resumed, resumed
     for key in ("nf_acc", "test_bpd", "train_bpd", "prior_version"):
         assert result.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
 
@@ -234,9 +266,9 @@ def test_start_run_resume_reopens_the_run_of_the_same_name_and_parent(tracking):
 def test_sweep_rejects_bad_overrides_before_running(tmp_path):
     from ray_jobs.sweep import main as sweep_main
 
-    with pytest.raises(ConfigError, match="prior.fpi.lam"):
+    with pytest.raises(ConfigError, match="prior.objective.lam"):
         sweep_main(
-            ["--space", "smoke", "--results-dir", str(tmp_path), "--set", "prior.fpi.lam=-1"]
+            ["--space", "smoke", "--results-dir", str(tmp_path), "--set", "prior.objective.lam=-1"]
         )
 
 

@@ -37,7 +37,7 @@ def test_paper_spaces_vary_what_the_tables_vary():
         "superlinear_v1",
         "superlinear_v2",
     }
-    assert sorted(c.prior.fpi.lam for c in load_space("table2").validate(NEEDS_ROOT)) == [
+    assert sorted(c.prior.objective.lam for c in load_space("table2").validate(NEEDS_ROOT)) == [
         10,
         50,
         100,
@@ -53,7 +53,9 @@ def test_paper_spaces_vary_what_the_tables_vary():
         ("fpi", "both", "data"),
     ]
     ap = load_space("alpha_pi").validate(NEEDS_ROOT)
-    assert all(0.1 <= c.prior.fpi.alpha <= 10 for c in ap) and {c.prior.fpi.pi for c in ap} <= {
+    assert all(0.1 <= c.prior.objective.alpha <= 10 for c in ap) and {
+        c.prior.objective.pi for c in ap
+    } <= {
         "pairwise",
         "mean",
     }
@@ -65,9 +67,9 @@ def test_bad_values_from_a_space_are_rejected_with_the_field_name():
         reproduces="-",
         experiment="smoke",
         base={},
-        params={"prior.fpi.alpha": tune.grid_search([1.0, -2.0])},
+        params={"prior.objective.alpha": tune.grid_search([1.0, -2.0])},
     )
-    with pytest.raises(ConfigError, match="prior.fpi.alpha"):
+    with pytest.raises(ConfigError, match="prior.objective.alpha"):
         space.validate()
     with pytest.raises(ConfigError, match="prior.gd.policy.name"):
         load_space("digits").config_for(
@@ -102,3 +104,14 @@ def test_downstream_spaces_share_flows_with_the_tables_and_vary_the_classifier()
 def test_flow_spaces_reject_downstream_keys():
     with pytest.raises(ConfigError, match="cnn.epochs"):
         load_space("digits").validate({"cnn.epochs": 3})
+
+
+def test_spaces_are_discovered_from_the_package_files():
+    from pathlib import Path
+
+    import search_spaces
+
+    files = {p.stem for p in Path(search_spaces.__file__).parent.glob("*.py")} - {"__init__"}
+    assert set(SPACE_NAMES) == files
+    with pytest.raises(ConfigError, match="space"):
+        load_space("no_such_space")

@@ -7,9 +7,8 @@ level ends in ``Flatten`` instead). Every split-off half is kept, so the latent 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -17,10 +16,11 @@ from torch import Tensor, nn
 
 from nfpi.errors import ConfigError, ShapeError
 from nfpi.flows.actnorm import ActNorm
-from nfpi.flows.base import Compose, InvertibleLayer, check_image, data_init
+from nfpi.flows.base import Compose, InvertibleLayer, check_image, data_init, register_layer
 from nfpi.flows.conv1x1 import InvConv1x1Exp, InvConv1x1LU
 from nfpi.flows.coupling import AffineCoupling, MatrixExpCoupling
 from nfpi.flows.reshape import Flatten, Split, Squeeze
+from nfpi.schema import Config, check
 
 __all__ = ["PRESETS", "FlowModel", "FlowSpec", "build_flow"]
 
@@ -29,19 +29,22 @@ Conv1x1Kind = Literal["lu", "matrixexp"]
 ActNormKind = Literal["channel", "element"]
 
 
-def _per_level(name: str, value: Any, levels: int, minimum: int) -> tuple[int, ...]:
-    vals = (value,) * levels if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(vals, (tuple, list)) or len(vals) != levels:
-        raise ConfigError(
-            name, value, f"an int or a sequence of {levels} ints, one per level (levels={levels})"
-        )
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals):
-        raise ConfigError(name, value, f"ints >= {minimum}")
-    return tuple(vals)
+def _per_level(
+    name: str, value: int | tuple[int, ...], levels: int, minimum: int
+) -> tuple[int, ...]:
+    vals = (value,) * levels if isinstance(value, int) else tuple(value)
+    check(
+        len(vals) == levels,
+        name,
+        value,
+        f"an int or a sequence of {levels} ints, one per level (levels={levels})",
+    )
+    check(all(v >= minimum for v in vals), name, value, f"ints >= {minimum}")
+    return vals
 
 
 @dataclass(frozen=True)
-class FlowSpec:
+class FlowSpec(Config):
     """Architecture of a :class:`FlowModel`. Frozen; validated at construction.
 
     Attributes:
@@ -62,34 +65,13 @@ class FlowSpec:
     coupling: CouplingKind = "matrixexp"
     conv1x1: Conv1x1Kind = "matrixexp"
     actnorm: ActNormKind = "element"
-    seed: int = field(default=0)
+    seed: int = 0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 1:
-            raise ConfigError("levels", self.levels, "an int >= 1")
+    def validate(self) -> None:
+        check(self.levels >= 1, "levels", self.levels, "an int >= 1")
         object.__setattr__(self, "steps", _per_level("steps", self.steps, self.levels, 1))
         object.__setattr__(self, "blocks", _per_level("blocks", self.blocks, self.levels, 0))
-        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden < 1:
-            raise ConfigError("hidden", self.hidden, "an int >= 1")
-        for name, allowed in (
-            ("coupling", ("affine", "matrixexp")),
-            ("conv1x1", ("lu", "matrixexp")),
-            ("actnorm", ("channel", "element")),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(name, getattr(self, name), f"one of {allowed}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError("seed", self.seed, "an int")
-
-    def replace(self, **overrides: Any) -> FlowSpec:
-        """A copy with ``overrides`` applied; unknown keys raise :class:`ConfigError`."""
-        known = {f.name for f in dataclasses.fields(self)}
-        for key, value in overrides.items():
-            if key not in known:
-                raise ConfigError(
-                    key, value, f"unknown FlowSpec field; known fields: {sorted(known)}"
-                )
-        return dataclasses.replace(self, **overrides)
+        check(self.hidden >= 1, "hidden", self.hidden, "an int >= 1")
 
 
 PRESETS: dict[str, FlowSpec] = {
@@ -139,7 +121,8 @@ def _check_in_shape(spec: FlowSpec, in_shape: tuple[int, ...], name: str) -> tup
     return c, h, w
 
 
-class FlowModel(nn.Module):
+@register_layer("flow")
+class FlowModel(InvertibleLayer):
     """Multi-scale normalizing flow: images [B, C, H, W] <-> latents [B, d], d = C H W.
 
     ``forward(x) -> (z, logdet)`` (data -> latent, ``logdet = log|det dz/dx|``, shape (B,)),

@@ -395,9 +395,7 @@ class _FixedPointMap:
         if not (torch.isfinite(mu_f).all() and torch.isfinite(scale_f).all()):
             self.report.stop_reason = "non-finite"
             raise NonFiniteError(f"FPI iteration {it} produced NaN/inf ({self.report.summary()})")
-        return _Point(
-            u, mu, scale, mu_f, scale_f, _class_l2(mu_f - mu), _class_l2(scale_f - scale)
-        )
+        return _Point(u, mu, scale, mu_f, scale_f, _class_l2(mu_f - mu), _class_l2(scale_f - scale))
 
     def check_divergence(self, x: _Point, it: int) -> None:
         """Raise FPIDivergenceError when the state has grown far beyond the data's own scale
@@ -452,7 +450,9 @@ class _FixedPointMap:
             parts.append(
                 torch.ones(kd, dtype=self.m.dtype, device=self.m.device)
                 if self.diag
-                else (1.0 / self.data_var.mean(1))[:, None].expand(self.k, self.d * self.d).flatten()
+                else (1.0 / self.data_var.mean(1))[:, None]
+                .expand(self.k, self.d * self.d)
+                .flatten()
             )
         return torch.cat(parts)
 
@@ -475,7 +475,9 @@ class _FixedPointMap:
         return GaussianPrior(mu, var=scale) if self.diag else GaussianPrior(mu, cov=scale)
 
 
-def _objective_value(mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, objective: Objective) -> float:
+def _objective_value(
+    mu: Tensor, scale: Tensor, m: Tensor, s: Tensor, objective: Objective
+) -> float:
     """The objective of Prop. 1 at (mu, scale), pi frozen there (for the report)."""
     return float(prior_objective(mu, scale, m, s, **objective.to_dict()))
 

@@ -70,7 +70,9 @@ class LRPolicy(Config):
 
     def validate(self) -> None:
         check(is_number(self.lr0) and self.lr0 > 0, "lr0", self.lr0, "a finite learning rate > 0")
-        check(0 <= self.lr_min <= self.lr0, "lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}")
+        check(
+            0 <= self.lr_min <= self.lr0, "lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}"
+        )
         check(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
         steps = [k for k, _ in self.knots]
         check(
@@ -117,7 +119,10 @@ class GDConfig(Config):
             "(a, b, c) all > 0 so that v lies in (c, a + c)",
         )
         check(
-            0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1, "betas", self.betas, "Adam betas in [0, 1)"
+            0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1,
+            "betas",
+            self.betas,
+            "Adam betas in [0, 1)",
         )
         check(self.steps_per_solve >= 1, "steps_per_solve", self.steps_per_solve, "an integer >= 1")
 
@@ -197,7 +202,9 @@ class GDSolver:
         """The value GD steps decrease (see :class:`GDReport`), at the current parameters."""
         obj, m, s = self.objective, stats.mean().to(self.mu), stats.var().to(self.mu)
         if obj.pi == "pairwise":
-            value = pairwise_potential(self.mu, self.variances(), m, s, lam=obj.lam, alpha=obj.alpha)
+            value = pairwise_potential(
+                self.mu, self.variances(), m, s, lam=obj.lam, alpha=obj.alpha
+            )
         else:
             value = self._objective(m, s)
         return float(value)

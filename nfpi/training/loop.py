@@ -128,6 +128,7 @@ class Trainer:
         self.ema = FlowEMA(self.flow, c.ema)
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None  # the checkpoint this run resumed from, if any
 
     def _build_data(self) -> None:
         """Datasets, augmentation and loaders. The training set (augmented) feeds training and
@@ -239,7 +240,9 @@ class Trainer:
         saved = ExperimentConfig.from_dict(state["config"]).flat()
         mine = self.config.flat()
         diff = {
-            k: (v, mine.get(k)) for k, v in saved.items() if k != "optim.epochs" and mine.get(k) != v
+            k: (v, mine.get(k))
+            for k, v in saved.items()
+            if k != "optim.epochs" and mine.get(k) != v
         }
         if diff:
             raise CheckpointError(
@@ -283,7 +286,9 @@ class Trainer:
         self.schedule.initialize(stats)
         if c.prior.method != "fpi":  # the FPI's EMA starts after its first solve (release)
             self.ema.start()
-        self._info("prior data-init (v%d) from %d samples", self.schedule.version, int(stats.count.sum()))
+        self._info(
+            "prior data-init (v%d) from %d samples", self.schedule.version, int(stats.count.sum())
+        )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         c = self.config
@@ -378,6 +383,7 @@ class Trainer:
         resume = self.resume_from or find_checkpoint(self.run_dir)
         if resume is not None:
             self.load_checkpoint(resume)
+            self.resumed_from = Path(resume)
         else:
             self._start()
         self.model = wrap_ddp(self.flow, self.device)
@@ -416,4 +422,3 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self, result)
         return self.history
-

@@ -74,10 +74,14 @@ def prior_update_pictures(
     """The pairwise KL before and after an update and, for an FPI solve, its residual curve."""
     kl_before = pairwise_kl(before.means, before.scale_param)
     kl_after = pairwise_kl(after.means, after.scale_param)
-    paths = [plots.kl_heatmaps(kl_before, kl_after, class_names, out / f"kl_heatmap_v{version}.png")]
+    paths = [
+        plots.kl_heatmaps(kl_before, kl_after, class_names, out / f"kl_heatmap_v{version}.png")
+    ]
     if isinstance(report, FPIReport) and report.residuals:
         title = f"FPI residual ({report.stop_reason}, {len(report.residuals)} iterations)"
         paths.append(
-            plots.residual_curve(report.residuals, out / f"fpi_residual_v{version}.png", title=title)
+            plots.residual_curve(
+                report.residuals, out / f"fpi_residual_v{version}.png", title=title
+            )
         )
     return paths
