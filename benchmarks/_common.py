@@ -1,15 +1,51 @@
-"""Helpers shared by the benchmark scripts: peak memory (Linux /proc), the environment of a
-fresh worker process, and the ``--out`` JSON records."""
+"""Helpers shared by the benchmark scripts: the standard command line (``--quick``, ``--out``,
+``--smoke-test``), peak memory (Linux /proc), the environment of a fresh worker process, and the
+``--out`` JSON records."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAIT_POLICY = "PASSIVE"  # OMP_WAIT_POLICY of workers unless the caller sets one
+SMOKE_HELP = (
+    "seconds: the smallest sizes that still run every code path end to end, print the table and "
+    "write --out records with the full run's field names (what the test suite runs; the numbers "
+    "mean nothing)"
+)
+
+
+def benchmark_parser(
+    description: str, quick_help: str, smoke_help: str = SMOKE_HELP
+) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark has (:func:`add_benchmark_args`)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_benchmark_args(parser, quick_help, smoke_help)
+    return parser
+
+
+def add_benchmark_args(
+    parser: argparse.ArgumentParser, quick_help: str, smoke_help: str = SMOKE_HELP
+) -> None:
+    """``--quick`` (reduced sizes, about a minute on a 2-core CPU), ``--smoke-test`` (seconds;
+    exclusive with ``--quick``) and ``--out PATH`` (the records, :func:`write_records`)."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=quick_help)
+    mode.add_argument("--smoke-test", action="store_true", help=smoke_help)
+    parser.add_argument(
+        "--out", metavar="PATH", help="write the records here (JSON list of flat records)"
+    )
+
+
+def mode_name(args: argparse.Namespace) -> str:
+    """``smoke``, ``quick`` or ``full``: for the scripts' headers."""
+    return "smoke" if args.smoke_test else "quick" if args.quick else "full"
 
 
 def vm(field: str) -> float:
@@ -31,7 +67,40 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_worker(script: str, args: list[str], env: dict[str, str]) -> str:
+    """Run ``script``'s worker mode (``args``) in a fresh process with ``env``; its stdout.
+    A failing worker raises with the end of its stderr (what the caller needs to see)."""
+    cmd = [sys.executable, os.path.abspath(script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"worker {args} exited with {out.returncode}:\n{tail}")
+    return out.stdout
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, list | tuple):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def flat_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as flat, uniform rows (one table): nested dicts become dotted keys
+    (``config.tol``), lists and tuples compact JSON text (``"[0.1, 0.2]"``, read back with
+    ``json.loads``), and every row has every key, in first-seen order, None where it lacks one."""
+    flat = [_flatten(r) for r in records]
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    return [{k: r.get(k) for k in keys} for r in flat]
+
+
 def write_records(path: str, records: list[dict[str, Any]]) -> None:
-    """``--out``: the measured rows as a JSON list of flat records."""
-    Path(path).write_text(json.dumps(records, indent=1))
+    """``--out``: the measured rows as a JSON list of flat records (:func:`flat_records`)."""
+    Path(path).write_text(json.dumps(flat_records(records), indent=1))
     print(f"\nwrote {len(records)} records to {path}")

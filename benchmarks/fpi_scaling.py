@@ -4,10 +4,11 @@ Usage::
 
     python benchmarks/fpi_scaling.py --quick              # ~1 minute on 2 CPU cores
     python benchmarks/fpi_scaling.py --out fpi.json       # full: K in {10, 100, 1000}, d in {768, 3072}
+    python benchmarks/fpi_scaling.py --smoke-test         # seconds: every code path at toy sizes
 
 Iteration rows: one application of the undamped FPI map, float64 on the CPU, with
-``FPIConfig(lam=100, alpha=10, pi="pairwise", update="both")``, for ``impl="gemm"``
-(:func:`nfpi.prior.fpi_step`, O(K d + K^2) memory) and ``impl="broadcast"``
+``Objective(lam=100, alpha=10, pi="pairwise")`` and ``FPIConfig(update="both")``, for
+``impl="gemm"`` (:func:`nfpi.prior.fpi_step`, O(K d + K^2) memory) and ``impl="broadcast"``
 (:func:`nfpi.prior.naive.fpi_step_broadcast`, O(K^2 d) memory). Broadcast rows whose estimated
 footprint (``BROADCAST_TEMPS`` live K x K x d float64 tensors) exceeds ``--budget-gb`` are skipped.
 Inputs are random: means ~ N(0, 1), variances ~ U[0.5, 1.5], class statistics alike.
@@ -45,6 +46,11 @@ spinning, slightly faster on an idle machine); ``--threads 1`` is the most load-
 Targets (printed as PASS/FAIL; exit status 0 either way): the K = 1000, d = 3072 solves within
 2 GB peak, checked both for the solve's own footprint (``peak_extra_mb``) and for the absolute
 process peak (``peak_mb``); >= 20x faster per iteration than broadcast at K = 100, d = 3072.
+
+``--smoke-test`` runs the same steps at toy sizes in seconds: iteration rows at K in {4, 32},
+d = 16 with a budget that skips the K = 32 broadcast row, both solves at K = 32, d = 16 for 3
+iterations, every configuration still in its own worker process; the targets are then checked at
+those sizes (their verdicts mean nothing there).
 """
 
 from __future__ import annotations
@@ -59,7 +65,14 @@ import time
 from typing import Any
 
 import torch
-from _common import DEFAULT_WAIT_POLICY, vm, worker_env, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    DEFAULT_WAIT_POLICY,
+    benchmark_parser,
+    mode_name,
+    vm,
+    worker_env,
+    write_records,
+)
 
 LAM, ALPHA = 100.0, 10.0
 BROADCAST_TEMPS = 6  # live K x K x d float64 temporaries assumed when estimating the broadcast
@@ -67,6 +80,7 @@ TARGET_SOLVE_MB = 2048.0  # K = 1000, d = 3072 solve within 2 GB peak
 TARGET_SPEEDUP = 20.0  # gemm vs broadcast per iteration at K = 100, d = 3072
 SOLVE_TOL = 1e-15  # near round-off: the solve runs until the Anderson history is full
 MIB = 1024.0 * 1024.0
+SMOKE_BUDGET_GB = 1e-4  # --smoke-test: keeps the K = 4 broadcast row, skips the K = 32 one
 
 
 def _reset_peak() -> bool:
@@ -105,24 +119,25 @@ def _inputs(k: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
 def _step_worker(
     k: int, d: int, impl: str, min_reps: int, min_seconds: float, seed: int
 ) -> dict[str, Any]:
-    from nfpi.prior import FPIConfig, fpi_step
+    from nfpi.prior import FPIConfig, Objective, fpi_step
     from nfpi.prior.naive import fpi_step_broadcast
 
     step = fpi_step if impl == "gemm" else fpi_step_broadcast
-    config = FPIConfig(lam=LAM, alpha=ALPHA, pi="pairwise", update="both")
+    objective = Objective(lam=LAM, alpha=ALPHA, pi="pairwise")
+    config = FPIConfig(update="both")
     mu, v, m, s = _inputs(k, d, seed)
     baseline, hwm_before = vm("VmRSS"), vm("VmHWM")
     reset = _reset_peak()
     times: list[float] = []
     cpu_times: list[float] = []
     with torch.no_grad():
-        mu_new, v_new = step(mu, v, m, s, config)  # warm-up (also part of the peak)
+        mu_new, v_new = step(mu, v, m, s, objective, config)  # warm-up (also part of the peak)
         finite = bool(torch.isfinite(mu_new).all() and torch.isfinite(v_new).all())
         del mu_new, v_new
         start = time.perf_counter()
         while len(times) < min_reps or time.perf_counter() - start < min_seconds:
             c0, t0 = time.process_time(), time.perf_counter()
-            out = step(mu, v, m, s, config)
+            out = step(mu, v, m, s, objective, config)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
             del out
@@ -132,7 +147,8 @@ def _step_worker(
     agree = None
     if impl == "broadcast":  # same map? (after the peak was read)
         with torch.no_grad():
-            ref, got = fpi_step(mu, v, m, s, config), fpi_step_broadcast(mu, v, m, s, config)
+            ref = fpi_step(mu, v, m, s, objective, config)
+            got = fpi_step_broadcast(mu, v, m, s, objective, config)
         agree = max(
             float(((g - r).abs() / r.abs().clamp_min(1e-300)).max()) for g, r in zip(got, ref)
         )
@@ -150,7 +166,7 @@ def _step_worker(
 
 
 def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict[str, Any]:
-    from nfpi.prior import ClassStatistics, FPIConfig, solve_fpi
+    from nfpi.prior import ClassStatistics, FPIConfig, Objective, solve_fpi
 
     _, _, m, s = _inputs(k, d, seed)
     n = 100.0  # samples per class: only the sums matter
@@ -160,10 +176,8 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
     )
     del m, s
     bounds = (0.25, 1.25) if update == "both" else None
+    objective = Objective(lam=LAM, alpha=ALPHA, pi="pairwise")
     config = FPIConfig(
-        lam=LAM,
-        alpha=ALPHA,
-        pi="pairwise",
         update=update,
         var_bounds=bounds,
         tol=SOLVE_TOL,
@@ -174,7 +188,7 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
     reset = _reset_peak()
     t0 = time.perf_counter()
     with torch.no_grad():
-        prior, report = solve_fpi(stats, config)
+        prior, report = solve_fpi(stats, objective, config)
     elapsed = time.perf_counter() - t0
     hwm = vm("VmHWM")
     return {
@@ -252,9 +266,7 @@ def _fmt_mb(mb: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (~1 minute)")
-    parser.add_argument("--out", help="write the records (JSON list) here")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], "reduced sizes (~1 minute)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -264,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-gb",
         type=float,
-        default=12.0,
-        help="skip broadcast rows whose estimated memory exceeds this",
+        default=None,
+        help=f"skip broadcast rows whose estimated memory exceeds this (default 12; "
+        f"{SMOKE_BUDGET_GB:g} with --smoke-test, which skips the K = 32 row)",
     )
     parser.add_argument(
         "--solve-repeats",
@@ -281,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     ks, ds = (10, 100, 1000), (768, 3072)
-    if args.quick:
+    solve_kd, speedup_kd, budget_gb = (1000, 3072), (100, 3072), args.budget_gb or 12.0
+    if args.smoke_test:  # toy sizes; a broadcast row over the budget; both solves
+        ks, ds = (4, 32), (16,)
+        solve_kd, speedup_kd = (32, 16), (4, 16)
+        budget_gb = args.budget_gb or SMOKE_BUDGET_GB
+        min_reps, min_seconds = 1, 0.0
+        solves, repeats = [("both", 3), ("mean", 3)], args.solve_repeats or 1
+    elif args.quick:
         min_reps, min_seconds = 2, 0.3
         solves, repeats = [("both", 8)], args.solve_repeats or 1
     else:
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
         f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
         f"{_wait_policy()}; load average "
-        f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}"
+        f"{os.getloadavg()[0]:.1f}{'' if mode_name(args) == 'full' else f' ({mode_name(args)})'}"
     )
     print(
         "peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
@@ -321,14 +341,15 @@ def main(argv: list[str] | None = None) -> int:
                 need = broadcast_estimate_gb(k, d) if impl == "broadcast" else 0.0
                 if impl == "broadcast":
                     rec["estimated_gb"] = round(need, 2)
-                if need > args.budget_gb:
+                if need > budget_gb:
                     rec.update(
                         seconds_per_iter=None,
                         peak_mb=None,
                         skipped=True,
                         loadavg=os.getloadavg()[0],
                     )
-                    rec["note"] = f"skipped (needs ~{need:.0f} GB)"
+                    size = f"{need:.0f} GB" if need >= 1 else f"{need * 1024:.2g} MB"
+                    rec["note"] = f"skipped (needs ~{size})"
                     continue
                 spec = {
                     "kind": "step",
@@ -362,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 speed = f"{rec['speedup']:.1f}x" if "speedup" in rec else "-"
                 _print_row(rec, speed, rec.pop("note"))
 
-    k, d = 1000, 3072
+    k, d = solve_kd
     for update, max_iter in solves:
         impl = f"solve_{update}"
         rec = {
@@ -415,22 +436,25 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(solves_done, key=lambda r: r[field])
             verdict = "PASS" if worst[field] <= TARGET_SOLVE_MB else "FAIL"
             print(
-                f"{verdict}: K=1000, d=3072 {what}: {worst[field]:.0f} MB "
+                f"{verdict}: K={k}, d={d} {what}: {worst[field]:.0f} MB "
                 f"({worst['impl']}) <= {TARGET_SOLVE_MB:.0f} MB"
             )
     else:
-        print("FAIL: K=1000, d=3072 solve did not run")
+        print(f"FAIL: K={k}, d={d} solve did not run")
+    k, d = speedup_kd
     target = next(
-        (r for r in records if r["K"] == 100 and r["d"] == 3072 and r["impl"] == "broadcast"), None
+        (r for r in records if r["K"] == k and r["d"] == d and r["impl"] == "broadcast"), None
     )
     if target is not None and target.get("speedup"):
         verdict = "PASS" if target["speedup"] >= TARGET_SPEEDUP else "FAIL"
         print(
-            f"{verdict}: K=100, d=3072 per-iteration speedup over broadcast "
+            f"{verdict}: K={k}, d={d} per-iteration speedup over broadcast "
             f"{target['speedup']:.1f}x >= {TARGET_SPEEDUP:.0f}x"
         )
     else:
-        print("FAIL: K=100, d=3072 speedup not measured")
+        print(f"FAIL: K={k}, d={d} speedup not measured")
+    if args.smoke_test:
+        print("smoke test: toy sizes, the verdicts above say nothing about the targets")
     if os.getloadavg()[0] > args.threads:
         print(
             f"note: load average {os.getloadavg()[0]:.1f} > {args.threads} threads: other "

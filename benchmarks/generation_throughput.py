@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/generation_throughput.py --quick              # ~80 s on 2 CPU cores
     python benchmarks/generation_throughput.py --out gen.json       # full, ~2.5 minutes
+    python benchmarks/generation_throughput.py --smoke-test         # seconds: toy sizes
 
 Rows (each in a fresh subprocess; ``peak_mb`` is its peak resident set, ``VmHWM``, torch
 included; ``base_mb`` the resident set after imports and model construction):
@@ -26,7 +27,12 @@ included; ``base_mb`` the resident set after imports and model construction):
   a batch of 100 3x32x32 images.
 
 Timings are best-of-repetitions (the machine may be shared); workers run with
-``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it.
+``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. ``flow`` names the flow preset of
+the generation and NF rows.
+
+``--smoke-test`` runs every row, each still in its own worker process, at toy sizes in seconds:
+the ``tiny`` flow preset stands in for mef-cifar (``flow`` says so), generation times 1 batch of
+16, the augmentation rows and the ResNet-18 step use batches of 20 and one timed repetition.
 """
 
 from __future__ import annotations
@@ -34,19 +40,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import vm, worker_env, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    benchmark_parser,
+    mode_name,
+    run_worker,
+    vm,
+    worker_env,
+    write_records,
+)
+
+FLOW = "mef-cifar"  # the flow of the generation and NF rows
+SMOKE_FLOW = "tiny"  # --smoke-test: the same layer types at toy size
 
 
-def _random_model(num_classes: int, seed: int = 0) -> Any:
-    """An untrained mef-cifar flow with a random diagonal prior, as a TrainedModel."""
+def _random_model(num_classes: int, preset: str, seed: int = 0) -> Any:
+    """An untrained ``preset`` flow (3x32x32) with a random diagonal prior, as a TrainedModel."""
     from nfpi.checkpoint import TrainedModel
     from nfpi.config import ExperimentConfig
     from nfpi.data import DatasetInfo
@@ -54,11 +68,11 @@ def _random_model(num_classes: int, seed: int = 0) -> Any:
     from nfpi.prior import GaussianPrior
 
     torch.manual_seed(seed)
-    flow = build_flow("mef-cifar", in_shape=(3, 32, 32)).eval()
+    flow = build_flow(preset, in_shape=(3, 32, 32)).eval()
     d = flow.latent_dim
     prior = GaussianPrior(0.3 * torch.randn(num_classes, d), var=0.25 + torch.rand(num_classes, d))
     info = DatasetInfo("random", num_classes, (3, 32, 32), tuple(map(str, range(num_classes))))
-    config = ExperimentConfig().with_overrides({"flow.preset": "mef-cifar", "name": "benchmark"})
+    config = ExperimentConfig().with_overrides({"flow.preset": preset, "name": "benchmark"})
     return TrainedModel(flow, prior, config, info, epoch=0)
 
 
@@ -76,11 +90,11 @@ def _best(fn, reps: int) -> tuple[float, list[float]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
+def _generate_worker(batch: int, batches: int, preset: str) -> dict[str, Any]:
     from nfpi.downstream import generate_dataset
 
     k = 16
-    model = _random_model(k)
+    model = _random_model(k, preset)
     base = vm("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         # Warm-up: allocator, thread pool, first-call dispatch.
@@ -94,6 +108,7 @@ def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
         on_disk = sum(f.stat().st_size for f in (Path(tmp) / "set").iterdir())
     return {
         "what": "generate_mef_cifar",
+        "flow": preset,
         "batch": batch,
         "per_s": round(n / seconds, 3),
         "peak_mb": round(vm("VmHWM")),
@@ -105,7 +120,7 @@ def _generate_worker(batch: int, batches: int) -> dict[str, Any]:
     }
 
 
-def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
+def _augment_worker(what: str, batch: int, reps: int, preset: str) -> dict[str, Any]:
     from nfpi.downstream import BatchCropFlip, BatchRandAugment
 
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +147,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
     if what == "augment_standard_plus_nf":
         from nfpi.downstream import ClassPCA, NFAugment, NFAugmentConfig
 
-        flow = _random_model(10).flow
+        flow = _random_model(10, preset).flow
         d, r = flow.latent_dim, 16
         # Random class subspaces: the cost of mixing does not depend on the fit.
         axes = torch.linalg.qr(torch.randn(10, d, r, dtype=torch.float64))[0]
@@ -140,7 +155,7 @@ def _augment_worker(what: str, batch: int, reps: int) -> dict[str, Any]:
             torch.zeros(10, d), axes, torch.ones(10, r), torch.full((10,), 500), torch.ones(10)
         )
         nf = NFAugment(flow, pca, NFAugmentConfig(n_components=r, probability=0.5))
-        extra = {"p": 0.5, "n_components": r}
+        extra = {"flow": preset, "p": 0.5, "n_components": r}
     base = vm("VmRSS")
 
     def step() -> None:
@@ -201,12 +216,11 @@ def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
 
 def _run_worker(args: list[str], threads: int | None) -> dict[str, Any]:
     """Run this script's worker mode in a fresh process; its last stdout line is JSON."""
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
     if threads:
-        cmd += ["--threads", str(threads)]
+        args = [*args, "--threads", str(threads)]
     env = worker_env()  # passive OpenMP waits: RandAugment on 100 images was 10x slower spinning
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    stdout = run_worker(__file__, args, env)
+    row = json.loads(stdout.strip().splitlines()[-1])
     row["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
     row["threads"] = threads or torch.get_num_threads()
     row["loadavg_1min"] = round(os.getloadavg()[0], 2)
@@ -214,53 +228,72 @@ def _run_worker(args: list[str], threads: int | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="generation: 1 batch of 64; NF augmentation and ResNet step: 1 timed batch",
+    p = benchmark_parser(
+        __doc__.splitlines()[0],
+        "generation: 1 batch of 64; NF augmentation and ResNet step: 1 timed batch",
     )
-    p.add_argument("--out", help="write the records as a JSON list to this path")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--flow", default=FLOW, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.worker:
         if args.worker == "generate_mef_cifar":
-            row = _generate_worker(args.batch, args.batches)
+            row = _generate_worker(args.batch, args.batches, args.flow)
         elif args.worker == "classifier_step_resnet18":
             row = _classifier_worker(args.batch, args.reps)
         else:
-            row = _augment_worker(args.worker, args.batch, args.reps)
+            row = _augment_worker(args.worker, args.batch, args.reps, args.flow)
         print(json.dumps(row))
         return
 
-    gen_batch, gen_batches = (64, 1) if args.quick else (256, 2)
-    aug_reps, nf_reps, step_reps = (3, 1, 1) if args.quick else (10, 3, 5)
+    flow, batch = FLOW, 100  # batch: the augmentation and ResNet-18 rows
+    if args.smoke_test:
+        flow, batch = SMOKE_FLOW, 20
+        gen_batch, gen_batches = 16, 1
+        aug_reps, nf_reps, step_reps = 1, 1, 1
+    elif args.quick:
+        gen_batch, gen_batches = 64, 1
+        aug_reps, nf_reps, step_reps = 3, 1, 1
+    else:
+        gen_batch, gen_batches = 256, 2
+        aug_reps, nf_reps, step_reps = 10, 3, 5
+    gen = ["--batch", str(gen_batch), "--batches", str(gen_batches)]
     plan = [
+        ["--worker", "generate_mef_cifar", *gen, "--flow", flow],
+        ["--worker", "augment_standard", "--batch", str(batch), "--reps", str(aug_reps)],
         [
             "--worker",
-            "generate_mef_cifar",
+            "augment_standard_torchvision",
             "--batch",
-            str(gen_batch),
-            "--batches",
-            str(gen_batches),
+            str(batch),
+            "--reps",
+            str(aug_reps),
         ],
-        ["--worker", "augment_standard", "--batch", "100", "--reps", str(aug_reps)],
-        ["--worker", "augment_standard_torchvision", "--batch", "100", "--reps", str(aug_reps)],
-        ["--worker", "augment_standard_plus_nf", "--batch", "100", "--reps", str(nf_reps)],
-        ["--worker", "classifier_step_resnet18", "--batch", "100", "--reps", str(step_reps)],
+        [
+            "--worker",
+            "augment_standard_plus_nf",
+            "--batch",
+            str(batch),
+            "--reps",
+            str(nf_reps),
+            "--flow",
+            flow,
+        ],
+        ["--worker", "classifier_step_resnet18", "--batch", str(batch), "--reps", str(step_reps)],
     ]
-    mode = (
-        f"quick mode: generation times {gen_batches} batch of {gen_batch} (full mode: 2 x 256)"
-        if args.quick
-        else "full mode"
-    )
+    mode = {
+        "smoke": f"smoke test: flow preset {flow!r} instead of {FLOW!r}, toy batches "
+        "(the numbers mean nothing)",
+        "quick": f"quick mode: generation times {gen_batches} batch of {gen_batch} "
+        "(full mode: 2 x 256)",
+        "full": "full mode",
+    }[mode_name(args)]
     print(
         f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {mode}, "
         f"load average {os.getloadavg()[0]:.1f}\n"
@@ -283,8 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     std, nf = by["augment_standard"], by["augment_standard_plus_nf"]
     step = by["classifier_step_resnet18"]
     print(
-        f"\nNF augmentation (p = 0.5, mef-cifar) costs {nf['seconds_per_batch']:.2f} s per batch "
-        f"of 100 vs {std['seconds_per_batch'] * 1e3:.1f} ms for crop + flip + RandAugment "
+        f"\nNF augmentation (p = 0.5, {flow}) costs {nf['seconds_per_batch']:.2f} s per batch "
+        f"of {batch} vs {std['seconds_per_batch'] * 1e3:.1f} ms for crop + flip + RandAugment "
         f"({nf['seconds_per_batch'] / std['seconds_per_batch']:.0f}x) and "
         f"{step['seconds_per_batch']:.2f} s for a ResNet-18 training step "
         f"({nf['seconds_per_batch'] / step['seconds_per_batch']:.1f}x the step)."

@@ -2,7 +2,7 @@
 data, the prior refresh (all-reduce + actor solve + return) as a fraction of an epoch, and 2
 workers against 1.
 
-    python benchmarks/ray_overhead.py [--quick] [--out results.json]
+    python benchmarks/ray_overhead.py [--quick | --smoke-test] [--out results.json]
 
 Workload: scikit-learn digits (bundled) with a small MEF flow, FPI prior solved at the end of
 epoch 1, evaluation every epoch, no pictures. Every setting runs the same config and torch uses
@@ -12,11 +12,15 @@ one thread per process (what a Ray worker with one CPU gets), so the ratios meas
 Records: ``setting`` (plain, ray_1worker, ray_2workers), ``epoch_s`` (median epoch after
 start-up), ``prior_refresh_s`` (the solve epoch's refresh: actor/service call + broadcast),
 ``startup_s`` (wall time not spent in epochs), ``epochs``.
+
+``--smoke-test`` runs the three settings (a local Ray with 2 CPUs, the 2-worker run included) for
+2 epochs of a toy run: 20 training and 10 test digits per class, MEF hidden width 8, 1 step x 1
+block per level. Its epochs take ~0.2 s; its ~1-1.5 minutes on the shared 2-core machine are
+Ray's start-up (local Ray, worker group and prior actor of each run).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,13 +29,24 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_records  # benchmarks/ is on sys.path when a script runs
+from _common import benchmark_parser, write_records  # benchmarks/ is on sys.path
 
 from nfpi.presets import experiment_config
 from nfpi.training import Trainer
 
+# --smoke-test: a toy run of the same shape (the solve epoch included) in seconds per epoch.
+SMOKE = {
+    "data.items_per_class": 20,
+    "data.test_items_per_class": 10,
+    "optim.batch_size": 50,
+    "optim.warmup_steps": 5,
+    "flow.hidden": 8,
+    "flow.blocks": 1,
+    "flow.steps": 1,
+}
 
-def _config(epochs: int):
+
+def _config(epochs: int, smoke: bool = False):
     return experiment_config(
         "digits",
         {
@@ -41,6 +56,7 @@ def _config(epochs: int):
             "flow.hidden": 64,
             "flow.blocks": 2,
             "flow.steps": 4,
+            **(SMOKE if smoke else {}),
         },
     )
 
@@ -60,30 +76,28 @@ def _summary(history: list[dict], wall: float) -> dict:
     }
 
 
-def run_plain(epochs: int, tmp: Path) -> dict:
+def run_plain(epochs: int, tmp: Path, smoke: bool = False) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    history = Trainer(_config(epochs), tmp / "plain").fit()
+    history = Trainer(_config(epochs, smoke), tmp / "plain").fit()
     return {"setting": "plain", **_summary(history, time.perf_counter() - t0)}
 
 
-def run_ray(epochs: int, workers: int, tmp: Path) -> dict:
+def run_ray(epochs: int, workers: int, tmp: Path, smoke: bool = False) -> dict:
     import ray
 
+    from nfpi.checkpoint import load_checkpoint
+    from ray_jobs.settings import RaySettings
     from ray_jobs.train import run_experiment
 
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
-    result = run_experiment(
-        _config(epochs),
-        storage_path=tmp / "ray",
-        run_name=f"overhead-{workers}",
-        num_workers=workers,
-    )
+    settings = RaySettings(results_dir=tmp / "results", num_workers=workers)
+    result = run_experiment(_config(epochs, smoke), settings, f"overhead-{workers}")
     wall = time.perf_counter() - t0
-    history = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)["history"]
+    history = load_checkpoint(result.checkpoint.path)["history"]
     return {
         "setting": f"ray_{workers}worker{'s' if workers > 1 else ''}",
         **_summary(history, wall),
@@ -91,18 +105,24 @@ def run_ray(epochs: int, workers: int, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 epochs instead of 6 (~1-2 minutes)")
-    parser.add_argument("--out", help="write the records (JSON list) here")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], "3 epochs instead of 6 (~1-2 minutes)")
     args = parser.parse_args(argv)
-    epochs = 3 if args.quick else 6
+    smoke = args.smoke_test
+    epochs = 2 if smoke else 3 if args.quick else 6
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = [run_plain(epochs, tmp), run_ray(epochs, 1, tmp), run_ray(epochs, 2, tmp)]
+        rows = [
+            run_plain(epochs, tmp, smoke),
+            run_ray(epochs, 1, tmp, smoke),
+            run_ray(epochs, 2, tmp, smoke),
+        ]
     plain, one, two = rows
-    print(
-        f"\nRay overhead on digits (MEF hidden 64, 4 steps x 2 levels), {epochs} epochs, torch 1 thread/process"
+    flow = (
+        "smoke test: 20 digits per class, MEF hidden 8, 1 step x 1 block"
+        if smoke
+        else "MEF hidden 64, 4 steps x 2 levels"
     )
+    print(f"\nRay overhead on digits ({flow}), {epochs} epochs, torch 1 thread/process")
     print(
         f"{'setting':<14}{'epoch_s':>9}{'refresh_s':>11}{'stats_s':>9}{'startup_s':>11}{'nf_acc':>8}"
     )

@@ -1,29 +1,40 @@
 """Table 1 at toy scale: data-init, GD under each learning-rate policy, and FPI priors on
 scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/dim (mean +- std).
 
-    python benchmarks/table1_digits.py [--quick] [--out table1_digits.json] [--epochs N]
+    python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
 with plots off. GD runs ``--gd-steps`` Adam steps per epoch with its policy decaying over the
 whole run; FPI is solved once at the end of epoch ``prior.solve_epoch`` as in the release.
 Records: ``method`` (data-init, gd, fpi), ``policy`` (GD only), ``seed``, ``nf_acc``,
 ``test_bpd``.
+
+``--smoke-test`` runs every method and policy once, 1 epoch of a toy run (20 training and 10 test
+digits per class, batch 50, MEF hidden width 8, 2 GD steps per epoch), in seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import write_records  # benchmarks/ is on sys.path when a script runs
+from _common import benchmark_parser, write_records  # benchmarks/ is on sys.path
 
 from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import POLICY_POWERS
 from nfpi.training import Trainer
+
+# --smoke-test: a toy run of the same shape, seconds per method.
+SMOKE = {
+    "data.items_per_class": 20,
+    "data.test_items_per_class": 10,
+    "optim.batch_size": 50,
+    "optim.warmup_steps": 5,
+    "flow.hidden": 8,
+}
 
 
 def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
@@ -50,27 +61,35 @@ def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 epochs, 1 seed (~1-2 minutes)")
-    parser.add_argument("--out", help="write the records (JSON list) here")
-    parser.add_argument("--epochs", type=int, help="epochs per run (default 30; 8 with --quick)")
-    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; 1 with --quick)")
-    parser.add_argument("--gd-steps", type=int, default=100, help="GD steps per epoch")
+    parser = benchmark_parser(__doc__.split("\n\n")[0], "8 epochs, 1 seed (~1-2 minutes)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per run (default 30; 8 with --quick, 1 with --smoke-test)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, help="seeds per method (default 3; 1 with --quick or --smoke-test)"
+    )
+    parser.add_argument(
+        "--gd-steps", type=int, help="GD steps per epoch (default 100; 2 with --smoke-test)"
+    )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra config overrides for every run (e.g. prior.fpi.lam=300)",
+        help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
     args = parser.parse_args(argv)
-    epochs = args.epochs or (8 if args.quick else 30)
-    seeds = args.seeds or (1 if args.quick else 3)
-    extra = dict(parse_override(s) for s in args.set)
+    smoke = args.smoke_test
+    epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
+    seeds = args.seeds or (1 if smoke or args.quick else 3)
+    gd_steps = args.gd_steps or (2 if smoke else 100)
+    extra = {**(SMOKE if smoke else {}), **dict(parse_override(s) for s in args.set)}
     records = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for method, policy, overrides in _variants(epochs, args.gd_steps):
+        for method, policy, overrides in _variants(epochs, gd_steps):
             for seed in range(seeds):
                 cfg = experiment_config(
                     "digits",
@@ -99,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"test bpd {rec['test_bpd']:.4f}",
                     flush=True,
                 )
+    toy = ", smoke test: 20 digits per class, MEF hidden 8" if smoke else ""
     print(
-        f"\nTable 1 on digits ({epochs} epochs, {seeds} seed(s), {time.perf_counter() - t0:.0f} s)"
+        f"\nTable 1 on digits ({epochs} epochs, {seeds} seed(s){toy}, "
+        f"{time.perf_counter() - t0:.0f} s)"
     )
     print(f"{'method':<10}{'policy':<16}{'NF-Acc (%)':>18}{'test bits/dim':>20}")
     rows: dict[tuple, list[dict]] = {}

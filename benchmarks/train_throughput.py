@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/train_throughput.py --quick            # ~1 minute on 2 CPU cores
     python benchmarks/train_throughput.py --out bench.json   # full: batch 64, several steps
+    python benchmarks/train_throughput.py --smoke-test       # seconds: the tiny preset, batch 2
 
 Training rows: one float32 step = forward, class-conditional diagonal-gaussian NLL, backward,
 Adamax step, on random dequantised 3x32x32 images. Each model runs in a fresh subprocess whose
@@ -14,6 +15,10 @@ is the batch over the fastest timed step (best-of, because the machine may be sh
 Matrix-exponential rows: ``torch.linalg.matrix_exp`` on a batch of per-pixel coupling matrices
 against a Taylor-series loop that checks convergence with a host sync (``.item()``) per term, as
 the released MEF code does; forward alone and forward + backward.
+
+``--smoke-test`` runs the same two workers at toy sizes in seconds: the ``tiny`` flow preset
+(unless ``--models`` is given) at batch 2 for one timed step, and the matrix exponential on
+[64, 6, 6] and [16, 24, 24] batches once each.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import torch
-from _common import vm, worker_env, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    benchmark_parser,
+    mode_name,
+    run_worker,
+    vm,
+    worker_env,
+    write_records,
+)
 
 MEF_REFERENCE_PARAMS = 42.9e6
+MODELS = ["mef-cifar", "glow-small"]  # full and --quick
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,12 +111,11 @@ def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) ->
 
 def _run_worker(args: list[str], threads: int | None) -> list[dict]:
     """Run this script's worker mode in a fresh process; its last stdout line is JSON."""
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
     if threads:
-        cmd += ["--threads", str(threads)]
+        args = [*args, "--threads", str(threads)]
     env = worker_env()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    stdout = run_worker(__file__, args, env)
+    rows = json.loads(stdout.strip().splitlines()[-1])
     rows = rows if isinstance(rows, list) else [rows]
     for row in rows:
         row["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
@@ -188,10 +198,12 @@ def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="batch 16, 2 timed steps (~1 min)")
-    p.add_argument("--out", help="write the records as a JSON list to this path")
-    p.add_argument("--models", nargs="+", default=["mef-cifar", "glow-small"])
+    p = benchmark_parser(__doc__.splitlines()[0], "batch 16, 2 timed steps (~1 min)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        help="flow presets (default mef-cifar glow-small; tiny with --smoke-test)",
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed training steps per model")
     p.add_argument("--warmup", type=int, default=1)
@@ -211,19 +223,26 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row))
         return
 
-    batch = args.batch or (16 if args.quick else 64)
-    steps = args.steps or (2 if args.quick else 3)
+    if args.smoke_test:
+        models, batch, steps = args.models or ["tiny"], args.batch or 2, args.steps or 1
+        shapes, reps = [(64, 6), (16, 24)], 1
+    elif args.quick:
+        models, batch, steps = args.models or MODELS, args.batch or 16, args.steps or 2
+        shapes, reps = [(16 * 16 * 16, 6), (16 * 4 * 4, 24)], 2
+    else:
+        models, batch, steps = args.models or MODELS, args.batch or 64, args.steps or 3
+        shapes, reps = [(64 * 16 * 16, 6), (64 * 4 * 4, 24)], 5
     records: list[dict] = []
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{'quick' if args.quick else 'full'} mode, workers with OMP_WAIT_POLICY="
+        f"{mode_name(args)} mode, workers with OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, load average {os.getloadavg()[0]:.1f}\n"
     )
     print(
         f"{'model':<12} {'batch':>5} {'images/s':>9} {'(median)':>9} {'peak MiB':>9} {'params':>12}"
         f" {'load':>5} {'cpu s/step':>10} {'idle est. img/s':>15}"
     )
-    for model in args.models:
+    for model in models:
         row = train_row(model, batch, steps, args.warmup, args.threads)
         records.append(row)
         print(
@@ -237,12 +256,6 @@ def main(argv: list[str] | None = None) -> None:
             rel = abs(row["params"] - MEF_REFERENCE_PARAMS) / MEF_REFERENCE_PARAMS
             assert rel < 5e-3, f"mef-cifar has {row['params']:,} parameters, reference 42.9 M"
 
-    shapes = (
-        [(64 * 16 * 16, 6), (64 * 4 * 4, 24)]
-        if not args.quick
-        else [(16 * 16 * 16, 6), (16 * 4 * 4, 24)]
-    )
-    reps = 2 if args.quick else 5
     mrows = _run_worker(
         ["--worker", "matrix_exp", "--shapes", json.dumps(shapes), "--reps", str(reps)],
         args.threads,
