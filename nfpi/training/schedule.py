@@ -54,7 +54,10 @@ def report_metrics(report: PriorReport | None) -> dict[str, float]:
             "fpi_bound_factor": report.bound_factor,
         }
     if isinstance(report, GDReport):
-        return {"gd_merit": report.merit_after, "gd_steps": float(report.steps)}
+        out = {"gd_merit": report.merit_after, "gd_steps": float(report.steps)}
+        if report.lams:
+            out["gd_lam"] = report.lams[-1]
+        return out
     return {}
 
 
