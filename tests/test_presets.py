@@ -12,6 +12,7 @@ from nfpi.presets import (
     released_name,
     released_overrides,
 )
+from nfpi.prior import DEFAULT_BOUND_FACTORS
 
 ROOT = {"data.root": "/data/placeholder"}
 
@@ -159,3 +160,24 @@ def test_both_variants_solve_on_flow_like_statistics(key):
     else:
         assert report.bound_factor in paper.fpi.auto_bounds
         assert report.at_lower_bound + report.at_upper_bound > 0
+
+
+def test_a_paper_preset_trains_and_logs_its_bounds(tmp_path):
+    """The paper variant of cifar10/mean_var on the smoke data: both scheduled solves run (after
+    epochs 0 and 1), and the epoch metrics carry the automatic bounds and the counts at them."""
+    from nfpi.training import Trainer
+
+    overrides = {
+        **released_overrides("cifar10/mean_var", "paper"),
+        "eval.plots": False,
+        "optim.epochs": 3,
+    }
+    history = Trainer(experiment_config("smoke", overrides), tmp_path / "run").fit()
+    solved = [h for h in history if "fpi_iterations" in h]
+    assert [int(h["epoch"]) for h in solved] == [0, 1]  # then frozen
+    assert history[-1]["prior_version"] == 3  # data-init + two solves
+    for h in solved:
+        assert h["fpi_converged"] == 1.0
+        # At lambda 3,333 on ten digit classes the joint paper form needs the bounds.
+        assert h["fpi_bound_factor"] in DEFAULT_BOUND_FACTORS
+        assert h["fpi_at_lower_bound"] + h["fpi_at_upper_bound"] > 0

@@ -30,7 +30,7 @@ epoch, bit-identical to an uninterrupted run (every epoch's randomness is a func
 
 Example::
 
-    train = GeneratedDataset("gen/cifar10_T0.7")
+    train = GeneratedDataset("gen/cifar10_T1")
     test, info = load_dataset("cifar10", "test", root=...)
     result = train_classifier(train, test, info.num_classes, ClassifierConfig(epochs=30))
     confusion_png(result.confusion, info.class_names, "confusion.png")  # nfpi.plots
