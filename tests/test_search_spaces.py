@@ -224,3 +224,19 @@ def test_table5_swin_and_table6_eva02_recipes():
     assert {(d.classifier.randaugment, d.classifier.nf_augment is not None) for d in downs} == {
         (False, False), (True, False), (False, True), (True, True)}  # fmt: skip
     assert eva.config_for(eva.samples()[0], needs).data.name == "imagefolder"
+
+
+def test_sweep_takes_options_and_rejects_bad_ones_before_running(tmp_path):
+    from ray_jobs.sweep import main as sweep_main
+
+    base = ["--space", "table3", "--results-dir", str(tmp_path), "--set", "data.root=/x"]
+    with pytest.raises(ConfigError, match="variant"):
+        sweep_main([*base, "--set", "variant=faithful"])
+    with pytest.raises(ConfigError, match="dataset=cifar100"):
+        sweep_main([*base, "--set", "data.name=cifar100"])
+    # A trial re-selects the space from the same overrides it receives.
+    space, _ = load_space("table3").with_options({"dataset": "cifar100", "variant": "paper"})
+    trial = space.samples()[1]
+    config = load_space("table3").config_for(trial, {"dataset": "cifar100", "variant": "paper",
+                                                     "data.root": "/x"})  # fmt: skip
+    assert config.name == "cifar100_mean_paper" and config.prior.fpi.form == "paper"
