@@ -8,6 +8,7 @@ Examples::
     python -m nfpi config --experiment digits              # print the resolved config
     python -m nfpi downstream results/digits --set downstream.kind=cnn \\
         --set cnn.epochs=10 --output-dir results/digits-cnn    # CNN-Acc of a trained flow
+    python -m nfpi figures --out results/figures --checkpoint results/digits  # Figures 1-2
 """
 
 from __future__ import annotations
@@ -45,9 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_set(p, "downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)")
     p.add_argument("--output-dir", default="results/downstream")
     p.add_argument("--device", default="cpu")
+    from nfpi import figures
+
+    figures.add_arguments(sub.add_parser("figures", help="the paper's Figures 1 and 2 as PNGs"))
     args = parser.parse_args(argv)
     if args.command == "downstream":
         return _downstream(args)
+    if args.command == "figures":
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        written, _ = figures.run_from_args(args)
+        for path in written:
+            print(path)
+        return 0
     config = resolve_config(args.experiment, args.set, args.config_file)
     if args.command == "config":
         print(json.dumps(config.to_dict(), indent=2, default=str))

@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="spaces: " + ", ".join(SPACE_NAMES),
     )
-    parser.add_argument("--space", default="digits", choices=SPACE_NAMES)
+    parser.add_argument(
+        "--space",
+        default="digits",
+        choices=SPACE_NAMES,
+        help="a search space; table spaces take options, e.g. --set variant=paper",
+    )
     parser.add_argument("--name", help="sweep name (default: the space's name)")
     parser.add_argument("--num-samples", type=int, help="Tune samples (default: the space's)")
     parser.add_argument("--max-concurrent", type=int, help="parallel trials (default: what fits)")
@@ -265,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.smoke_test:
         args.space = "smoke"
-    space = load_space(args.space)
-    sweep = args.name or space.name
     overrides = dict(parse_override(s) for s in args.set)
+    # Option keys (--set variant=paper, dataset=...) select the space's grid; trials re-select it.
+    space, _ = load_space(args.space).with_options(overrides)
+    sweep = args.name or space.name
     configs = space.validate(overrides)  # fail fast, naming the bad field, before any trial runs
     if args.num_workers < 1:
         parser.error(
