@@ -4,10 +4,12 @@ scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/
     python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
-with plots off. GD runs ``--gd-steps`` Adam steps per epoch with its policy decaying over the
-whole run; FPI is solved once at the end of epoch ``prior.solve_epoch`` as in the release.
+with plots off. Every method runs the preset's schedule (prior updates at the end of epochs 0
+and 1, then frozen) at the same objective (``prior.objective``: lambda 1000, alpha 10, pi
+pairwise); GD runs ``--gd-steps`` Adam steps per update (default: the preset's), its policy
+decaying over all of the run's GD steps; ``geometric_knots`` is the release's default policy.
 Records: ``method`` (data-init, gd, fpi), ``policy`` (GD only), ``seed``, ``nf_acc``,
-``test_bpd``.
+``test_bpd``, ``epochs``, ``lam``.
 
 ``--smoke-test`` runs every method and policy once, 1 epoch of a toy run (20 training and 10 test
 digits per class, batch 50, MEF hidden width 8, 2 GD steps per epoch), in seconds.
@@ -37,9 +39,9 @@ SMOKE = {
 }
 
 
-def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
+def _variants(total_gd_steps: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
     out: list[tuple[str, str | None, dict]] = [("data-init", None, {"prior.method": "data-init"})]
-    for policy in POLICY_POWERS:
+    for policy in ("geometric_knots", *POLICY_POWERS):
         out.append(
             (
                 "gd",
@@ -51,7 +53,7 @@ def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
                         "name": policy,
                         "lr0": 0.1,
                         "lr_min": 1e-3,
-                        "total_steps": epochs * gd_steps,
+                        "total_steps": total_gd_steps,
                     },
                 },
             )
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, help="seeds per method (default 3; 1 with --quick or --smoke-test)"
     )
     parser.add_argument(
-        "--gd-steps", type=int, help="GD steps per epoch (default 100; 2 with --smoke-test)"
+        "--gd-steps",
+        type=int,
+        help="GD steps per prior update (default: the preset's; 2 with --smoke-test)",
     )
     parser.add_argument(
         "--set",
@@ -84,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.smoke_test
     epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
     seeds = args.seeds or (1 if smoke or args.quick else 3)
-    gd_steps = args.gd_steps or (2 if smoke else 100)
     extra = {**(SMOKE if smoke else {}), **dict(parse_override(s) for s in args.set)}
+    base = experiment_config("digits", {"optim.epochs": epochs, **extra})
+    gd_steps = args.gd_steps or (2 if smoke else base.prior.gd.steps_per_solve)
+    gd_prior = base.prior.replace(method="gd")
+    updates = sum(gd_prior.solves_after(e) for e in range(epochs))  # GD updates in a run
     records = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for method, policy, overrides in _variants(epochs, gd_steps):
+        for method, policy, overrides in _variants(max(1, updates * gd_steps), gd_steps):
             for seed in range(seeds):
                 cfg = experiment_config(
                     "digits",
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     "nf_acc": final["nf_acc"],
                     "test_bpd": final["test_bpd"],
                     "epochs": epochs,
+                    "lam": cfg.prior.objective_for().lam,
                 }
                 records.append(rec)
                 print(

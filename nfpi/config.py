@@ -111,6 +111,11 @@ class PriorConfig(Config):
     ``gd``: data-init at start, then ``gd.steps_per_solve`` GD steps at the end of every epoch
     up to ``solve_until``.
 
+    ``stats_augment``: the class statistics of a solve are taken under the training
+    augmentation (the release) or on clean images (``False``: the prior then describes the data
+    it is scored on; under augmentation the frozen prior misses the clean test latents, which is
+    what erodes NF-Acc after the solve, benchmarks/README.md "Erosion").
+
     ``objective`` (lambda, alpha, pi) is read by both solvers, so the FPI and GD rows of a sweep
     compare at equal objective by construction. ``gd_objective`` overrides it for GD only (the
     released GD weights differ from the released FPI lambda: method notes section 10).
@@ -121,6 +126,7 @@ class PriorConfig(Config):
     solve_epoch: int = 0
     resolve_every: int = 0
     solve_until: int | None = None
+    stats_augment: bool = True
     objective: Objective = field(default_factory=Objective)
     gd_objective: Objective | None = None
     fpi: FPIConfig = field(default_factory=lambda: FPIConfig(var_bounds=(0.25, 1.25)))

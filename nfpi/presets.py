@@ -272,19 +272,29 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "digits": {
         "name": "digits",
         "data.name": "digits",
+        # 17 grey levels (0..16) dequantised as 17 bins; bits/dim counts 17-level data.
+        # No augmentation: a rotated/shifted 8x8 glyph is a different distribution from the
+        # clean images the frozen prior is scored on (the cause of the erosion after the solve,
+        # benchmarks/README.md "Erosion after the solve"); without it NF-Acc only rises.
+        "data.augment": False,
         "flow.preset": "tiny",
         "flow.hidden": 32,
+        "flow.steps": 4,
         "optim.epochs": 30,
         "optim.batch_size": 128,
-        "optim.lr": 2e-3,
+        "optim.lr": 1e-2,  # the paper's Adamax lr: 2e-3 leaves the flow undertrained here
         "optim.warmup_steps": 100,
         "ema.beta": 0.999,
         "ema.update_every": 1,
         "ema.update_after_step": 10,
-        # The release's schedule (FPI at the end of epoch 0); lambda = 1000 separates the ten
-        # digit gaussians enough to show the paper's effect within this short budget.
+        # The release's schedule: solves at the end of epochs 0 and 1, then frozen; GD updates at
+        # the same epochs (enough Adam steps to reach the same objective's optimum) and FPI and
+        # GD share lambda = 1000 (prior.objective). Variances bounded to GD's sigmoid range.
         "prior.solve_epoch": 0,
+        "prior.resolve_every": 1,
+        "prior.solve_until": 1,
         "prior.objective.lam": 1000.0,
+        "prior.gd.steps_per_solve": 500,
         "eval.tsne_points": 360,
     },
     # Seconds-long runs for tests and smoke checks.

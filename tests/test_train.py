@@ -173,6 +173,11 @@ def test_load_trained_gives_the_ema_flow_and_prior_that_were_evaluated(tmp_path)
     assert model.epoch == 2 and model.info == trainer.info and model.config == trainer.config
     assert torch.equal(model.prior.means, trainer.prior.means)
     again = evaluate(
-        model.flow, model.prior, trainer.test_loader, torch.device("cpu"), trainer.config.seed
+        model.flow,
+        model.prior,
+        trainer.test_loader,
+        torch.device("cpu"),
+        trainer.config.seed,
+        model.info.levels,
     )
     assert again["nf_acc"] == history[-1]["nf_acc"] and again["test_bpd"] == history[-1]["test_bpd"]

@@ -209,7 +209,8 @@ class Trainer:
                 seed=epoch_seed(self.config.seed, 2 * epoch + PHASE_STATS),
                 shift=self.prior.means,
                 full=self.config.prior.covariance == "full",
-                augment=self.augment,
+                augment=self.augment if self.config.prior.stats_augment else None,
+                levels=self.info.levels,
             )
         finally:
             flow.train(was_training)
@@ -281,7 +282,9 @@ class Trainer:
         idx = torch.randperm(len(self.train_set), generator=gen)[: min(512, len(self.train_set))]
         batch = torch.stack([self.train_set[int(i)][0] for i in idx])
         seed = epoch_seed(c.seed, PHASE_STATS)
-        self.flow.data_init(keyed_inputs(batch, idx, seed, self.augment, self.device))
+        self.flow.data_init(
+            keyed_inputs(batch, idx, seed, self.augment, self.device, self.info.levels)
+        )
         stats = self._statistics(self.flow, epoch=0)
         self.schedule.initialize(stats)
         if c.prior.method != "fpi":  # the FPI's EMA starts after its first solve (release)
@@ -306,7 +309,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.augment is not None:
                 x = self.augment(x, gen)
-            nll, _ = nll_nats(self.model, self.prior, dequantize(x), y)
+            x = dequantize(x, levels=self.info.levels)
+            nll, _ = nll_nats(self.model, self.prior, x, y, self.info.levels)
             loss = nll.mean() / (self.dim * math.log(2))  # bits/dim
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -365,6 +369,7 @@ class Trainer:
             tsne_points=c.eval.tsne_points,
             seed=c.seed,
             tag=tag,
+            levels=self.info.levels,
         )
         if last and self.schedule.initial is not None:
             # Every prior method: the data-init prior against the final one.
@@ -402,7 +407,14 @@ class Trainer:
             last = epoch == c.optim.epochs - 1
             if (epoch + 1) % c.eval.every == 0 or last:
                 metrics.update(
-                    evaluate(self.eval_flow(), self.prior, self.test_loader, self.device, c.seed)
+                    evaluate(
+                        self.eval_flow(),
+                        self.prior,
+                        self.test_loader,
+                        self.device,
+                        c.seed,
+                        self.info.levels,
+                    )
                 )
             plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
             if self.is_main and c.eval.plots and plot_now:
