@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nfpi.config import PriorConfig
 from nfpi.errors import NfpiError
@@ -30,12 +31,23 @@ class PriorActorTimeoutError(NfpiError, TimeoutError):
 
 
 def create_prior_actor(
-    config: PriorConfig, num_classes: int, dim: int, *, max_restarts: int = 3
+    config: PriorConfig,
+    num_classes: int,
+    dim: int,
+    *,
+    max_restarts: int = 3,
+    node_id: str | None = None,
 ) -> ray.actor.ActorHandle:
-    """Start the PriorService actor of an experiment's prior section (K classes, d dims)."""
-    remote = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts)(
-        PriorService
+    """Start the PriorService actor of an experiment's prior section (K classes, d dims), on
+    node ``node_id`` if given (hard affinity: it restarts there, and fails with that node)."""
+    placement = (
+        {}
+        if node_id is None
+        else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
     )
+    remote = ray.remote(
+        num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts, **placement
+    )(PriorService)
     return remote.remote(
         config.method,
         num_classes,

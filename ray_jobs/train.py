@@ -127,11 +127,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return history[-1] if history else {}
 
 
-def _actor_for(config: ExperimentConfig) -> Any:
-    """The prior actor for ``config``, sized (K, d) from the dataset's test split."""
+def _actor_for(config: ExperimentConfig, settings: RaySettings) -> Any:
+    """The prior actor for ``config``, sized (K, d) from the dataset's test split, on the
+    driver's node unless ``settings.prior_actor_node`` says ``any``."""
     _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
     dim = info.shape[0] * info.shape[1] * info.shape[2]
-    return create_prior_actor(config.prior, info.num_classes, dim)
+    node = (
+        ray.get_runtime_context().get_node_id() if settings.prior_actor_node == "driver" else None
+    )
+    return create_prior_actor(config.prior, info.num_classes, dim, node_id=node)
 
 
 def run_experiment(
@@ -170,8 +174,14 @@ def run_experiment(
             mlflow_run_id = start_run(tracking, run_name, parent_run_id=parent_run_id, resume=True)
         logger = RunLogger(tracking, mlflow_run_id)
         logger.params(config.flat())
-        logger.params({"ray.num_workers": settings.num_workers, "ray.use_gpu": settings.use_gpu})
-    actor = _actor_for(config)
+        logger.params(
+            {
+                "ray.num_workers": settings.num_workers,
+                "ray.use_gpu": settings.use_gpu,
+                "ray.placement_strategy": settings.placement_strategy,
+            }
+        )
+    actor = _actor_for(config, settings)
     spec = WorkerSpec(
         run_name=run_name,
         run_dir=settings.run_dir(run_name),
@@ -190,6 +200,7 @@ def run_experiment(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=settings.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=RunConfig(
