@@ -36,7 +36,14 @@ __all__ = [
 @dataclass(frozen=True)
 class DataConfig(Config):
     """Dataset and loading. ``root`` is required for cifar10/100 and imagefolder (absolute
-    paths are safest: Ray workers and jobs change the working directory)."""
+    paths are safest: Ray workers and jobs change the working directory).
+
+    ``decode_cache`` (imagefolder): decode the images once into a uint8 file under
+    ``cache_dir`` (default ``$NFPI_DATA_CACHE/decoded``, else ``~/.cache/nfpi/decoded``) that
+    every epoch, rank and later run memory-maps instead of decoding the files again
+    (:mod:`nfpi.data.cache`); data-parallel ranks decode one block each. Skipped, with a
+    warning, when it does not fit on that disk. On a multi-node run ``cache_dir`` must be on
+    the shared file system. ``num_workers``: DataLoader processes per rank (decoding)."""
 
     name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = None
@@ -48,6 +55,8 @@ class DataConfig(Config):
     download: bool = False
     num_classes: int | None = None  # synthetic only
     shape: tuple[int, int, int] | None = None  # synthetic only
+    decode_cache: bool = False  # imagefolder only
+    cache_dir: str | None = None
 
     def dataset_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`nfpi.data.load_dataset` that this dataset takes."""
@@ -76,6 +85,18 @@ class DataConfig(Config):
             for key in ("num_classes", "shape"):
                 value = getattr(self, key)
                 check(value is None, key, value, "only for data.name='synthetic'")
+        check(
+            not self.decode_cache or self.name == "imagefolder",
+            "decode_cache",
+            self.decode_cache,
+            "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
+        check(
+            self.cache_dir is None or self.decode_cache,
+            "cache_dir",
+            self.cache_dir,
+            "None unless data.decode_cache=true",
+        )
 
 
 @dataclass(frozen=True)

@@ -148,14 +148,18 @@ def read_image(path: str | Path, image_size: int | None = None) -> torch.Tensor:
     """Read an image file as an RGB uint8 tensor ``[3, H, W]``.
 
     With ``image_size = S`` the shorter side is resized to S (bilinear, antialiased) and the
-    centre S x S crop is kept, as in ImageNet evaluation.
+    centre S x S crop is kept, as in ImageNet evaluation. A JPEG larger than twice S is
+    decoded at 1/2, 1/4 or 1/8 scale first (libjpeg's DCT scaling, PIL's draft mode: each side
+    stays >= S), which makes decoding an ImageNet photo for S = 32 or 64 several times faster.
     """
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if image_size is not None and img.format == "JPEG":
+                img.draft("RGB", (image_size, image_size))
+            arr = np.array(img.convert("RGB"), dtype=np.uint8)  # one writable copy
     except OSError as e:
         raise OSError(f"cannot read image {path}: {e}") from e
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if image_size is not None:
         x = F.resize(x, [image_size], antialias=True)
         x = F.center_crop(x, [image_size, image_size])
