@@ -178,6 +178,34 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_then_resized(tmp_path, monke
     assert read_image(path).shape == (3, 300, 256)  # no image_size: full decode
 
 
+def _pil_rgb(path):
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+
+def test_files_decode_to_the_pixels_pil_gives_and_odd_files_fall_back_to_pil(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    images = {
+        "photo.jpg": Image.fromarray(rgb),
+        "grey.jpeg": Image.fromarray(rgb[..., 0]),
+        "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), mode="RGBA"),
+        "palette.png": Image.fromarray(rgb).convert("P"),
+        "bitmap.jpg": Image.fromarray(rgb),  # a BMP named .jpg: torchvision refuses, PIL reads
+    }
+    for name, img in images.items():
+        img.save(tmp_path / name, format="BMP" if name == "bitmap.jpg" else None)
+        x = read_image(tmp_path / name)
+        assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 12, 10), name
+        assert torch.equal(x, _pil_rgb(tmp_path / name)), name
+    # The JPEGs and PNGs took torchvision's path, the disguised bitmap PIL's.
+    assert all(datasets_module._decode_native(tmp_path / n) is not None for n in list(images)[:4])
+    assert datasets_module._decode_native(tmp_path / "bitmap.jpg") is None
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(OSError, match="cannot read image .*broken.jpg"):
+        read_image(tmp_path / "broken.jpg")
+
+
 # ---------------------------------------------------------------------------------- sharding
 def test_imagenet_shaped_tree_sharded_over_16_ranks(tmp_path):
     """How 16 GPU workers read an ImageFolder: each rank's sampler takes every 16th item of
