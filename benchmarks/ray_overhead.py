@@ -83,7 +83,7 @@ def run_ray(epochs: int, workers: int, tmp: Path) -> dict:
         num_workers=workers,
     )
     wall = time.perf_counter() - t0
-    history = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=False)["history"]
+    history = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=True)["history"]
     return {
         "setting": f"ray_{workers}worker{'s' if workers > 1 else ''}",
         **_summary(history, wall),
