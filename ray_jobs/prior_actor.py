@@ -130,9 +130,10 @@ class ActorPriorClient:
         ray.kill(self.actor, no_restart=True)
         assert self.factory is not None
         self.actor = self.factory()
-        ray.get(self.actor.state_dict.remote(), timeout=self.start_timeout_s)  # up and running
+        # Bringing it up (process start, imports, first call) may take longer than a call.
+        ray.get(self.actor.state_dict.remote(), timeout=self.start_timeout_s)
         if self._state is not None:
-            ray.get(self.actor.load_state_dict.remote(self._state), timeout=self.timeout_s)
+            ray.get(self.actor.load_state_dict.remote(self._state), timeout=self.start_timeout_s)
         self.replacements += 1
 
     def _version(self) -> int:

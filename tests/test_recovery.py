@@ -129,8 +129,6 @@ def test_deterministic_cause_sees_through_rays_wrappers():
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from ray_jobs.prior_actor import PriorActorTimeoutError
-
     shape = ShapeError("bad shape")
     group = WorkerGroupError(
         "rank 1 failed",
@@ -156,25 +154,25 @@ def _stats(seed=0, k=4, d=3):
     return ClassStatistics.from_batch(z, y, k)
 
 
-class HangsOnce(PriorService):
-    """A prior service whose ``update`` never returns while ``hang`` is set: a hung actor."""
-
-    def __init__(self, *args, hang=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.hang = hang
-
-    def update(self, stats):
-        if self.hang:
-            threading.Event().wait()  # blocks until the process is killed
-        return super().update(stats)
-
-
 def test_hung_prior_actor_is_killed_replaced_and_reseeded(ray_session):
     """Before: after a timeout the client (and the restarted worker group) kept the same actor,
     whose queue stayed blocked behind the hung call: every later call timed out too (20 min
     with the defaults) and the run failed. Now the client kills it, starts a fresh actor from
     its factory, re-seeds it with the last state it saw and retries: the answers are exactly
     those of an actor that never hung."""
+
+    class HangsOnce(PriorService):  # defined here: Ray workers cannot import test modules
+        """A prior service whose ``update`` never returns while ``hang`` is set."""
+
+        def __init__(self, *args, hang=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.hang = hang
+
+        def update(self, stats):
+            if self.hang:
+                threading.Event().wait()  # blocks until the process is killed
+            return super().update(stats)
+
     remote = ray_session.remote(num_cpus=0)(HangsOnce)
     hung = remote.remote("gd", 4, 3, hang=True)
     started = []
@@ -184,7 +182,7 @@ def test_hung_prior_actor_is_killed_replaced_and_reseeded(ray_session):
         return started[-1]
 
     ray_session.get(hung.state_dict.remote())  # up (actor start-up may take seconds)
-    client = ActorPriorClient(hung, timeout_s=3.0, factory=factory)
+    client = ActorPriorClient(hung, timeout_s=10.0, factory=factory)
     reference = PriorService("gd", 4, 3)
     stats = [_stats(seed) for seed in range(3)]
     assert client.initialize(stats[0]).version == reference.initialize(stats[0]).version == 1
@@ -196,15 +194,6 @@ def test_hung_prior_actor_is_killed_replaced_and_reseeded(ray_session):
     assert client.replacements == 1 and len(started) == 1 and client.actor is started[0]
     with pytest.raises(ray_session.exceptions.RayActorError):
         ray_session.get(hung.state_dict.remote(), timeout=60)  # the hung one was killed
-
-    # Without a factory a timeout is still a clear error at once.
-    stuck = remote.remote("gd", 4, 3, hang=True)
-    ray_session.get(stuck.state_dict.remote())
-    plain = ActorPriorClient(stuck, timeout_s=2.0)
-    plain.initialize(stats[0])
-    with pytest.raises(PriorActorTimeoutError, match="did not answer update within"):
-        plain.update(stats[1])
-    ray_session.kill(stuck)
 
 
 # ------------------------------------------------------------------------------ Train runs
