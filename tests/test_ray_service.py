@@ -292,6 +292,7 @@ def test_job_submit_against_ray_start_head(tmp_path):
     }
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_GCS_SERVER_PORT", None)
     port, dash, *agent_ports = (_free_port() for _ in range(6))
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")
