@@ -37,6 +37,8 @@ from typing import Any
 
 from _common import ROOT, benchmark_parser, mode_name, write_records  # benchmarks/ on sys.path
 
+from nfpi.presets import parse_override
+
 METHODS = ("data-init", "gd", "fpi")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 QUICK = {"data.items_per_class": 200, "data.test_items_per_class": 100, "optim.epochs": 2}
@@ -179,6 +181,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow store (default sqlite under results/)")
     parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     parser.add_argument("--keep", type=Path, help="keep the run directories here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. prior.resolve_every=0 (a frozen prior) or "
+        "ema.enabled=true (the ablations of benchmarks/README.md)",
+    )
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -207,17 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides = dict(QUICK) if args.quick else {}
     overrides["data.root"] = str(data)
+    overrides.update(parse_override(text) for text in args.set)
     if args.epochs:
         overrides["optim.epochs"] = args.epochs
     epochs = overrides.get("optim.epochs", 8)
     # GD's policy decays over all of a run's GD steps (100 per epoch in the preset).
     steps = overrides.get("prior.gd.steps_per_solve", 100)
-    overrides["prior.gd.policy"] = {
-        "name": "sublinear_v1",
-        "lr0": 0.3,
-        "lr_min": 1e-3,
-        "total_steps": max(1, steps * epochs),
-    }
+    overrides.setdefault(
+        "prior.gd.policy",
+        {
+            "name": "sublinear_v1",
+            "lr0": 0.3,
+            "lr_min": 1e-3,
+            "total_steps": max(1, steps * epochs),
+        },
+    )
     runs_root = args.keep.resolve() if args.keep else Path(work.name) / "runs"
 
     tracking = parent_id = None
@@ -268,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({time.perf_counter() - t0:.0f} s)"
     )
+    if args.set:
+        print("every run with: " + ", ".join(args.set))
     print(summary)
     print("\nTest NF-Acc (%) / bits/dim after each epoch (epoch 0: right after the first update)")
     print(curves(results))
