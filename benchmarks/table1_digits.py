@@ -2,7 +2,7 @@
 scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/dim (mean +- std).
 
     python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
-        [--methods data-init,gd,fpi] [--curves] [--set KEY=VALUE ...]
+        [--methods data-init,gd,fpi] [--policies P,...] [--curves] [--set KEY=VALUE ...]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
 with plots off. Every method runs the preset's schedule (prior updates at the end of epochs 0
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of data-init, gd, fpi (default: all)",
     )
     parser.add_argument(
+        "--policies",
+        help="comma-separated GD learning-rate policies (default: geometric_knots and all five "
+        f"of {', '.join(POLICY_POWERS)})",
+    )
+    parser.add_argument(
         "--curves",
         action="store_true",
         help="evaluate after every epoch and print the mean NF-Acc curve of each row",
@@ -99,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("data-init", "gd", "fpi") for m in methods):
         parser.error(f"--methods {args.methods!r}: choose from data-init, gd, fpi")
+    all_policies = ("geometric_knots", *POLICY_POWERS)
+    policies = all_policies if args.policies is None else tuple(args.policies.split(","))
+    if not policies or any(p not in all_policies for p in policies):
+        parser.error(f"--policies {args.policies!r}: choose from {', '.join(all_policies)}")
     smoke = args.smoke_test
     epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
     seeds = args.seeds or (1 if smoke or args.quick else 3)
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for method, policy, overrides in _variants(max(1, updates * gd_steps), gd_steps):
-            if method not in methods:
+            if method not in methods or (policy is not None and policy not in policies):
                 continue
             for seed in range(seeds):
                 cfg = experiment_config(
