@@ -2,6 +2,7 @@
 scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/dim (mean +- std).
 
     python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
+        [--methods data-init,gd,fpi] [--policies P,...] [--curves] [--set KEY=VALUE ...]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
 with plots off. Every method runs the preset's schedule (prior updates at the end of epochs 0
@@ -78,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
         help="GD steps per prior update (default: the preset's; 2 with --smoke-test)",
     )
     parser.add_argument(
+        "--methods",
+        default="data-init,gd,fpi",
+        help="comma-separated subset of data-init, gd, fpi (default: all)",
+    )
+    parser.add_argument(
+        "--policies",
+        help="comma-separated GD learning-rate policies (default: geometric_knots and all five "
+        f"of {', '.join(POLICY_POWERS)})",
+    )
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="evaluate after every epoch and print the mean NF-Acc curve of each row",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -85,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in ("data-init", "gd", "fpi") for m in methods):
+        parser.error(f"--methods {args.methods!r}: choose from data-init, gd, fpi")
+    all_policies = ("geometric_knots", *POLICY_POWERS)
+    policies = all_policies if args.policies is None else tuple(args.policies.split(","))
+    if not policies or any(p not in all_policies for p in policies):
+        parser.error(f"--policies {args.policies!r}: choose from {', '.join(all_policies)}")
     smoke = args.smoke_test
     epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
     seeds = args.seeds or (1 if smoke or args.quick else 3)
@@ -93,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     gd_steps = args.gd_steps or (2 if smoke else base.prior.gd.steps_per_solve)
     gd_prior = base.prior.replace(method="gd")
     updates = sum(gd_prior.solves_after(e) for e in range(epochs))  # GD updates in a run
-    records = []
+    records, curves = [], {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for method, policy, overrides in _variants(max(1, updates * gd_steps), gd_steps):
+            if method not in methods or (policy is not None and policy not in policies):
+                continue
             for seed in range(seeds):
                 cfg = experiment_config(
                     "digits",
@@ -104,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                         "seed": seed,
                         "optim.epochs": epochs,
                         "eval.plots": False,
-                        "eval.every": epochs,
+                        "eval.every": 1 if args.curves else epochs,
                         **overrides,
                         **extra,
                     },
                 )
                 run_dir = Path(tmp) / f"{method}-{policy}-{seed}"
-                final = Trainer(cfg, run_dir).fit()[-1]
+                history = Trainer(cfg, run_dir).fit()
+                final = history[-1]
+                curves.setdefault((method, policy), []).append([h["nf_acc"] for h in history])
                 rec = {
                     "method": method,
                     "policy": policy,
@@ -143,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{method:<10}{policy or '-':<16}{statistics.mean(acc):>11.2f} +- {sd(acc):<4.2f}"
             f"{statistics.mean(bpd):>13.4f} +- {sd(bpd):.4f}"
         )
+    if args.set:
+        print("every run with: " + ", ".join(args.set))
+    if args.curves:
+        print(
+            "\nMean test NF-Acc (%) after each epoch (the first prior update is at the end of "
+            f"epoch {base.prior.solve_epoch})"
+        )
+        print(f"{'epoch':<6}" + "".join(f"{m + (' ' + p if p else ''):>22}" for m, p in curves))
+        for e in range(epochs):
+            row = [statistics.mean(c[e] for c in runs) for runs in curves.values()]
+            print(f"{e:<6}" + "".join(f"{100 * v:>22.2f}" for v in row))
     if args.out:
         write_records(args.out, records)
     return 0

@@ -43,7 +43,9 @@ class DataConfig(Config):
     every epoch, rank and later run memory-maps instead of decoding the files again
     (:mod:`nfpi.data.cache`); data-parallel ranks decode one block each. Skipped, with a
     warning, when it does not fit on that disk. On a multi-node run ``cache_dir`` must be on
-    the shared file system. ``num_workers``: DataLoader processes per rank (decoding)."""
+    the shared file system. ``in_memory`` (imagefolder) instead decodes into RAM in every
+    process (one-process runs of a small set); not both. ``num_workers``: DataLoader processes
+    per rank (decoding)."""
 
     name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = None
@@ -55,6 +57,7 @@ class DataConfig(Config):
     download: bool = False
     num_classes: int | None = None  # synthetic only
     shape: tuple[int, int, int] | None = None  # synthetic only
+    in_memory: bool = False  # imagefolder only: decode every image once, keep them in RAM
     decode_cache: bool = False  # imagefolder only
     cache_dir: str | None = None
 
@@ -63,7 +66,7 @@ class DataConfig(Config):
         if self.name in ("cifar10", "cifar100"):
             return {"root": self.root, "download": self.download}
         if self.name == "imagefolder":
-            return {"root": self.root, "image_size": self.image_size}
+            return {"root": self.root, "image_size": self.image_size, "in_memory": self.in_memory}
         if self.name == "synthetic":
             given = (("num_classes", self.num_classes), ("shape", self.shape))
             return {k: v for k, v in given if v is not None}
@@ -86,10 +89,24 @@ class DataConfig(Config):
                 value = getattr(self, key)
                 check(value is None, key, value, "only for data.name='synthetic'")
         check(
+            not self.in_memory or self.name == "imagefolder",
+            "in_memory",
+            self.in_memory,
+            "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
+        check(
             not self.decode_cache or self.name == "imagefolder",
             "decode_cache",
             self.decode_cache,
             "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
+        check(
+            not (self.decode_cache and self.in_memory),
+            "decode_cache",
+            self.decode_cache,
+            "false with data.in_memory=true: choose one (in_memory: every process decodes and "
+            "holds its own copy in RAM; decode_cache: decoded once into a file on disk that "
+            "every rank, epoch and run memory-maps)",
         )
         check(
             self.cache_dir is None or self.decode_cache,
@@ -229,8 +246,11 @@ class OptimConfig(Config):
 @dataclass(frozen=True)
 class EMAConfig(Config):
     """EMA of the flow (ema-pytorch; paper: beta 0.9999, power 0.75). It starts after the first
-    FPI solve (from the start for the other methods)."""
+    FPI solve (from the start for the other methods). ``enabled=False``: no EMA, evaluation and
+    pictures use the online flow, the flow the prior's statistics come from (short runs that
+    re-solve the prior every epoch: an EMA then lags behind the flow the prior was solved for)."""
 
+    enabled: bool = True
     beta: float = 0.9999
     power: float = 0.75
     update_every: int = 10

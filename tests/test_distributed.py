@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_all_reduced_statistics_equal_single_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(rank0, rank1)  # every rank holds the reduced statistics
     single = _stats(0, 1)
     assert torch.equal(rank0[:10], single[:10])  # counts
