@@ -122,6 +122,9 @@ def test_data_config_allows_the_cache_for_image_files_only():
     with pytest.raises(ConfigError) as err:
         DataConfig(name="imagefolder", root="/data", cache_dir="/tmp/c")
     assert err.value.field == "cache_dir"
+    with pytest.raises(ConfigError, match="choose one") as err:
+        DataConfig(name="imagefolder", root="/data", decode_cache=True, in_memory=True)
+    assert err.value.field == "decode_cache"
 
 
 def test_training_from_the_cache_is_bit_identical_to_training_from_files(jpeg_tree, tmp_path):
