@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -45,6 +46,14 @@ log = logging.getLogger("nfpi.rehearsal")
 
 NUM_CLASSES = 1000
 SHAPE = (3, 32, 32)
+
+
+def _actor_numbers(_: Any = None) -> tuple[float, float, float]:
+    """(peak RSS MiB, RSS MiB, CPU seconds so far) of the calling process: run in the actor."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return _status_mib("VmHWM"), _status_mib("VmRSS"), use.ru_utime + use.ru_stime
 
 
 def _status_mib(field: str) -> float:
@@ -69,10 +78,7 @@ class RefreshProbe:
         import ray
 
         actor = trainer.schedule.client.actor
-        mem = ray.get(
-            actor.__ray_call__.remote(lambda _: (_status_mib("VmHWM"), _status_mib("VmRSS"))),
-            timeout=120,
-        )
+        mem = ray.get(actor.__ray_call__.remote(_actor_numbers), timeout=120)
         m = result.metrics
         record = {
             "epoch": result.epoch,
@@ -87,7 +93,11 @@ class RefreshProbe:
             "nf_acc": m.get("nf_acc"),
             "actor_peak_mib": mem[0],
             "actor_rss_mib": mem[1],
+            # CPU seconds of the actor's process since it started (the solves, mostly): robust
+            # to other jobs on the machine, unlike prior_refresh_s.
+            "actor_cpu_s": mem[2],
             "rank0_peak_mib": _status_mib("VmHWM"),
+            "loadavg_1min": os.getloadavg()[0],  # timings on a shared machine: read with it
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -139,12 +149,8 @@ def _idle_actor_memory(dim: int) -> tuple[float, float]:
 
     actor = ray.remote(num_cpus=0)(PriorService).remote("fpi", NUM_CLASSES, dim)
     try:
-        return tuple(
-            ray.get(
-                actor.__ray_call__.remote(lambda _: (_status_mib("VmHWM"), _status_mib("VmRSS"))),
-                timeout=300,
-            )
-        )
+        peak, rss, _ = ray.get(actor.__ray_call__.remote(_actor_numbers), timeout=300)
+        return peak, rss
     finally:
         ray.kill(actor)
 
@@ -299,15 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['idle_actor_peak_mib']:.0f} MiB"
     )
     print(
-        f"{'epoch':>5}{'refresh_s':>10}{'stats_s':>9}{'iters':>6}{'actor_peak':>11}"
-        f"{'+idle':>7}{'rank0_peak':>11}{'epoch_s':>9}{'nf_acc':>8}"
+        f"{'epoch':>5}{'refresh_s':>10}{'stats_s':>9}{'iters':>6}{'actor_cpu':>10}"
+        f"{'actor_peak':>11}{'+idle':>7}{'rank0_peak':>11}{'epoch_s':>9}{'nf_acc':>8}{'load':>6}"
     )
     for r in record["per_epoch"]:
         print(
             f"{r['epoch']:>5}{r['prior_refresh_s']:>10.2f}{r['prior_stats_s']:>9.2f}"
-            f"{r['fpi_iterations'] or 0:>6.0f}{r['actor_peak_mib']:>11.0f}"
+            f"{r['fpi_iterations'] or 0:>6.0f}{r['actor_cpu_s']:>10.1f}{r['actor_peak_mib']:>11.0f}"
             f"{r['actor_peak_mib'] - record['idle_actor_peak_mib']:>7.0f}"
             f"{r['rank0_peak_mib']:>11.0f}{r['epoch_seconds']:>9.1f}{r['nf_acc']:>8.4f}"
+            f"{r['loadavg_1min']:>6.1f}"
         )
     print(f"final {record['final']}; the Tune trial took {record['tune_trial_s']:.0f} s")
     if args.out:
