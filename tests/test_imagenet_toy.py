@@ -4,6 +4,7 @@ FPI solved in the prior actor at K = 1000, d = 3072."""
 
 import json
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -11,6 +12,7 @@ from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from ray_jobs.rehearse_imagenet import NUM_CLASSES, rehearse
 
 
+@pytest.mark.cluster
 def test_thousand_classes_through_tune_and_two_train_workers(ray_session, tmp_path):
     record, errors = rehearse(tmp_path, smoke=True, epochs=1, max_iter=2, per_class=2)
     assert errors == []

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -35,6 +36,7 @@ def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
     assert diff_states(state, {**same, "history": history}) == [".history[0].nf_acc"]
 
 
+@pytest.mark.cluster
 def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path):
     results, out = tmp_path / "results", tmp_path / "rehearsal.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
