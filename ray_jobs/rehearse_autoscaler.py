@@ -49,6 +49,8 @@ from unittest import mock
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
+from ray_jobs.rehearse_multinode import end_processes
+
 __all__ = ["check_commands", "fake_config", "main", "rehearse"]
 
 log = logging.getLogger("nfpi.rehearsal")
@@ -128,21 +130,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _session_pids(marker: str) -> list[int]:
-    """Processes whose command line names ``marker`` (this cluster's temporary directory)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _alive_workers(head_id: str) -> list[dict[str, Any]]:
     import ray
 
@@ -167,16 +154,6 @@ def _where(_: int) -> dict[str, Any]:
         "node_type": os.environ.get("RAY_NODE_TYPE_NAME"),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
     }
-
-
-def _end_processes(marker: str) -> None:
-    """End what is left of this cluster (its processes name its temporary directory), by
-    process id: the worker raylets were started by the autoscaler, not by Cluster()."""
-    for pid in _session_pids(marker):
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
 
 
 def _start_head(
@@ -248,7 +225,7 @@ def rehearse(
                 break
             except Exception as err:  # Ray raises a bare Exception on this timeout
                 log.warning("head start failed (attempt %d): %s", attempt + 1, err)
-                _end_processes(temp_dir)
+                end_processes(temp_dir)
                 if attempt == 2:
                     raise
         record["node_types"] = {
@@ -306,7 +283,7 @@ def rehearse(
         ray.shutdown()
         if head is not None:
             head.shutdown()
-        _end_processes(temp_dir)
+        end_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     record["wall_s"] = round(time.perf_counter() - t0, 1)
     return record, errors

@@ -56,7 +56,7 @@ from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from nfpi.config import ExperimentConfig
 from nfpi.presets import experiment_config
 
-__all__ = ["Probe", "diff_states", "main", "read_probes"]
+__all__ = ["Probe", "diff_states", "end_processes", "main", "read_probes", "session_pids"]
 
 log = logging.getLogger("nfpi.rehearsal")
 
@@ -190,25 +190,67 @@ def _config(smoke: bool, epochs: int) -> ExperimentConfig:
     )
 
 
+START_ATTEMPTS = 3
+
+
+def session_pids(marker: str) -> list[int]:
+    """Processes (not this one) whose command line names ``marker``: a private cluster's
+    temporary directory, which every process of it is given."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def end_processes(marker: str) -> None:
+    """End what is left of a private cluster, by process id (see :func:`session_pids`)."""
+    for pid in session_pids(marker):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def _start_cluster(temp_dir: str, cpus: int) -> tuple[Any, Any]:
-    """A head node and a worker node on this machine, each with its own resources."""
+    """A head node and a worker node on this machine, each with its own resources.
+
+    A node starting on a loaded machine can miss Ray's fixed 30 s registration window ("The
+    current node timed out during startup"): up to ``START_ATTEMPTS`` attempts, each in a fresh
+    folder, what is left of a failed one ended first."""
     from ray.cluster_utils import Cluster
 
-    common = {"temp_dir": temp_dir, "object_store_memory": 100 * 1024**2}
-    # Cluster() records its address as this machine's default cluster (/tmp/ray), where any
-    # other process's ray.init() would then attach: keep that file untouched.
-    with mock.patch("ray._private.utils.write_ray_address"):
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                **common,
-                "num_cpus": cpus,
-                "resources": {"head": 1},
-                "include_dashboard": False,
-            },
-        )
-        worker = cluster.add_node(**common, num_cpus=cpus, resources={"worker": 1})
-    return cluster, worker
+    for attempt in range(START_ATTEMPTS):
+        folder = Path(temp_dir) / f"try{attempt}"
+        folder.mkdir(parents=True)
+        common = {"temp_dir": str(folder), "object_store_memory": 100 * 1024**2}
+        try:
+            # Cluster() records its address as this machine's default cluster (/tmp/ray),
+            # where any other process's ray.init() would then attach: keep that file untouched.
+            with mock.patch("ray._private.utils.write_ray_address"):
+                cluster = Cluster(
+                    initialize_head=True,
+                    head_node_args={
+                        **common,
+                        "num_cpus": cpus,
+                        "resources": {"head": 1},
+                        "include_dashboard": False,
+                    },
+                )
+                worker = cluster.add_node(**common, num_cpus=cpus, resources={"worker": 1})
+            return cluster, worker
+        except Exception as err:  # Ray raises a bare Exception on this timeout
+            log.warning("cluster start failed (attempt %d): %s", attempt + 1, err)
+            end_processes(str(folder))
+            if attempt == START_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _mlflow_steps(tracking: Any, run_name: str, key: str = "train_bpd") -> list[int]:
@@ -268,7 +310,11 @@ def rehearse(
     errors: list[str] = []
     records: list[dict[str, Any]] = []
     os.environ.pop("RAY_ADDRESS", None)
-    cluster, worker = _start_cluster(temp_dir, cpus)
+    try:
+        cluster, worker = _start_cluster(temp_dir, cpus)
+    except Exception:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         names = {cluster.head_node.node_id: "head", worker.node_id: "worker"}
@@ -310,6 +356,7 @@ def rehearse(
     finally:
         ray.shutdown()
         cluster.shutdown()
+        end_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     return records, errors
 
