@@ -21,7 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import benchmark_parser, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    add_device_arg,
+    benchmark_parser,
+    check_device,
+    write_records,
+)
 
 from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import POLICY_POWERS
@@ -80,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
+    add_device_arg(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     smoke = args.smoke_test
     epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
     seeds = args.seeds or (1 if smoke or args.quick else 3)
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         "optim.epochs": epochs,
                         "eval.plots": False,
                         "eval.every": epochs,
+                        "device": args.device,
                         **overrides,
                         **extra,
                     },

@@ -38,7 +38,14 @@ from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
 from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nfpi.flows import FlowModel, build_flow
 from nfpi.prior import ClassStatistics, GaussianPrior, PriorReport
-from nfpi.training.distributed import all_reduce_, barrier, resolve_device, world, wrap_ddp
+from nfpi.training.distributed import (
+    CommTimer,
+    all_reduce_,
+    barrier,
+    resolve_device,
+    world,
+    wrap_ddp,
+)
 from nfpi.training.ema import FlowEMA
 from nfpi.training.evaluation import collect_statistics, evaluate, keyed_inputs, nll_nats
 from nfpi.training.pictures import prior_update_pictures, sample_and_tsne_pictures
@@ -129,6 +136,11 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from, if any
+        self.comm = CommTimer()
+        # This rank's seconds per phase of the epoch just finished (read by callbacks): the
+        # ``time_*`` metrics plus ``checkpoint_s`` (rank 0's save), ``barrier_s`` (waiting for
+        # the other ranks at the epoch's end) and ``train_cpu_s`` (process CPU time of training).
+        self.timings: dict[str, float] = {}
 
     def _build_data(self) -> None:
         """Datasets, augmentation and loaders. The training set (augmented) feeds training and
@@ -386,11 +398,15 @@ class Trainer:
             self.resumed_from = Path(resume)
         else:
             self._start()
-        self.model = wrap_ddp(self.flow, self.device)
+        self.model = wrap_ddp(self.flow, self.device, self.comm)
         for epoch in range(self.epoch, c.optim.epochs):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             metrics: dict[str, float] = {"epoch": float(epoch)}
+            self.comm.reset()
             metrics.update(self._train_epoch(epoch))
+            metrics["time_train_s"] = time.perf_counter() - t0
+            metrics["time_allreduce_s"] = self.comm.reset()[0]
+            train_cpu_s = time.process_time() - cpu0
             artifacts: list[Path] = []
             report = None
             if self.schedule.due(epoch):
@@ -401,18 +417,28 @@ class Trainer:
             metrics.update(self.schedule.separation())
             last = epoch == c.optim.epochs - 1
             if (epoch + 1) % c.eval.every == 0 or last:
+                t_eval = time.perf_counter()
                 metrics.update(
                     evaluate(self.eval_flow(), self.prior, self.test_loader, self.device, c.seed)
                 )
+                metrics["time_eval_s"] = time.perf_counter() - t_eval
             plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
             if self.is_main and c.eval.plots and plot_now:
                 artifacts += self._pictures(last, epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0
             self.epoch = epoch + 1
             self.history.append(metrics)
+            t_save = time.perf_counter()
             ckpt = save_checkpoint(self.run_dir, self.state_dict()) if self.is_main else None
             self._write_run_files(metrics_only=True)
+            t_barrier = time.perf_counter()
             barrier()
+            self.timings = {
+                **{k: v for k, v in metrics.items() if k.startswith(("time_", "prior_"))},
+                "checkpoint_s": t_barrier - t_save,
+                "barrier_s": time.perf_counter() - t_barrier,
+                "train_cpu_s": train_cpu_s,
+            }
             self._info(
                 "epoch %d: %s",
                 epoch,
