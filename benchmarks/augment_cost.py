@@ -18,14 +18,14 @@ images (random uint8 3x32x32, 10 classes) for ``epochs`` epochs with crop + flip
 - ``nf_online``: plus NF augmentation in the loop (:class:`nfpi.downstream.NFAugment`, p = 0.5).
 
 The NF rows use the same untrained flow (data-initialised; the cost does not depend on training)
-and class subspaces (r = 16, 8 in the smoke test). ``epoch_s`` is the last epoch's wall time (the
+and class subspaces (r = 16, 4 in the smoke test). ``epoch_s`` is the last epoch's wall time (the
 first warms up), ``vs_standard`` its ratio to the standard row's. ``pool_build_s`` (``nf_pool``
 row): building the rounds the run reads, before training, with Ray tasks in parallel
 (``ray_jobs/augment_pool.py``, one per shard, the class-subspace fit included) when Ray is
 installed and the device is the CPU, else in this process (``pool_builder`` says which);
 ``pool_mb`` the pool's size on disk. Workers run with ``OMP_WAIT_POLICY=PASSIVE``.
 
-``--smoke-test``: 60 images, the ``tiny`` flow, timm's ``resnet10t``, 2 epochs, in seconds.
+``--smoke-test``: 100 images, the ``tiny`` flow, timm's ``resnet10t``, 2 epochs, in seconds.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _configs(args: argparse.Namespace):
         device=args.device,
         eval_batch_size=100,
     )
-    r = 8 if args.smoke_test else 16
+    r = 4 if args.smoke_test else 16
     aug = NFAugmentConfig(
         n_components=r,
         probability=0.5,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     check_device(args.device)
     small = args.quick or args.smoke_test
-    args.images = args.images or (60 if args.smoke_test else 400 if args.quick else 1000)
+    args.images = args.images or (100 if args.smoke_test else 400 if args.quick else 1000)
     args.flow = args.flow or ("tiny" if small else "mef-cifar")
     args.model = args.model or ("resnet10t" if small else "resnet18")
     if args.threads:

@@ -59,8 +59,9 @@ class DownstreamConfig(Config):
         batch_size: generation batch size.
         reference: ``cnn`` only: also train the classifier on the real training set.
         classifier: the classifier recipe (paper defaults).
-        nf_pool: ``augment`` with ``classifier.nf_augment`` only: serve the NF augmentation
-            from precomputed pools (:mod:`nfpi.downstream.pool`; kept next to the flow's run
+        nf_pool: serve the NF augmentation (``classifier.nf_augment``; without it the pool
+            setting is unused, so one ``--set`` can cover a sweep's with/without-NF trials) from
+            precomputed pools (:mod:`nfpi.downstream.pool`; kept next to the flow's run
             directory, shared by every trial of that flow) instead of running the flow in the
             classifier's loop; ``None``: online.
     """
@@ -90,12 +91,6 @@ class DownstreamConfig(Config):
             "classifier.nf_augment",
             "set",
             "NF augmentation applies to kind='augment' (real data)",
-        )
-        check(
-            self.nf_pool is None or self.classifier.nf_augment is not None,
-            "nf_pool",
-            "set",
-            "None unless cnn.nf_augment is set (a pool serves the NF augmentation)",
         )
 
     @classmethod

@@ -139,7 +139,8 @@ class Trainer:
         self.comm = CommTimer()
         # This rank's seconds per phase of the epoch just finished (read by callbacks): the
         # ``time_*`` metrics plus ``checkpoint_s`` (rank 0's save), ``barrier_s`` (waiting for
-        # the other ranks at the epoch's end) and ``train_cpu_s`` (process CPU time of training).
+        # the other ranks at the epoch's end), ``train_cpu_s`` (process CPU time of training: all
+        # threads, communication threads included) and ``train_thread_cpu_s`` (this thread's).
         self.timings: dict[str, float] = {}
 
     def _build_data(self) -> None:
@@ -400,13 +401,14 @@ class Trainer:
             self._start()
         self.model = wrap_ddp(self.flow, self.device, self.comm)
         for epoch in range(self.epoch, c.optim.epochs):
-            t0, cpu0 = time.perf_counter(), time.process_time()
+            t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
             metrics: dict[str, float] = {"epoch": float(epoch)}
             self.comm.reset()
             metrics.update(self._train_epoch(epoch))
             metrics["time_train_s"] = time.perf_counter() - t0
             metrics["time_allreduce_s"] = self.comm.reset()[0]
             train_cpu_s = time.process_time() - cpu0
+            train_thread_s = time.thread_time() - thread0
             artifacts: list[Path] = []
             report = None
             if self.schedule.due(epoch):
@@ -438,6 +440,7 @@ class Trainer:
                 "checkpoint_s": t_barrier - t_save,
                 "barrier_s": time.perf_counter() - t_barrier,
                 "train_cpu_s": train_cpu_s,
+                "train_thread_cpu_s": train_thread_s,
             }
             self._info(
                 "epoch %d: %s",
