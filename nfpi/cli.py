@@ -5,9 +5,12 @@ Examples::
     python -m nfpi train                                   # digits, tiny flow, CPU
     python -m nfpi train --experiment digits --set prior.method=gd --set optim.epochs=10
     python -m nfpi train --experiment cifar10 --set data.root=/data/cifar10 --run-dir runs/c10
+    python -m nfpi train --run-dir runs/c10 --experiment cifar10 --set data.root=/data/cifar10 \
+        --resume-with optim.lr=1e-3 --resume-with optim.grad_clip=1.0   # resume a diverged run
     python -m nfpi config --experiment digits              # print the resolved config
     python -m nfpi downstream results/digits --set downstream.kind=cnn \\
         --set cnn.epochs=10 --output-dir results/digits-cnn    # CNN-Acc of a trained flow
+    python -m nfpi figures --out results/figures --checkpoint results/digits  # Figures 1-2
 """
 
 from __future__ import annotations
@@ -40,14 +43,33 @@ def main(argv: list[str] | None = None) -> int:
         _add_set(p, "dotted override, e.g. prior.objective.lam=300 (repeatable)")
         if name == "train":
             p.add_argument("--run-dir", help="run directory (default: results/<experiment>)")
+            p.add_argument(
+                "--resume-with",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="resume the run directory's checkpoint with a new optim.lr, optim.grad_clip, "
+                "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
+            )
     p = sub.add_parser("downstream", help="CNN-Acc or NF augmentation of a trained flow")
     p.add_argument("checkpoint", help="a run directory or one of its checkpoints")
     _add_set(p, "downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)")
     p.add_argument("--output-dir", default="results/downstream")
     p.add_argument("--device", default="cpu")
+    from nfpi import figures
+
+    figures.add_arguments(sub.add_parser("figures", help="the paper's Figures 1 and 2 as PNGs"))
     args = parser.parse_args(argv)
     if args.command == "downstream":
         return _downstream(args)
+    if args.command == "figures":
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        written, _ = figures.run_from_args(args)
+        for path in written:
+            print(path)
+        return 0
     config = resolve_config(args.experiment, args.set, args.config_file)
     if args.command == "config":
         print(json.dumps(config.to_dict(), indent=2, default=str))
@@ -58,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from nfpi.training import Trainer
 
     run_dir = args.run_dir or f"results/{config.name}"
-    history = Trainer(config, run_dir).fit()
+    resume_with = dict(parse_override(s) for s in args.resume_with)
+    history = Trainer(config, run_dir, resume_overrides=resume_with).fit()
     final = history[-1]
     print(json.dumps({k: round(v, 5) for k, v in final.items()}, indent=None))
     print(f"run directory: {run_dir}")

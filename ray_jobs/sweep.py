@@ -23,7 +23,10 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +176,19 @@ def _run_downstream_task(
     return result.metrics
 
 
+def _raise_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (``ray job stop``, a scheduler's kill) raise SystemExit in the main thread,
+    so that ``finally`` blocks run; returns what restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
     """Per group (e.g. method): the best trial's sampled config and its metrics."""
     groups: dict[tuple, dict[str, Any]] = {}
@@ -259,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="spaces: " + ", ".join(SPACE_NAMES),
     )
-    parser.add_argument("--space", default="digits", choices=SPACE_NAMES)
+    parser.add_argument(
+        "--space",
+        default="digits",
+        choices=SPACE_NAMES,
+        help="a search space; table spaces take options, e.g. --set variant=paper",
+    )
     parser.add_argument("--name", help="sweep name (default: the space's name)")
     parser.add_argument("--num-samples", type=int, help="Tune samples (default: the space's)")
     parser.add_argument("--max-concurrent", type=int, help="parallel trials (default: what fits)")
@@ -276,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.smoke_test:
         args.space = "smoke"
-    space = load_space(args.space)
-    sweep = args.name or space.name
     overrides = dict(parse_override(s) for s in args.set)
+    # Option keys (--set variant=paper, dataset=...) select the space's grid; trials re-select it.
+    space, _ = load_space(args.space).with_options(overrides)
+    sweep = args.name or space.name
     configs = space.validate(overrides)  # fail fast, naming the bad field, before any trial runs
     if args.num_workers < 1:
         parser.error(
@@ -317,6 +339,29 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
+    restore_sigterm = _raise_on_sigterm()
+    try:
+        return _run_sweep(args, space, sweep, overrides, configs, settings, parent_id, parent)
+    except BaseException as err:  # the parent run ends FAILED or KILLED, never RUNNING forever
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        parent.finish("KILLED" if interrupted else "FAILED")
+        raise
+    finally:
+        restore_sigterm()
+
+
+def _run_sweep(
+    args: argparse.Namespace,
+    space: SearchSpace,
+    sweep: str,
+    overrides: dict[str, Any],
+    configs: list[ExperimentConfig],
+    settings: RaySettings,
+    parent_id: str,
+    parent: RunLogger,
+) -> int:
+    tracking = settings.tracking
+    assert tracking is not None
     connect(args.address)
     per_trial_cpu = settings.num_workers * settings.cpus_per_worker
     max_concurrent = args.max_concurrent or max(
@@ -327,11 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         tune.with_parameters(run_trial, spec=spec), {"cpu": _DRIVER_CPU}
     )
     storage = settings.storage
-    if args.resume and (storage / sweep).exists():
+    if args.resume and tune.Tuner.can_restore(str(storage / sweep)):
         tuner = tune.Tuner.restore(
             str(storage / sweep), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
+        if args.resume:
+            log.warning(
+                "sweep %r died before Tune saved its state: starting it afresh under the same "
+                "name and parent run %s",
+                sweep,
+                parent_id,
+            )
         scheduler = None
         if args.asha:
             scheduler = ASHAScheduler(

@@ -8,14 +8,23 @@ policy, vary together). Every space module defines ``SPACE``.
     from search_spaces import load_space
     space = load_space("table2")
     config = space.config_for({"prior.objective.lam": 300.0}, {"data.root": "/data/cifar100"})
+
+Options: a space may offer named choices that change the whole space rather than one config
+key (which dataset's settings, the released or the paper's form of the update, GD's weights).
+They are given like overrides, ``--set variant=paper --set dataset=cifar100``; each space lists
+its own (``SearchSpace.options``, first value the default) and rebuilds itself for the chosen
+ones (:meth:`SearchSpace.with_options`). A value outside an option's list, or a ``data.name``
+that contradicts the ``dataset`` option, is a :class:`~nfpi.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import pkgutil
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +59,11 @@ class SearchSpace:
         kind: ``flow`` (a flow-training trial) or ``downstream`` (train or reuse the flow, then
             a :mod:`nfpi.downstream` evaluation: CNN-Acc or NF augmentation). Keys starting with
             ``downstream.`` or ``cnn.`` configure that evaluation.
+        options: option name -> allowed values (the first is the default), e.g.
+            ``{"variant": ("as_released", "paper")}``; see the module docstring.
+        build: ``build(**chosen options) -> SearchSpace``, the space for other option values.
+        chosen: the option values this space was built for.
+        required: dotted keys that a sweep must set (e.g. a weights file); validation names them.
     """
 
     name: str
@@ -63,6 +77,38 @@ class SearchSpace:
     group_by: tuple[str, ...] = ("prior.method",)
     kind: str = "flow"
     extra: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    build: Callable[..., SearchSpace] | None = field(default=None, compare=False, repr=False)
+    chosen: dict[str, str] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+
+    def with_options(self, overrides: dict[str, Any] | None) -> tuple[SearchSpace, dict[str, Any]]:
+        """Split ``overrides`` into this space's options and config overrides: the space built
+        for the chosen options (this one if they are its own) and the remaining overrides."""
+        rest = dict(overrides or {})
+        picked = {key: rest.pop(key) for key in list(rest) if key in self.options}
+        for key, value in picked.items():
+            if value not in self.options[key]:
+                raise ConfigError(
+                    key, value, f"one of {self.options[key]} (an option of space {self.name!r})"
+                )
+        chosen = {**self.chosen, **picked}
+        datasets = self.options.get("dataset", ())
+        name = rest.get("data.name")
+        if name in datasets and name != chosen.get("dataset"):
+            raise ConfigError(
+                "data.name",
+                name,
+                f"--set dataset={name} instead: space {self.name!r} has per-dataset settings "
+                f"(lambda, FPI setting, classifier epochs), chosen with its dataset option",
+            )
+        if chosen == self.chosen or self.build is None:
+            return self, rest
+        return dataclasses.replace(self.build(**chosen), chosen=chosen), rest
+
+    def describe_options(self) -> str:
+        """``variant=as_released|paper, dataset=cifar10|cifar100`` (first = default)."""
+        return ", ".join(f"{k}={'|'.join(v)}" for k, v in self.options.items())
 
     def param_space(self) -> dict[str, Any]:
         return dict(self.params)
@@ -82,6 +128,11 @@ class SearchSpace:
         self, sample: dict[str, Any], overrides: dict[str, Any] | None
     ) -> tuple[dict, dict]:
         merged = {**self.base, **self.overrides_of(sample), **(overrides or {})}
+        for key in self.required:
+            if merged.get(key) is None:
+                raise ConfigError(
+                    key, None, f"a value: space {self.name!r} needs it (--set {key}=...)"
+                )
         flow = {k: v for k, v in merged.items() if not k.startswith(DOWNSTREAM_PREFIXES)}
         down = {k: v for k, v in merged.items() if k.startswith(DOWNSTREAM_PREFIXES)}
         if down and self.kind != "downstream":
@@ -96,8 +147,9 @@ class SearchSpace:
     ) -> ExperimentConfig:
         """The flow experiment of one trial: base experiment, then the space's base, then the
         sampled values, then command-line overrides. Invalid values raise ConfigError naming the
-        dotted field."""
-        return experiment_config(self.experiment, self._merged(sample, overrides)[0])
+        dotted field. Option keys among ``overrides`` select the space first."""
+        space, rest = self.with_options(overrides)
+        return experiment_config(space.experiment, space._merged(sample, rest)[0])
 
     def downstream_for(
         self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
@@ -105,7 +157,8 @@ class SearchSpace:
         """The :class:`nfpi.downstream.DownstreamConfig` of one trial of a downstream space."""
         from nfpi.downstream import DownstreamConfig
 
-        return DownstreamConfig.from_overrides(self._merged(sample, overrides)[1])
+        space, rest = self.with_options(overrides)
+        return DownstreamConfig.from_overrides(space._merged(sample, rest)[1])
 
     def samples(self, n_random: int = 3, seed: int = 0) -> list[dict[str, Any]]:
         """Every grid point, each with random domains drawn ``n_random`` times (for validation)."""
@@ -131,12 +184,14 @@ class SearchSpace:
         return out
 
     def validate(self, overrides: dict[str, Any] | None = None) -> list[ExperimentConfig]:
-        """Build the config of every sample; raises the first ConfigError (naming the field)."""
+        """Build the config of every sample (of the space the option keys among ``overrides``
+        select); raises the first ConfigError (naming the field)."""
+        space, _ = self.with_options(overrides)
         configs = []
-        for sample in self.samples():
-            configs.append(self.config_for(sample, overrides))
-            if self.kind == "downstream":
-                self.downstream_for(sample, overrides)
+        for sample in space.samples():
+            configs.append(space.config_for(sample, overrides))
+            if space.kind == "downstream":
+                space.downstream_for(sample, overrides)
         return configs
 
 

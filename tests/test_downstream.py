@@ -113,3 +113,36 @@ def test_cli_downstream(checkpoint, tmp_path, capsys):
     assert main(args) == 0
     assert "cnn_acc" in capsys.readouterr().out
     assert (tmp_path / "confusion_generated.png").exists()
+
+
+def test_a_failed_downstream_run_resumes_its_classifiers_and_reuses_its_generated_set(
+    checkpoint, tmp_path
+):
+    config = DownstreamConfig.from_overrides(
+        {**FAST, "cnn.epochs": 2, "downstream.per_class": 6, "downstream.reference": True}
+    )
+    whole = run_downstream(checkpoint, config, tmp_path / "whole")
+
+    def crash_in_real(role, epoch, metrics):
+        if role == "real" and epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_downstream(checkpoint, config, tmp_path / "r", callback=crash_in_real)
+    manifest = tmp_path / "r" / "generated" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    seen = []
+    again = run_downstream(
+        checkpoint, config, tmp_path / "r", callback=lambda role, e, m: seen.append((role, e))
+    )
+    assert seen == [("real", 1)]  # the generated classifier had finished, real resumes at 1
+    assert manifest.stat().st_mtime_ns == stamp  # the generated set was reused, not redrawn
+    assert again.results["generated"].resumed_epochs == 2
+    assert again.results["real"].resumed_epochs == 1
+    for key in ("cnn_acc", "cnn_top5", "real_acc", "real_top5"):
+        assert again.metrics[key] == whole.metrics[key]
+    # Another temperature draws another set: its classifier starts over.
+    hotter = DownstreamConfig.from_overrides({**FAST, "cnn.epochs": 2, "downstream.per_class": 6,
+                                              "downstream.temperature": 0.5})  # fmt: skip
+    redo = run_downstream(checkpoint, hotter, tmp_path / "r")
+    assert redo.results["generated"].resumed_epochs == 0

@@ -95,7 +95,6 @@ FACTORIES: dict[str, list[tuple[str, Factory, tuple[int, ...]]]] = {
 }
 
 
-
 def _preset(name: str, **overrides) -> Factory:
     def factory(g: torch.Generator) -> FlowModel:
         seed = int(torch.randint(1000, (1,), generator=g))

@@ -27,7 +27,9 @@ def test_every_library_module_imports_with_ray_and_mlflow_blocked():
         "loaded = {m.split('.')[0] for m, mod in sys.modules.items() if mod is not None}\n"
         "assert not loaded & {'ray', 'mlflow'}, loaded & {'ray', 'mlflow'}\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(MODULES) > 30  # the walk found the package (a broken walk would pass vacuously)
 

@@ -15,6 +15,7 @@ from nfpi.errors import (
     ShapeError,
 )
 from nfpi.prior import (
+    DEFAULT_BOUND_FACTORS,
     ClassStatistics,
     FPIConfig,
     GaussianPrior,
@@ -224,6 +225,89 @@ def test_golden_paper_joint_with_bounds_converges_to_constrained_stationary_poin
     assert (g_v[at_hi] < 0).all() and (g_v[at_lo] > 0).all()
 
 
+# ------------------------------------------------------------------------- automatic bounds
+def _check_constrained_stationary(prior, stats, cfg, bounds, tol=1e-7):
+    """Free coordinates (the means if they move, the variances inside the box): gradient ~ 0;
+    at a bound: the gradient points out of the box."""
+    lo, hi = bounds
+    g_mu, g_v = _grads(prior, stats, cfg)
+    at_lo, at_hi = prior.var <= lo * (1 + 1e-12), prior.var >= hi * (1 - 1e-12)
+    free = ~(at_lo | at_hi)
+    if cfg[1].update == "both":
+        assert g_mu.abs().max() < tol
+    assert (g_v[free].abs() < tol).all()  # (every variance may sit at a bound)
+    assert (g_v[at_hi] < 0).all() and (g_v[at_lo] > 0).all()
+    return int(at_lo.sum()), int(at_hi.sum())
+
+
+def _flow_like(k=10, d=16, n=200, seed=0):
+    """Overlapping classes like the latents of an untrained flow: close means, unit-ish spread."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 0.3 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    scales = 0.5 + torch.rand(k, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n * k) % k
+    z = centers[y] + scales[y] * torch.randn(n * k, d, generator=g, dtype=torch.float64)
+    return ClassStatistics.from_batch(z, y, k)
+
+
+@pytest.mark.parametrize(("lam", "update"), [(3333.0, "both"), (1111.0, "variance")])
+def test_auto_bounds_when_the_unbounded_paper_form_has_no_fixed_point(lam, update):
+    """The released CIFAR-10 lambdas (mean_var, var) on flow-like statistics: unbounded, the
+    paper form diverges; the first box of the ladder that converges is used, and the result is
+    the constrained stationary point (the counts at the bounds are reported)."""
+    stats = _flow_like()
+    with pytest.raises(FPIDivergenceError):
+        solve_fpi(stats, *cfg_(lam=lam, update=update))
+    cfg = cfg_(lam=lam, update=update, auto_bounds=DEFAULT_BOUND_FACTORS, tol=1e-10)
+    prior, report = solve_fpi(stats, *cfg)
+    assert report.converged and report.bound_factor == DEFAULT_BOUND_FACTORS[0]
+    assert report.bound_attempts == 1  # the unbounded attempt failed, the widest box converged
+    s = stats.var()
+    f = report.bound_factor
+    assert report.var_bounds == (float(s.min()) / f, float(s.max()) * f)
+    low, high = _check_constrained_stationary(prior, stats, cfg, report.var_bounds)
+    assert (report.at_lower_bound, report.at_upper_bound) == (low, high) and high > 0
+    # The same box given by hand gives the very same solve.
+    fixed, _ = solve_fpi(
+        stats, *cfg_(lam=lam, update=update, var_bounds=report.var_bounds, tol=1e-10)
+    )
+    assert torch.equal(fixed.means, prior.means) and torch.equal(fixed.var, prior.var)
+
+
+def test_auto_bounds_stay_off_where_the_unbounded_solve_converges():
+    stats = _flow_like()
+    plain, plain_report = solve_fpi(stats, *cfg_(lam=5.0))
+    auto, report = solve_fpi(stats, *cfg_(lam=5.0, auto_bounds=DEFAULT_BOUND_FACTORS))
+    assert report.converged and report.bound_factor == 0 and report.var_bounds is None
+    assert torch.equal(plain.var, auto.var) and torch.equal(plain.means, auto.means)
+    assert report.iterations == plain_report.iterations
+    # Means only: the variances do not move, so no bounds are ever tried.
+    _, mean_report = solve_fpi(
+        stats, *cfg_(lam=3333.0, update="mean", auto_bounds=DEFAULT_BOUND_FACTORS)
+    )
+    assert mean_report.converged and mean_report.bound_factor == 0
+
+
+def test_auto_bounds_walk_the_ladder_on_the_golden_case(golden):
+    """Golden 2-D case at the released CIFAR-10 mean_var lambda: the boxes widened 1e4, 1e3 and
+    100 times do not converge within max_iter; 10 times is the first that does."""
+    cfg = cfg_(lam=3333.0, update="both", auto_bounds=DEFAULT_BOUND_FACTORS, tol=1e-9)
+    prior, report = solve_fpi(golden, *cfg)
+    assert report.converged and report.bound_factor == 10.0 and report.bound_attempts == 4
+    low, high = _check_constrained_stationary(prior, golden, cfg, report.var_bounds, tol=1e-6)
+    assert (report.at_lower_bound, report.at_upper_bound) == (low, high)
+
+
+def test_auto_bounds_that_never_converge_raise_with_the_ladder():
+    stats = _flow_like()
+    cfg = cfg_(lam=3333.0, update="both", auto_bounds=(1e4, 1e3), max_iter=5)
+    with pytest.raises(FPINotConvergedError, match="automatic variance bounds") as info:
+        solve_fpi(stats, *cfg)
+    assert info.value.report.iterations == 5
+    _, report = solve_fpi(stats, cfg[0], cfg[1].replace(require_convergence=False))
+    assert not report.converged and report.bound_factor == 1e3 and report.bound_attempts == 2
+
+
 # ------------------------------------------------------------------------------------- errors
 def test_config_validation_names_the_field():
     for cls, kwargs, field in [
@@ -238,6 +322,8 @@ def test_config_validation_names_the_field():
         (FPIConfig, {"summed_q": True}, "form"),
         (FPIConfig, {"form": "reference", "covariance": "full"}, "covariance"),
         (FPIConfig, {"anderson_memory": 0}, "anderson_memory"),
+        (FPIConfig, {"auto_bounds": (10.0, 100.0)}, "auto_bounds"),
+        (FPIConfig, {"auto_bounds": (10.0, 1.0)}, "auto_bounds"),
     ]:
         with pytest.raises(ConfigError, match=field):
             cls(**kwargs)

@@ -140,6 +140,32 @@ def test_gd_state_round_trip_continues_identically():
     assert torch.equal(pa.means, pb.means) and torch.equal(pa.var, pb.var)
 
 
+def test_released_gd_weight_schedule_is_linear_then_constant():
+    """The release's GD weights: lambda 50 -> 25 linearly over the first 100 GD steps, then
+    25; each step descends the objective at its own lambda."""
+    stats = _stats()
+    cfg = GDConfig(lam_end=25.0, lam_steps=100)
+    sched = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=50.0), cfg)
+    _, first = sched.run(stats, steps=60)
+    _, second = sched.run(stats, steps=60)
+    lams = first.lams + second.lams
+    assert lams[0] == 50.0 and lams[50] == 37.5 and lams[100:] == [25.0] * 20
+    assert all(a >= b for a, b in itertools.pairwise(lams))
+    # Step 70 continued from its state with a fixed lambda = lambda(70) is the same step.
+    a = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=50.0), cfg)
+    a.run(stats, steps=70)
+    fixed = GDSolver(GaussianPrior.standard(4, 3), Objective(lam=cfg.lam_at(50.0, 70)), GDConfig())
+    fixed.load_state_dict(a.state_dict())
+    pa, _ = a.run(stats, steps=1)
+    pf, _ = fixed.run(stats, steps=1)
+    assert torch.equal(pa.means, pf.means) and torch.equal(pa.var, pf.var)
+    # Without a schedule every step uses the objective's lambda (equal objective with the FPI).
+    _, plain = GDSolver(GaussianPrior.from_statistics(stats), Objective(lam=50.0)).run(stats, 5)
+    assert plain.lams == [50.0] * 5
+    with pytest.raises(ConfigError, match="lam_end"):
+        GDConfig(lam_end=-1.0)
+
+
 def test_gd_rejects_full_covariance():
     cov = torch.eye(2, dtype=torch.float64).expand(3, 2, 2)
     with pytest.raises(ShapeError):

@@ -11,23 +11,25 @@ downstream run that chains them for Tables 2-3 and 5-6
 MLflow.
 """
 
-from nfpi.downstream.augment import BatchCropFlip, BatchRandAugment
+from nfpi.downstream.augment import BatchAutoAugment, BatchCropFlip, BatchRandAugment
 from nfpi.downstream.classifier import (
     ClassifierConfig,
     ClassifierResult,
     channel_stats,
     evaluate_classifier,
+    evaluate_topk,
     train_classifier,
 )
 from nfpi.downstream.generate import GenerationConfig, generate_dataset, sample_latents
 from nfpi.downstream.generated import GeneratedDataset
-from nfpi.downstream.models import UInt8Classifier, build_classifier
+from nfpi.downstream.models import UInt8Classifier, build_classifier, load_pretrained
 from nfpi.downstream.nf_augment import NFAugment, NFAugmentConfig
 from nfpi.downstream.pca import ClassPCA
 from nfpi.downstream.pool import PoolConfig, PooledNFDataset, PoolStore, pooled_dataset
 from nfpi.downstream.run import DownstreamConfig, DownstreamResult, run_downstream
 
 __all__ = [
+    "BatchAutoAugment",
     "BatchCropFlip",
     "BatchRandAugment",
     "ClassPCA",
@@ -46,7 +48,9 @@ __all__ = [
     "build_classifier",
     "channel_stats",
     "evaluate_classifier",
+    "evaluate_topk",
     "generate_dataset",
+    "load_pretrained",
     "pooled_dataset",
     "run_downstream",
     "sample_latents",

@@ -1,9 +1,11 @@
-"""Batch augmentations of uint8 images for the classifier: random crop + flip and RandAugment.
+"""Batch augmentations of uint8 images for the classifier: random crop + flip, RandAugment and
+AutoAugment.
 
 Each draws its parameters per image but applies them to the whole batch ``[B, C, H, W]`` at
 once (a per-image torchvision pipeline costs milliseconds per image on two cores, more than the
-network's step on small images). :class:`BatchRandAugment` draws from the same distribution as
-``torchvision.transforms.v2.RandAugment`` applied image by image, with torchvision's op table.
+network's step on small images). :class:`BatchRandAugment` and :class:`BatchAutoAugment` draw
+from the same distributions as ``torchvision.transforms.v2.RandAugment`` / ``AutoAugment``
+applied image by image, with torchvision's op tables and policies.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from nfpi.errors import ConfigError
 from nfpi.schema import is_int
 
-__all__ = ["BatchCropFlip", "BatchRandAugment"]
+__all__ = ["AUTOAUGMENT_POLICIES", "BatchAutoAugment", "BatchCropFlip", "BatchRandAugment"]
 
 
 class BatchCropFlip:
@@ -105,7 +107,9 @@ def _ra_apply(x: Tensor, op: str, mag: float) -> Tensor:
         return TF.autocontrast(x)
     if op == "Equalize":
         return TF.equalize(x)
-    raise ConfigError("op", op, "a RandAugment op")
+    if op == "Invert":  # AutoAugment's only op outside RandAugment's set
+        return TF.invert(x)
+    raise ConfigError("op", op, "a RandAugment or AutoAugment op")
 
 
 class BatchRandAugment:
@@ -145,5 +149,113 @@ class BatchRandAugment:
                     idx = torch.nonzero(sel, as_tuple=True)[0].to(x.device)
                     if idx.numel():
                         out[idx] = _ra_apply(x[idx], name, m)
+            x = out
+        return x
+
+
+# AutoAugment's learned policies (Cubuk et al. 2019) as torchvision.transforms.v2.AutoAugment
+# holds them: 25 sub-policies of two (op, probability, magnitude bin of 10) each.
+AUTOAUGMENT_POLICIES: dict[str, tuple[tuple[tuple[str, float, int | None], ...], ...]] = {
+    "imagenet": (
+        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+        (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+        (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+        (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+        (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+        (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+        (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+        (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+        (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+        (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+        (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+        (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+        (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    ),
+    "cifar10": (
+        (("Invert", 0.1, None), ("Contrast", 0.2, 6)),
+        (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+        (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
+        (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)),
+        (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+        (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
+        (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+        (("Equalize", 0.6, None), ("Equalize", 0.5, None)),
+        (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+        (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
+        (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+        (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
+        (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+        (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
+        (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
+        (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+        (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
+        (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+        (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)),
+        (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)),
+        (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+        (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+    ),
+}
+_AA_BINS = 10
+
+
+class BatchAutoAugment:
+    """AutoAugment (Cubuk et al. 2019) with torchvision's policies and op magnitudes, drawn per
+    image but applied to a uint8 batch.
+
+    Per image, as ``torchvision.transforms.v2.AutoAugment``: one of the policy's 25 sub-policies
+    uniformly, then each of its two ops in turn with its probability, at its magnitude bin
+    (of 10), with a random sign for signed ops. The images that drew the same op, magnitude and
+    sign in the same position go through it together.
+
+    Args:
+        policy: ``"cifar10"`` or ``"imagenet"``.
+    """
+
+    def __init__(self, policy: str = "cifar10") -> None:
+        if policy not in AUTOAUGMENT_POLICIES:
+            raise ConfigError("autoaugment", policy, f"one of {tuple(AUTOAUGMENT_POLICIES)}")
+        self.policy = policy
+        self.subpolicies = AUTOAUGMENT_POLICIES[policy]
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 ``[B, C, H, W]`` -> uint8 ``[B, C, H, W]``."""
+        b, _, h, w = x.shape
+        space = _ra_space(_AA_BINS, h, w)
+        chosen = torch.randint(len(self.subpolicies), (b,), generator=generator).tolist()
+        for position in range(2):
+            apply = torch.rand(b, generator=generator)
+            negative = (torch.rand(b, generator=generator) <= 0.5).tolist()
+            groups: dict[tuple[str, float], list[int]] = {}
+            for i, sub in enumerate(chosen):
+                op, prob, bin_ = self.subpolicies[sub][position]
+                if not float(apply[i]) <= prob:
+                    continue
+                mags, signed = space.get(op, (None, False))
+                mag = 0.0 if mags is None or bin_ is None else float(mags[bin_])
+                if signed and negative[i]:
+                    mag = -mag
+                groups.setdefault((op, mag), []).append(i)
+            if not groups:
+                continue
+            out = x.clone()
+            for (op, mag), rows in groups.items():
+                idx = torch.tensor(rows, device=x.device)
+                out[idx] = _ra_apply(x[idx], op, mag)
             x = out
         return x

@@ -7,18 +7,30 @@ CIFAR-10 and 50 on CIFAR-100, random crop (padding 4) + horizontal flip. CNN-Acc
 :mod:`nfpi.downstream.generate` set; the reference row trains the same classifier on the real
 training set (just pass that set).
 
-Table 5's augmentation switches compose in this order, per batch (on the CPU, before the batch
-moves to the device):
+Other recipes (Tables 5 and 6) choose any timm model with its keyword arguments
+(``model_kwargs``, e.g. a CIFAR-sized Swin), local pretrained weights (``pretrained_path``),
+SGD or AdamW (timm's, no weight decay on norms and biases), a one-cycle, cosine (with linear
+warm-up) or constant schedule, gradient clipping and AutoAugment; every epoch reports top-1
+and top-5 test accuracy.
 
-    NF augmentation (uint8) -> random crop + flip (uint8) -> RandAugment (uint8)
-      -> normalisation (float) -> random erasing -> mixup / cutmix (soft targets)
+The augmentation switches compose in this order, per batch (on the CPU, before the batch moves
+to the device):
+
+    NF augmentation (uint8) -> random crop + flip (uint8) -> AutoAugment (uint8)
+      -> RandAugment (uint8) -> normalisation (float, resized to input_size) -> random erasing
+      -> mixup / cutmix (soft targets)
 
 The uint8 steps are vectorised over the batch (:mod:`nfpi.downstream.augment`,
 :mod:`nfpi.downstream.nf_augment`); random erasing and mixup/cutmix are timm's.
 
+Checkpoints: with ``checkpoint_dir`` every finished epoch is saved there (model, optimiser,
+schedule, history); a later call with the same config and directory resumes after the last saved
+epoch, bit-identical to an uninterrupted run (every epoch's randomness is a function of
+``(seed, epoch)``).
+
 Example::
 
-    train = GeneratedDataset("gen/cifar10_T0.7")
+    train = GeneratedDataset("gen/cifar10_T1")
     test, info = load_dataset("cifar10", "test", root=...)
     result = train_classifier(train, test, info.num_classes, ClassifierConfig(epochs=30))
     confusion_png(result.confusion, info.class_names, "confusion.png")  # nfpi.plots
@@ -28,10 +40,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -39,26 +53,43 @@ import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
 from nfpi.data import epoch_seed, make_loader, set_loader_epoch
-from nfpi.downstream.augment import BatchCropFlip, BatchRandAugment
+from nfpi.downstream.augment import (
+    BatchAutoAugment,
+    BatchCropFlip,
+    BatchRandAugment,
+)
 from nfpi.downstream.models import UInt8Classifier, build_classifier
 from nfpi.downstream.nf_augment import NFAugment, NFAugmentConfig
-from nfpi.errors import ConfigError, DatasetNotFoundError, LabelRangeError, ShapeError
+from nfpi.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetNotFoundError,
+    LabelRangeError,
+    ShapeError,
+)
 from nfpi.schema import Config, check, is_int
 
 __all__ = [
+    "CLASSIFIER_CHECKPOINT",
     "ClassifierConfig",
     "ClassifierResult",
     "channel_stats",
     "evaluate_classifier",
+    "evaluate_topk",
     "train_classifier",
 ]
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+CLASSIFIER_CHECKPOINT = "classifier.pt"
+# Config keys that may differ between a run and its resumption (where it runs, not what).
+_RESUMABLE_CHANGES = ("device", "num_workers", "eval_batch_size")
+_TIMM_OWNED_KWARGS = ("num_classes", "in_chans", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -67,23 +98,43 @@ class ClassifierConfig(Config):
 
     Attributes:
         model: a timm model name (``"resnet18"``: 11.2 M parameters as in the paper).
+        model_kwargs: more keyword arguments of ``timm.create_model`` (e.g. ``{"img_size": 32,
+            "patch_size": 2, "window_size": 4}`` for a CIFAR-sized Swin); ``num_classes``,
+            ``in_chans`` and ``pretrained`` are set from the data.
+        pretrained_path: a local weights file of this architecture (loaded with
+            ``weights_only=True``; a head of another size is re-initialised); ``None`` =
+            random initialisation. Nothing is ever downloaded.
+        input_size: resize the normalised images to this side for the network (e.g. 448 for an
+            EVA02 pretrained at 448 on a 64 x 64 dataset); ``None`` = as they are.
         cifar_stem: replace a ResNet's stem by a 3x3 stride-1 conv without max-pool; ``None``
-            = automatically for ResNets on images of side <= 64.
+            = automatically for ResNets on images of side <= 64 without pretrained weights.
         epochs: 30 for CIFAR-10, 50 for CIFAR-100 in the paper.
         batch_size: 100 (even when mixup/cutmix is on: timm mixes the batch with its flip).
-        max_lr: peak of the one-cycle schedule (0.1).
+        optimizer: ``sgd`` (torch's, weight decay on every parameter, as the paper's ResNet
+            recipe) or ``adamw`` (timm's, no weight decay on norms, biases and position
+            embeddings, as transformer recipes).
+        schedule: ``onecycle`` (from ``max_lr / div_factor`` up to ``max_lr`` and down),
+            ``cosine`` (linear warm-up over ``warmup_epochs`` to ``max_lr``, then cosine to
+            ``min_lr``) or ``constant`` (``max_lr`` after the warm-up), stepped per batch.
+        warmup_epochs: linear warm-up of the cosine and constant schedules (may be fractional).
+        min_lr: the cosine schedule's final learning rate.
+        betas: AdamW's.
+        grad_clip: clip the global gradient norm to this value (``None`` = off).
+        max_lr: peak (or constant) learning rate (0.1 for the one-cycle ResNet).
         div_factor: initial lr = ``max_lr / div_factor``; 100 gives the paper's stated SGD
             learning rate 1e-3 below the one-cycle peak 0.1.
         final_div_factor: final lr = initial lr / ``final_div_factor`` (torch's default).
         pct_start: share of the steps spent warming up (torch's default 0.3).
         cycle_momentum: let OneCycleLR cycle the momentum in [0.85, 0.95]; off by default so
             that SGD's momentum is the paper's 0.9 throughout.
-        momentum, weight_decay, nesterov: SGD's.
+        momentum, nesterov: SGD's. weight_decay: SGD's L2 or AdamW's decoupled decay.
         crop: random crop of the image size after zero padding by ``crop_padding``.
         crop_padding: 4 (CIFAR's standard).
         flip: random horizontal flip (off for glyphs such as digits).
         randaugment: RandAugment (torchvision's op set) with ``randaugment_ops`` operations of
             magnitude ``randaugment_magnitude`` (of 31 bins).
+        autoaugment: AutoAugment with torchvision's ``cifar10`` or ``imagenet`` policy
+            (``None`` = off).
         random_erasing: probability of timm's random erasing (0 = off).
         mixup, cutmix: alphas of timm's mixup / cutmix (0 = off; both on = switch per batch).
         label_smoothing: of the cross-entropy (or of mixup's soft targets).
@@ -98,9 +149,18 @@ class ClassifierConfig(Config):
     """
 
     model: str = "resnet18"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: str | None = None
+    input_size: int | None = None
     cifar_stem: bool | None = None
     epochs: int = 30
     batch_size: int = 100
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
     max_lr: float = 0.1
     div_factor: float = 100.0
     final_div_factor: float = 1e4
@@ -115,6 +175,7 @@ class ClassifierConfig(Config):
     randaugment: bool = False
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
+    autoaugment: Literal["cifar10", "imagenet"] | None = None
     random_erasing: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -131,6 +192,34 @@ class ClassifierConfig(Config):
             check(cond, name, getattr(self, name), allowed)
 
         need(bool(self.model), "model", "a timm model name")
+        need(
+            isinstance(self.model_kwargs, dict)
+            and all(isinstance(k, str) for k in self.model_kwargs)
+            and not set(self.model_kwargs) & set(_TIMM_OWNED_KWARGS),
+            "model_kwargs",
+            f"a mapping of timm.create_model keywords other than {_TIMM_OWNED_KWARGS} "
+            "(those come from the data)",
+        )
+        need(
+            self.pretrained_path is None or bool(self.pretrained_path),
+            "pretrained_path",
+            "None or the path of a local weights file",
+        )
+        need(self.input_size is None or self.input_size >= 1, "input_size", "None or an int >= 1")
+        need(0 <= self.warmup_epochs < math.inf, "warmup_epochs", "a number >= 0")
+        need(
+            self.schedule != "onecycle" or self.warmup_epochs == 0,
+            "warmup_epochs",
+            "0 with schedule='onecycle' (its warm-up is pct_start)",
+        )
+        need(0 <= self.min_lr <= self.max_lr, "min_lr", f"in [0, max_lr = {self.max_lr}]")
+        need(all(0 <= b < 1 for b in self.betas), "betas", "AdamW betas in [0, 1)")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or a norm > 0")
+        need(
+            self.optimizer == "sgd" or not self.nesterov,
+            "nesterov",
+            "false with optimizer='adamw' (an SGD option)",
+        )
         for name in ("epochs", "eval_batch_size"):
             need(getattr(self, name) >= 1, name, "an int >= 1")
         need(self.batch_size >= 2, "batch_size", "an int >= 2")
@@ -166,29 +255,35 @@ class ClassifierResult:
 
     Attributes:
         accuracy: test accuracy after the last epoch, in [0, 1].
+        top5_accuracy: share of test images whose class is among the 5 highest logits (among
+            all of them when K < 5).
         per_class_accuracy: ``[K]`` float64, recall per class (NaN for a class absent from the
             test set).
         confusion: int64 ``[K, K]``, rows = true class, columns = prediction; sums to the test
             set size.
         history: one metrics dict per epoch (``epoch``, ``train_loss``, ``train_acc``,
-            ``test_acc``, ``lr``, ``epoch_seconds``).
+            ``test_acc``, ``test_top5``, ``lr``, ``epoch_seconds``).
         model: the trained classifier (takes uint8 images), in eval mode.
         config: the config that ran (with the NF augmentation's own config filled in).
         nf_augment_stats: counters of the NF augmentation (empty when off).
+        resumed_epochs: epochs read from a checkpoint instead of trained in this call.
     """
 
     accuracy: float
+    top5_accuracy: float
     per_class_accuracy: Tensor
     confusion: Tensor
     history: list[dict[str, float]]
     model: UInt8Classifier
     config: ClassifierConfig
     nf_augment_stats: dict[str, int] = field(default_factory=dict)
+    resumed_epochs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no model)."""
         return {
             "accuracy": self.accuracy,
+            "top5_accuracy": self.top5_accuracy,
             "per_class_accuracy": [float(a) for a in self.per_class_accuracy],
             "confusion": self.confusion.tolist(),
             "history": self.history,
@@ -236,6 +331,47 @@ def channel_stats(dataset: Any, batch_size: int = 1000) -> tuple[list[float], li
 
 
 @torch.no_grad()
+def evaluate_topk(
+    model: nn.Module,
+    dataset: Any,
+    num_classes: int,
+    *,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    k: int = 5,
+) -> tuple[float, float, Tensor]:
+    """Top-1 accuracy, top-``k`` accuracy (``k`` capped at K) and the confusion matrix (int64
+    ``[K, K]``, rows true, columns predicted) of a uint8-image classifier on ``dataset`` (no
+    augmentation)."""
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    in_top, k = 0, min(k, num_classes)
+    try:
+        for x, y in make_loader(
+            dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers
+        ):
+            if int(y.min()) < 0 or int(y.max()) >= num_classes:
+                raise LabelRangeError(
+                    f"test labels span [{int(y.min())}, {int(y.max())}], the classifier has "
+                    f"{num_classes} classes"
+                )
+            logits = model(x.to(device)).cpu()
+            pred = logits.argmax(dim=1)
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+            in_top += int((logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum())
+    finally:
+        model.train(was_training)
+    confusion = confusion.view(num_classes, num_classes)
+    total = int(confusion.sum())
+    if not total:
+        return float("nan"), float("nan"), confusion
+    return float(confusion.trace()) / total, in_top / total, confusion
+
+
 def evaluate_classifier(
     model: nn.Module,
     dataset: Any,
@@ -246,28 +382,16 @@ def evaluate_classifier(
     num_workers: int = 0,
 ) -> tuple[float, Tensor]:
     """Accuracy and confusion matrix (int64 ``[K, K]``, rows true, columns predicted) of a
-    uint8-image classifier on ``dataset`` (no augmentation)."""
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
-    try:
-        for x, y in make_loader(
-            dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers
-        ):
-            if int(y.min()) < 0 or int(y.max()) >= num_classes:
-                raise LabelRangeError(
-                    f"test labels span [{int(y.min())}, {int(y.max())}], the classifier has "
-                    f"{num_classes} classes"
-                )
-            pred = model(x.to(device)).argmax(dim=1).cpu()
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2)
-    finally:
-        model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes)
-    total = int(confusion.sum())
-    return (float(confusion.trace()) / total if total else float("nan")), confusion
+    uint8-image classifier on ``dataset`` (no augmentation); :func:`evaluate_topk` adds top-5."""
+    acc, _, confusion = evaluate_topk(
+        model,
+        dataset,
+        num_classes,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+    )
+    return acc, confusion
 
 
 def _seed_all(seed: int, epoch: int) -> torch.Generator:
@@ -280,6 +404,100 @@ def _seed_all(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def _optimizer(model: UInt8Classifier, config: ClassifierConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        # timm's grouping: no weight decay on 1-d parameters and the model's no_weight_decay().
+        return create_optimizer_v2(
+            model.net,
+            opt="adamw",
+            lr=config.max_lr,
+            weight_decay=config.weight_decay,
+            betas=config.betas,
+        )
+    start = config.max_lr / config.div_factor if config.schedule == "onecycle" else config.max_lr
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=start,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: ClassifierConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-batch schedule; cosine and constant are a pure function of the step (LambdaLR),
+    so a resumed run continues them exactly."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=config.max_lr,
+            total_steps=total,
+            pct_start=config.pct_start,
+            div_factor=config.div_factor,
+            final_div_factor=config.final_div_factor,
+            cycle_momentum=config.cycle_momentum,
+        )
+    warm = round(config.warmup_epochs * steps_per_epoch)
+    floor = config.min_lr / config.max_lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    for group in optimizer.param_groups:
+        group["lr"] = config.max_lr
+        group["initial_lr"] = config.max_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _comparable(config: ClassifierConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    for key in _RESUMABLE_CHANGES:
+        values.pop(key)
+    return values
+
+
+def _save_state(folder: Path, state: dict[str, Any]) -> None:
+    """Atomically (temporary file, then rename) write the classifier's checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CLASSIFIER_CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, folder / CLASSIFIER_CHECKPOINT)
+
+
+def _load_state(folder: Path, config: ClassifierConfig, n: int) -> dict[str, Any] | None:
+    """The checkpoint in ``folder`` if there is one; it must come from the same config and
+    training set size."""
+    file = folder / CLASSIFIER_CHECKPOINT
+    if not file.is_file():
+        return None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing error
+        raise CheckpointError(
+            f"cannot read the classifier checkpoint {file} ({type(err).__name__}); delete it to "
+            "train the classifier from epoch 0"
+        ) from None
+    ours, theirs = _comparable(config), state.get("config", {})
+    theirs = {k: v for k, v in theirs.items() if k not in _RESUMABLE_CHANGES}
+    if ours != theirs or state.get("train_size") != n:
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if state.get("train_size") != n:
+            differ.append(f"training set size ({state.get('train_size')} -> {n})")
+        raise CheckpointError(
+            f"the classifier checkpoint {file} was written by another run (differs in "
+            f"{differ}); use another output directory, or delete it to start from epoch 0"
+        )
+    return state
+
+
 def train_classifier(
     train_dataset: Any,
     test_dataset: Any,
@@ -288,13 +506,14 @@ def train_classifier(
     *,
     callback: EpochCallback | None = None,
     nf_augment: NFAugment | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> ClassifierResult:
     """Train a classifier on ``train_dataset`` and test it on ``test_dataset`` every epoch.
 
-    SGD + ``OneCycleLR`` stepped per batch; the last incomplete training batch is dropped (equal
-    batch sizes for BatchNorm and mixup). Runs are reproducible given ``config.seed`` on a
-    given machine (model init from the seed, shuffling and augmentation from
-    ``epoch_seed(seed, epoch)``).
+    One optimiser step per batch with the configured schedule; the last incomplete training
+    batch is dropped (equal batch sizes for BatchNorm and mixup). Runs are reproducible given
+    ``config.seed`` on a given machine (model init from the seed, shuffling and augmentation
+    from ``epoch_seed(seed, epoch)``).
 
     Args:
         train_dataset: map-style, items ``(uint8 [C, H, W], int)``: a
@@ -303,14 +522,20 @@ def train_classifier(
         test_dataset: the real test set, same image shape.
         num_classes: K.
         config: the recipe (default :class:`ClassifierConfig()`).
-        callback: ``callback(epoch, metrics)`` after each epoch (logging, MLflow, Tune).
+        callback: ``callback(epoch, metrics)`` after each epoch trained in this call (logging,
+            MLflow, Tune).
         nf_augment: a ready :class:`~nfpi.downstream.nf_augment.NFAugment` (then
             ``config.nf_augment`` may be ``None``: the transform's own config is recorded in the
             result); otherwise one is built from ``config.nf_augment.checkpoint`` and fitted on
             ``train_dataset``.
+        checkpoint_dir: save every finished epoch here and resume from it (see the module
+            docstring); ``None`` = no checkpoints.
 
     Returns:
         :class:`ClassifierResult`.
+
+    Raises:
+        CheckpointError: ``checkpoint_dir`` holds the checkpoint of another config.
     """
     config = config or ClassifierConfig()
     if not is_int(num_classes) or num_classes < 2:
@@ -328,7 +553,15 @@ def train_classifier(
     c, h, w = shape
 
     torch.manual_seed(config.seed)
-    net = build_classifier(config.model, num_classes, c, min(h, w), cifar_stem=config.cifar_stem)
+    net = build_classifier(
+        config.model,
+        num_classes,
+        c,
+        min(h, w),
+        cifar_stem=config.cifar_stem,
+        pretrained_path=config.pretrained_path,
+        **config.model_kwargs,
+    )
     mean, std = (
         channel_stats(train_dataset)
         if config.normalize == "dataset"
@@ -337,13 +570,14 @@ def train_classifier(
             [127.5] * c,
         )
     )
-    model = UInt8Classifier(net, mean, std).to(device)
+    model = UInt8Classifier(net, mean, std, config.input_size).to(device)
 
     if nf_augment is None and config.nf_augment is not None:
         nf_augment = NFAugment.from_checkpoint(config.nf_augment, train_dataset, device=device)
     if nf_augment is not None:
         config = config.replace(nf_augment=nf_augment.config)
     crop_flip = BatchCropFlip(config.crop_padding if config.crop else 0, config.flip)
+    autoaug = BatchAutoAugment(config.autoaugment) if config.autoaugment is not None else None
     randaug = (
         BatchRandAugment(config.randaugment_ops, config.randaugment_magnitude)
         if config.randaugment
@@ -369,23 +603,9 @@ def train_classifier(
         if mixup is not None
         else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.max_lr / config.div_factor,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
     steps = n // config.batch_size
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.max_lr,
-        total_steps=config.epochs * steps,
-        pct_start=config.pct_start,
-        div_factor=config.div_factor,
-        final_div_factor=config.final_div_factor,
-        cycle_momentum=config.cycle_momentum,
-    )
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, steps)
     loader = make_loader(
         train_dataset,
         config.batch_size,
@@ -394,6 +614,22 @@ def train_classifier(
         num_workers=config.num_workers,
         drop_last=True,
     )
+
+    history: list[dict[str, float]] = []
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    accuracy = top5 = float("nan")
+    first = 0
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    state = None if folder is None else _load_state(folder, config, n)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, confusion = list(state["history"]), state["confusion"]
+        accuracy, top5, first = state["accuracy"], state["top5"], int(state["epoch"])
+        if nf_augment is not None:
+            nf_augment.stats.update(state["nf_augment_stats"])
+        log.info("classifier: resuming after epoch %d of %d from %s", first, config.epochs, folder)
     log.info(
         "classifier %s: %d training images, %d epochs x %d steps, device %s",
         config.model,
@@ -403,10 +639,7 @@ def train_classifier(
         device,
     )
 
-    history: list[dict[str, float]] = []
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    accuracy = float("nan")
-    for epoch in range(config.epochs):
+    for epoch in range(first, config.epochs):
         t0 = time.perf_counter()
         gen = _seed_all(config.seed, epoch)
         set_loader_epoch(loader, config.seed, epoch)
@@ -423,6 +656,8 @@ def train_classifier(
             if nf_augment is not None:
                 x = nf_augment(x, y, gen)
             x = crop_flip(x, gen)
+            if autoaug is not None:
+                x = autoaug(x, gen)
             if randaug is not None:
                 x = randaug(x, gen)
             xf = model.normalize(x.to(device, non_blocking=True))
@@ -436,6 +671,8 @@ def train_classifier(
             loss = criterion(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()
             loss_sum += float(loss.detach()) * len(y)
@@ -443,7 +680,7 @@ def train_classifier(
             seen += len(y)
         if not math.isfinite(loss_sum):
             log.warning("epoch %d: non-finite training loss", epoch)
-        accuracy, confusion = evaluate_classifier(
+        accuracy, top5, confusion = evaluate_topk(
             model,
             test_dataset,
             num_classes,
@@ -456,17 +693,36 @@ def train_classifier(
             "train_loss": loss_sum / seen,
             "train_acc": correct / seen,
             "test_acc": accuracy,
+            "test_top5": top5,
             "lr": float(optimizer.param_groups[0]["lr"]),
             "epoch_seconds": time.perf_counter() - t0,
         }
         history.append(metrics)
         log.info(
-            "classifier epoch %d: loss %.4f, train acc %.4f, test acc %.4f",
+            "classifier epoch %d: loss %.4f, train acc %.4f, test acc %.4f (top-5 %.4f)",
             epoch,
             metrics["train_loss"],
             metrics["train_acc"],
             accuracy,
+            top5,
         )
+        if folder is not None:
+            _save_state(
+                folder,
+                {
+                    "epoch": epoch + 1,
+                    "config": config.to_dict(),
+                    "train_size": n,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "confusion": confusion,
+                    "accuracy": accuracy,
+                    "top5": top5,
+                    "nf_augment_stats": dict(nf_augment.stats) if nf_augment is not None else {},
+                },
+            )
         if callback is not None:
             callback(epoch, metrics)
     model.eval()
@@ -474,10 +730,12 @@ def train_classifier(
     per_class = confusion.diag().to(torch.float64) / rows
     return ClassifierResult(
         accuracy=accuracy,
+        top5_accuracy=top5,
         per_class_accuracy=per_class,
         confusion=confusion,
         history=history,
         model=model,
         config=config,
         nf_augment_stats=dict(nf_augment.stats) if nf_augment is not None else {},
+        resumed_epochs=first,
     )

@@ -25,7 +25,7 @@ produces none).
 Example::
 
     model = load_trained("runs/cifar10")
-    path = generate_dataset(model, "gen/cifar10_T0.7", per_class=5000, temperature=0.7, seed=0)
+    path = generate_dataset(model, "gen/cifar10_T1", per_class=5000, temperature=1.0, seed=0)
     train = GeneratedDataset(path)                # 50 000 images, 5000 per class
 """
 
@@ -148,7 +148,8 @@ def generate_dataset(
         out_dir: directory to write (created). Must not already hold a generated dataset unless
             ``overwrite``.
         per_class: images per class; the set holds ``N = K * per_class`` images.
-        temperature: ``T >= 0`` (1 = the prior itself; the paper's grids use 0.7).
+        temperature: ``T >= 0`` (1 = the prior itself, what the release samples at; the paper
+            names no temperature).
         seed: noise seed; same ``(model, T, seed, batch_size)`` -> same images.
         batch_size: latents per ``flow.inverse`` call and images per shard.
         device: where the flow runs. With a path it is loaded there; with a loaded model it
@@ -219,7 +220,7 @@ def generate_dataset(
                 )
             bad = int((~torch.isfinite(x)).sum())
             nonfinite += bad
-            data = _npy_bytes(to_uint8(x).cpu().numpy())
+            data = _npy_bytes(to_uint8(x, info.levels).cpu().numpy())
             name = SHARD.format(i)
             _write_atomic(out / name, data)
             shards.append(

@@ -10,13 +10,18 @@ augmentation (latent mixup in the class's principal subspace, :mod:`nfpi.downstr
 of the trained flow, alone or with standard augmentations (RandAugment, random erasing,
 mixup/cutmix).
 
-Both return flat metrics, per-epoch histories and the PNGs they wrote.
+Both return flat metrics (top-1 and top-5 accuracy), per-epoch histories and the PNGs they
+wrote. Everything is written under the output directory, which is also what a re-run resumes
+from: a generated set whose manifest matches is reused, and each classifier continues after its
+last checkpointed epoch (``<out>/classifier/<role>/``), bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,7 +33,7 @@ from nfpi.checkpoint import load_trained
 from nfpi.data import load_dataset
 from nfpi.downstream.classifier import ClassifierConfig, ClassifierResult, train_classifier
 from nfpi.downstream.generate import generate_dataset
-from nfpi.downstream.generated import GeneratedDataset
+from nfpi.downstream.generated import MANIFEST, GeneratedDataset
 from nfpi.downstream.nf_augment import NFAugment
 from nfpi.downstream.pool import PoolConfig, pooled_dataset
 from nfpi.errors import ConfigError
@@ -150,15 +155,44 @@ def _train(
     nf: NFAugment | None = None,
 ) -> ClassifierResult:
     hook = None if callback is None else (lambda epoch, metrics: callback(role, epoch, metrics))
-    result = train_classifier(train, test, k, cfg, callback=hook, nf_augment=nf)
+    result = train_classifier(
+        train, test, k, cfg, callback=hook, nf_augment=nf, checkpoint_dir=out / "classifier" / role
+    )
     confusion_png(
         result.confusion,
         names,
         out / f"confusion_{role}.png",
         title=f"{role}: accuracy {100 * result.accuracy:.2f}%",
     )
-    log.info("%s classifier: test accuracy %.4f", role, result.accuracy)
+    log.info(
+        "%s classifier: test accuracy %.4f (top-5 %.4f)",
+        role,
+        result.accuracy,
+        result.top5_accuracy,
+    )
     return result
+
+
+def _reusable(
+    folder: Path, config: DownstreamConfig, per_class: int, checkpoint: Path, epoch: int
+) -> bool:
+    """Whether ``folder`` already holds the complete set this run would generate (a resumed
+    run: same checkpoint and epoch, count, temperature, seed and batch size)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {
+        "per_class": per_class,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+    }
+    return (
+        manifest.get("generation") == wanted
+        and manifest.get("checkpoint") == str(checkpoint)
+        and manifest.get("epoch") == epoch
+    )
 
 
 def run_downstream(
@@ -205,24 +239,36 @@ def run_downstream(
         per_class = config.per_class or int(
             torch.bincount(torch.as_tensor(train.targets), minlength=k).max()
         )
-        gen_dir = generate_dataset(
-            model,
-            out / "generated",
-            per_class=per_class,
-            temperature=config.temperature,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            device=device,
-            checkpoint=checkpoint,
-            overwrite=True,
-        )
+        gen_dir = out / "generated"
+        source = Path(checkpoint).resolve()
+        if _reusable(gen_dir, config, per_class, source, model.epoch):
+            log.info("reusing the generated set in %s", gen_dir)
+        else:
+            # A classifier checkpointed on an earlier generated set must not be resumed.
+            shutil.rmtree(out / "classifier" / "generated", ignore_errors=True)
+            generate_dataset(
+                model,
+                gen_dir,
+                per_class=per_class,
+                temperature=config.temperature,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                device=device,
+                checkpoint=source,
+                overwrite=True,
+            )
         results["generated"] = _train(
             "generated", GeneratedDataset(gen_dir), test, k, clf, names, out, callback
         )
-        metrics.update(cnn_acc=results["generated"].accuracy, generated_per_class=float(per_class))
+        metrics.update(
+            cnn_acc=results["generated"].accuracy,
+            cnn_top5=results["generated"].top5_accuracy,
+            generated_per_class=float(per_class),
+        )
         if config.reference:
             results["real"] = _train("real", train, test, k, clf, names, out, callback)
             metrics["real_acc"] = results["real"].accuracy
+            metrics["real_top5"] = results["real"].top5_accuracy
     else:
         nf = None
         role = "augmented" if clf.nf_augment is not None else "real"
@@ -237,6 +283,7 @@ def run_downstream(
             nf = NFAugment.from_checkpoint(nf_cfg, train, device=device)
         results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
         metrics["aug_acc"] = results[role].accuracy
+        metrics["aug_top5"] = results[role].top5_accuracy
     for role, res in results.items():
         histories[role] = res.history
         artifacts.append(out / f"confusion_{role}.png")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nfpi.errors import ConfigError, ShapeError
 from nfpi.flows.actnorm import ActNorm

@@ -9,7 +9,14 @@ functions of statistics: no I/O, no global state, float64 throughout.
 """
 
 from nfpi.prior.anderson import AndersonMixer
-from nfpi.prior.fpi import FPIConfig, FPIReport, fpi_step, initial_prior, solve_fpi
+from nfpi.prior.fpi import (
+    DEFAULT_BOUND_FACTORS,
+    FPIConfig,
+    FPIReport,
+    fpi_step,
+    initial_prior,
+    solve_fpi,
+)
 from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.gd import POLICY_POWERS, GDConfig, GDReport, GDSolver, LRPolicy
 from nfpi.prior.kl import pairwise_kl, pairwise_kl_diag, pairwise_kl_full
@@ -36,6 +43,7 @@ from nfpi.prior.service import (
 from nfpi.prior.stats import ClassStatistics
 
 __all__ = [
+    "DEFAULT_BOUND_FACTORS",
     "POLICY_POWERS",
     "AndersonMixer",
     "ClassStatistics",

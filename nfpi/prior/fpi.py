@@ -33,10 +33,19 @@ plain one. With both means and variances free and a large lambda the paper
 form has no finite fixed point: the variances grow without bound. The solver detects this and
 raises :class:`FPIDivergenceError` with its report; variance bounds (projection after every
 update) make it converge.
+
+Automatic variance bounds (``auto_bounds``, what the ``paper`` variants of :mod:`nfpi.presets`
+use): the solve is first tried unbounded; if it diverges or does not converge, it is repeated
+with the boxes (v_lo / f, v_hi * f) for the factors f of ``auto_bounds`` in the given order
+(widest first), where [v_lo, v_hi] is the range of the class variances of the statistics. The
+first box whose projected iteration converges is kept: the least restrictive box of the ladder
+that yields a fixed point. The report says which (``bound_factor``, ``var_bounds``,
+``bound_attempts``) and how many variances sit at each bound.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -44,7 +53,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nfpi.errors import FPIDivergenceError, FPINotConvergedError, NonFiniteError, ShapeError
+from nfpi.errors import (
+    FPIDivergenceError,
+    FPINotConvergedError,
+    NonFiniteError,
+    ShapeError,
+    SolverError,
+)
 from nfpi.prior.anderson import AndersonMixer
 from nfpi.prior.gaussian import Covariance, GaussianPrior
 from nfpi.prior.kl import pairwise_kl
@@ -52,10 +67,23 @@ from nfpi.prior.objective import Objective, kappa, prior_objective, repulsion_we
 from nfpi.prior.stats import ClassStatistics
 from nfpi.schema import Config, check, is_number
 
-__all__ = ["FPIConfig", "FPIReport", "fpi_step", "initial_prior", "solve_fpi"]
+__all__ = [
+    "DEFAULT_BOUND_FACTORS",
+    "FPIConfig",
+    "FPIReport",
+    "fpi_step",
+    "initial_prior",
+    "solve_fpi",
+]
+
+log = logging.getLogger(__name__)
 
 Update = Literal["both", "mean", "variance"]
 Form = Literal["paper", "reference"]
+
+# The ladder of automatic variance bounds: growth factors of the data's variance range, widest
+# box first (see the module docstring).
+DEFAULT_BOUND_FACTORS: tuple[float, ...] = (1e4, 1e3, 1e2, 10.0, 4.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,10 @@ class FPIConfig(Config):
         require_convergence: raise FPINotConvergedError when max_iter is hit unconverged.
         divergence_factor: growth of means/variances (relative to the data scale) that, with a
             residual no longer decreasing, counts as unbounded.
+        auto_bounds: factors f of the automatic variance bounds (see the module docstring;
+            ``()`` = off). Tried only when ``var_bounds`` is None and the variances move, each
+            box (v_lo / f, v_hi * f) in the order given, after an unbounded attempt fails;
+            :data:`DEFAULT_BOUND_FACTORS` is the ladder the presets use.
     """
 
     update: Update = "both"
@@ -96,6 +128,7 @@ class FPIConfig(Config):
     round_float32: bool = False
     require_convergence: bool = True
     divergence_factor: float = 1e6
+    auto_bounds: tuple[float, ...] = ()
 
     def validate(self) -> None:
         check(is_number(self.tol) and self.tol > 0, "tol", self.tol, "a tolerance > 0")
@@ -115,6 +148,13 @@ class FPIConfig(Config):
                 self.var_bounds,
                 "(v_min, v_max) with 0 < v_min < v_max < inf",
             )
+        check(
+            all(is_number(f) and f > 1 for f in self.auto_bounds)
+            and all(a > b for a, b in zip(self.auto_bounds, self.auto_bounds[1:])),
+            "auto_bounds",
+            self.auto_bounds,
+            "growth factors > 1, strictly decreasing (widest box first), or () for off",
+        )
         check(
             self.form == "reference" or not (self.summed_q or self.isotropic_mean),
             "form",
@@ -164,6 +204,9 @@ class FPIReport:
     objective_after: float = float("nan")
     at_lower_bound: int = 0
     at_upper_bound: int = 0
+    var_bounds: tuple[float, float] | None = None
+    bound_factor: float = 0.0
+    bound_attempts: int = 0
 
     @property
     def final_residual(self) -> float:
@@ -178,6 +221,12 @@ class FPIReport:
             f"KL min/mean {self.kl_min_before:.3g}/{self.kl_mean_before:.3g} -> "
             f"{self.kl_min_after:.3g}/{self.kl_mean_after:.3g}, variances at bounds "
             f"{self.at_lower_bound} low / {self.at_upper_bound} high"
+            + (
+                f" (automatic bounds ({self.var_bounds[0]:.3g}, {self.var_bounds[1]:.3g}): factor "
+                f"{self.bound_factor:g} after {self.bound_attempts} failed attempts)"
+                if self.bound_factor and self.var_bounds is not None
+                else ""
+            )
         )
 
 
@@ -469,6 +518,7 @@ class _FixedPointMap:
         report.objective_after = _objective_value(mu, scale, self.m, self.s, self.objective)
         if bounds is not None:
             lo, hi = bounds
+            report.var_bounds = (float(lo), float(hi))
             var_now = scale if self.diag else torch.linalg.eigvalsh(scale)
             report.at_lower_bound = int((var_now <= lo * (1 + 1e-12)).sum())
             report.at_upper_bound = int((var_now >= hi * (1 - 1e-12)).sum())
@@ -501,7 +551,8 @@ def solve_fpi(
 
     Raises:
         FPIDivergenceError: a mean or variance grows without bound (no finite fixed point).
-        FPINotConvergedError: ``max_iter`` reached while ``require_convergence``.
+        FPINotConvergedError: ``max_iter`` reached while ``require_convergence`` (with
+            ``auto_bounds``: no box of the ladder made the iteration converge either).
         NonFiniteError: NaN/inf appeared in the iteration.
 
     Example:
@@ -521,6 +572,83 @@ def solve_fpi(
             f"initial prior ({init.covariance}, {tuple(init.means.shape)}) does not match the "
             f"statistics/config ({config.covariance}, {(stats.num_classes, stats.dim)})"
         )
+    searching = bool(config.auto_bounds) and config.var_bounds is None and config.update != "mean"
+    try:
+        prior, report = _solve(stats, objective, config, init)
+        if report.converged or not searching:
+            return _checked(prior, report, config)
+        failure: SolverError = FPINotConvergedError(report.summary(), report)
+    except FPIDivergenceError as err:
+        if not searching:
+            raise
+        failure = err
+    return _solve_with_auto_bounds(stats, objective, config, init, failure)
+
+
+def _checked(
+    prior: GaussianPrior, report: FPIReport, config: FPIConfig
+) -> tuple[GaussianPrior, FPIReport]:
+    if not report.converged and config.require_convergence:
+        raise FPINotConvergedError(
+            f"FPI did not reach tol={config.tol:g} within max_iter={config.max_iter} "
+            f"({report.summary()}); raise max_iter/tol or pass require_convergence=False",
+            report,
+        )
+    return prior, report
+
+
+def _variance_range(stats: ClassStatistics, config: FPIConfig) -> tuple[float, float]:
+    """[v_lo, v_hi]: the smallest and largest class variance (covariance eigenvalue)."""
+    var = stats.var() if config.covariance == "diag" else torch.linalg.eigvalsh(stats.cov())
+    return float(var.min()), float(var.max())
+
+
+def _solve_with_auto_bounds(
+    stats: ClassStatistics,
+    objective: Objective,
+    config: FPIConfig,
+    init: GaussianPrior,
+    failure: SolverError,
+) -> tuple[GaussianPrior, FPIReport]:
+    """The ladder of :attr:`FPIConfig.auto_bounds` after the unbounded solve failed: the first
+    (least restrictive) box whose projected iteration converges."""
+    lo, hi = _variance_range(stats, config)
+    log.info("FPI without bounds: %s; trying automatic variance bounds", failure)
+    attempts = 1
+    last: tuple[GaussianPrior, FPIReport] | None = None
+    for factor in config.auto_bounds:
+        bounded = config.replace(var_bounds=(lo / factor, hi * factor))
+        try:
+            prior, report = _solve(stats, objective, bounded, init)
+        except FPIDivergenceError as err:
+            failure = err
+            attempts += 1
+            continue
+        report.bound_factor, report.bound_attempts = float(factor), attempts
+        if report.converged:
+            log.info("FPI with automatic bounds: %s", report.summary())
+            return prior, report
+        last, failure = (prior, report), FPINotConvergedError(report.summary(), report)
+        attempts += 1
+    message = (
+        f"FPI found no fixed point unbounded nor within any of the automatic variance bounds "
+        f"(v_lo / f, v_hi * f) for f in {config.auto_bounds}, v_lo = {lo:.3g}, v_hi = {hi:.3g} "
+        f"(last attempt: {failure}); raise max_iter, add tighter factors, lower lam, or update "
+        "the means only"
+    )
+    if last is not None and not config.require_convergence:
+        log.warning(message)
+        return last
+    if isinstance(failure, FPIDivergenceError):
+        raise FPIDivergenceError(message, failure.report)
+    raise FPINotConvergedError(message, failure.report)
+
+
+def _solve(
+    stats: ClassStatistics, objective: Objective, config: FPIConfig, init: GaussianPrior
+) -> tuple[GaussianPrior, FPIReport]:
+    """One solve with ``config`` as it is: the prior at the last iterate and its report
+    (converged or stopped at ``max_iter``); raises FPIDivergenceError / NonFiniteError."""
     report = FPIReport()
     fmap = _FixedPointMap(stats, objective, config, report)
     mu, scale = fmap.start(init)
@@ -553,15 +681,7 @@ def solve_fpi(
             report.iterations, report.stop_reason, mu, scale = it, "max_iter", x.mu, x.scale
             break
         x, it = step
-
-    prior = fmap.finish(mu, scale)
-    if not report.converged and config.require_convergence:
-        raise FPINotConvergedError(
-            f"FPI did not reach tol={config.tol:g} within max_iter={config.max_iter} "
-            f"({report.summary()}); raise max_iter/tol or pass require_convergence=False",
-            report,
-        )
-    return prior, report
+    return fmap.finish(mu, scale), report
 
 
 def _next_point(

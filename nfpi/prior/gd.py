@@ -19,6 +19,12 @@ Learning-rate policies (the paper names five without defining them; these are ou
 =================  ===========================================================================
 
 t is the GD step count (over the whole run), T = ``total_steps`` (t > T keeps lr_min).
+
+Weight schedule (``GDConfig.lam_end``): the released GD configs do not keep lambda fixed, they
+move it linearly from 50 to 25 over the first 100 GD steps (method notes section 10). With
+``lam_end`` set, step t minimises the objective with
+lambda(t) = lam + (lam_end - lam) min(t, lam_steps) / lam_steps, lam the objective's; without it
+(the default) every step uses the objective's lambda, so FPI and GD compare at equal objective.
 """
 
 from __future__ import annotations
@@ -109,8 +115,17 @@ class GDConfig(Config):
     eps: float = 1e-8
     sigmoid: tuple[float, float, float] = (1.0, 1.0, 0.25)  # (a, b, c): v = a sigmoid(b theta) + c
     steps_per_solve: int = 100
+    lam_end: float | None = None
+    lam_steps: int = 100
 
     def validate(self) -> None:
+        check(
+            self.lam_end is None or (is_number(self.lam_end) and self.lam_end >= 0),
+            "lam_end",
+            self.lam_end,
+            "None (lambda fixed) or the final lambda >= 0 of the linear weight schedule",
+        )
+        check(self.lam_steps >= 1, "lam_steps", self.lam_steps, "an integer >= 1")
         a, b, c = self.sigmoid
         check(
             a > 0 and b > 0 and c > 0,
@@ -125,6 +140,13 @@ class GDConfig(Config):
             "Adam betas in [0, 1)",
         )
         check(self.steps_per_solve >= 1, "steps_per_solve", self.steps_per_solve, "an integer >= 1")
+
+    def lam_at(self, lam: float, step: int) -> float:
+        """lambda of GD step ``step`` (0-based) when the objective's is ``lam``."""
+        if self.lam_end is None:
+            return lam
+        frac = min(step, self.lam_steps) / self.lam_steps
+        return lam + (self.lam_end - lam) * frac
 
     @property
     def var_range(self) -> tuple[float, float]:
@@ -146,6 +168,7 @@ class GDReport:
     merit_before: float = float("nan")
     merit_after: float = float("nan")
     lrs: list[float] = field(default_factory=list)
+    lams: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,13 +217,21 @@ class GDSolver:
     def prior(self) -> GaussianPrior:
         return GaussianPrior(self.mu.detach(), var=self.variances().detach())
 
+    def objective_at(self, step: int) -> Objective:
+        """The objective GD step ``step`` minimises (lambda from the weight schedule)."""
+        lam = self.config.lam_at(self.objective.lam, step)
+        return self.objective if lam == self.objective.lam else self.objective.replace(lam=lam)
+
     def _objective(self, m: Tensor, s: Tensor) -> Tensor:
-        return prior_objective(self.mu, self.variances(), m, s, **self.objective.to_dict())
+        objective = self.objective_at(self.step_count)
+        return prior_objective(self.mu, self.variances(), m, s, **objective.to_dict())
 
     @torch.no_grad()
     def merit(self, stats: ClassStatistics) -> float:
-        """The value GD steps decrease (see :class:`GDReport`), at the current parameters."""
-        obj, m, s = self.objective, stats.mean().to(self.mu), stats.var().to(self.mu)
+        """The value GD steps decrease (see :class:`GDReport`), at the current parameters (with
+        the current step's lambda)."""
+        obj = self.objective_at(self.step_count)
+        m, s = stats.mean().to(self.mu), stats.var().to(self.mu)
         if obj.pi == "pairwise":
             value = pairwise_potential(
                 self.mu, self.variances(), m, s, lam=obj.lam, alpha=obj.alpha
@@ -233,6 +264,7 @@ class GDSolver:
             self.step_count += 1
             report.steps += 1
             report.lrs.append(lr)
+            report.lams.append(self.config.lam_at(self.objective.lam, self.step_count - 1))
         report.merit_after = self.merit(stats)
         return self.prior(), report
 

@@ -50,9 +50,14 @@ def report_metrics(report: PriorReport | None) -> dict[str, float]:
             "fpi_converged": float(report.converged),
             "fpi_at_lower_bound": float(report.at_lower_bound),
             "fpi_at_upper_bound": float(report.at_upper_bound),
+            # 0: no automatic bounds were needed (or none were asked for).
+            "fpi_bound_factor": report.bound_factor,
         }
     if isinstance(report, GDReport):
-        return {"gd_merit": report.merit_after, "gd_steps": float(report.steps)}
+        out = {"gd_merit": report.merit_after, "gd_steps": float(report.steps)}
+        if report.lams:
+            out["gd_lam"] = report.lams[-1]
+        return out
     return {}
 
 
