@@ -50,14 +50,16 @@ __all__ = ["PoolBuild", "build_pool", "main", "train_set_of"]
 
 log = logging.getLogger("nfpi.ray.pool")
 
-_FLOWS: dict[tuple[str, bool, str], torch.nn.Module] = {}  # per worker process
+_FLOWS: dict[tuple[str, bool, str], tuple[torch.nn.Module, int]] = {}  # per worker process
 
 
-def _flow(file: str, use_ema: bool, device: str) -> torch.nn.Module:
+def _flow(file: str, use_ema: bool, device: str) -> tuple[torch.nn.Module, int]:
+    """The flow of ``file`` and the grey levels of its data (``DatasetInfo.levels``)."""
     key = (file, use_ema, device)
     if key not in _FLOWS:
         _FLOWS.clear()  # one flow per worker at a time
-        _FLOWS[key] = load_trained(file, device=device, use_ema=use_ema).flow
+        model = load_trained(file, device=device, use_ema=use_ema)
+        _FLOWS[key] = (model.flow, model.info.levels)
     return _FLOWS[key]
 
 
@@ -68,7 +70,7 @@ def _device(use_gpu: bool) -> str:
 def _fit_pca_task(
     file: str, dataset: Any, num_classes: int, aug: NFAugmentConfig, use_gpu: bool
 ) -> ClassPCA:
-    flow = _flow(file, aug.use_ema, _device(use_gpu))
+    flow, levels = _flow(file, aug.use_ema, _device(use_gpu))
     pca = ClassPCA.fit(
         flow,
         dataset,
@@ -77,6 +79,7 @@ def _fit_pca_task(
         per_class_samples=aug.per_class_fit_samples,
         batch_size=aug.fit_batch_size,
         seed=aug.seed,
+        levels=levels,
     )
     return pca.to("cpu") if hasattr(pca, "to") else pca
 
@@ -95,9 +98,9 @@ def _shard_task(
     use_gpu: bool,
 ) -> ShardRecord:
     device = _device(use_gpu)
-    flow = _flow(file, aug.use_ema, device)
+    flow, levels = _flow(file, aug.use_ema, device)
     pca = pca.to(device) if hasattr(pca, "to") else pca
-    augment = pool_augmenter(flow, pca, aug, dataset)
+    augment = pool_augmenter(flow, pca, aug, dataset, levels)
     images = build_shard(augment, dataset, start, end, pool, round_, index)
     return store.write_shard(round_, index, start, images)
 

@@ -37,8 +37,12 @@ POOL = PoolConfig(variants=2, refresh_every=2, probability=0.5, shard_size=70, b
 def setup(checkpoint):
     model = load_trained(checkpoint)
     train, _ = load_dataset("digits", "train", items_per_class=20)
-    pca = ClassPCA.fit(model.flow, train, 10, n_components=3, per_class_samples=10, batch_size=64)
-    return model, train, pool_augmenter(model.flow, pca, AUG, train), find_checkpoint(checkpoint)
+    levels = model.info.levels  # digits: 17 grey levels, stored as level indices 0..16
+    pca = ClassPCA.fit(
+        model.flow, train, 10, n_components=3, per_class_samples=10, batch_size=64, levels=levels
+    )
+    augment = pool_augmenter(model.flow, pca, AUG, train, levels)
+    return model, train, augment, find_checkpoint(checkpoint)
 
 
 def _store(tmp_path, setup, pool=POOL) -> PoolStore:
@@ -74,6 +78,21 @@ def test_shards_are_deterministic_and_are_nf_variants(setup):
     changed = (a != originals[:, None]).reshape(70, 2, -1).any(-1)
     assert changed.mean() > 0.8  # p = 1: (nearly) every image is mixed
     assert not np.array_equal(a[:, 0], a[:, 1])  # variants differ
+
+
+def test_pools_hold_the_datasets_grey_levels(tmp_path, setup, checkpoint):
+    """A flow of 17-level digits fills its pools with level indices 0..16 (what the dataset
+    and the classifier's bin centres use), both through pooled_dataset (levels from the
+    checkpoint's DatasetInfo) and the pool_augmenter of the fixture: the same bytes."""
+    model, train, augment, _ = setup
+    assert model.info.levels == 17
+    assert int(torch.stack([train[i][0] for i in range(len(train))]).max()) <= 16
+    data, _ = pooled_dataset(checkpoint, train, AUG, POOL, 1, root=tmp_path / "a")
+    built = np.concatenate(
+        [np.load(p) for p in sorted(data.store.round_dir(0).glob("shard-*.npy"))]
+    )
+    assert built.max() <= 16 and built.max() >= 8  # level indices, not 8-bit values
+    assert np.array_equal(built[:70], build_shard(augment, train, 0, 70, POOL, 0, 0))
 
 
 def test_corrupt_or_truncated_shards_are_refused(tmp_path, setup):

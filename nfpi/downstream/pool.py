@@ -43,7 +43,7 @@ Example::
 
     # or step by step, with a flow and class PCA already at hand:
     store = PoolStore.for_flow(root, state_file, train_set, aug_config, pool_config)
-    augment = pool_augmenter(flow, pca, aug_config, train_set)
+    augment = pool_augmenter(flow, pca, aug_config, train_set, levels=info.levels)  # DatasetInfo
     for r in pool_config.rounds_for(epochs):
         ensure_round(store, r, augment, train_set, pool_config)
     data = PooledNFDataset(train_set, store, pool_config)
@@ -222,10 +222,16 @@ def _shard_seed(seed: int, round_: int, index: int, variant: int) -> int:
 
 
 def pool_augmenter(
-    flow: torch.nn.Module, pca: ClassPCA, config: NFAugmentConfig, dataset: Any
+    flow: torch.nn.Module,
+    pca: ClassPCA,
+    config: NFAugmentConfig,
+    dataset: Any,
+    levels: int = 256,
 ) -> NFAugment:
-    """The transform that fills pools: ``config`` with every image augmented (p = 1)."""
-    return NFAugment(flow, pca, config.replace(probability=1.0), dataset)
+    """The transform that fills pools: ``config`` with every image augmented (p = 1), on images
+    of ``levels`` grey levels (the flow's ``DatasetInfo.levels``: its pixels encode and decode
+    at that quantisation, so pooled images hold level indices like the dataset's)."""
+    return NFAugment(flow, pca, config.replace(probability=1.0), dataset, levels=levels)
 
 
 @torch.no_grad()
@@ -524,7 +530,7 @@ def pooled_dataset(
         online = NFAugment.from_checkpoint(
             augment.replace(checkpoint=str(file)), dataset, device=device
         )
-        builder = pool_augmenter(online.flow, online.pca, online.config, dataset)
+        builder = pool_augmenter(online.flow, online.pca, online.config, dataset, online.levels)
         for r in missing:
             seconds += ensure_round(store, r, builder, dataset, pool)
     return PooledNFDataset(dataset, store, pool), seconds
