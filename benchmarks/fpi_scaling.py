@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fresh-process repeats of each solve (default 2, 1 with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ks", type=int, nargs="+", help="iteration rows: these K only (default 10 100 1000)"
+    )
+    parser.add_argument(
+        "--ds", type=int, nargs="+", help="iteration rows: these d only (default 768 3072)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     add_device_arg(parser)
     args = parser.parse_args(argv)
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         min_reps, min_seconds = 5, 3.0
         solves, repeats = [("both", 20), ("mean", 20)], args.solve_repeats or 2
+    ks, ds = tuple(args.ks or ks), tuple(args.ds or ds)
 
     where = "CPU" if args.device == "cpu" else f"CUDA ({device_name(args.device)})"
     print(

@@ -37,7 +37,8 @@ three levels of mef-cifar), forward and forward + backward, with the error again
 goes: conv-norm convolutions forward / backward, other convolutions, matrix exponential, ELU,
 optimizer, everything else; then the top operators by self time.
 
-``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded).
+``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded);
+``--compile-only`` runs that row alone (``benchmarks/gpu_rows.sh`` gives it its own time limit).
 
 ``--smoke-test``: the ``tiny`` preset at batch 2, one timed step per row, small matrix batches.
 """
@@ -453,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expm", choices=EXPM, nargs="+", default=list(EXPM), help="rows to run")
     p.add_argument("--profile", action="store_true", help="profile one step of the first row")
     p.add_argument("--compile", action="store_true", help="add a torch.compile(flow) row")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the torch.compile(flow) row (no eager rows, no matrix-exponential rows)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
@@ -485,8 +491,8 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
     records: list[dict] = []
-    plan = [(m, e, False) for m in models for e in args.expm]
-    if args.compile:
+    plan = [] if args.compile_only else [(m, e, False) for m in models for e in args.expm]
+    if args.compile or args.compile_only:
         plan += [(m, "project", True) for m in models]
     for i, (model, expm, compiled) in enumerate(plan):
         wargs = ["--worker", model, "--batch", str(batch), "--steps", str(steps)]
@@ -517,6 +523,10 @@ def main(argv: list[str] | None = None) -> None:
         if "profile" in r:
             _print_profile(r)
 
+    if args.compile_only:
+        if args.out:
+            write_records(args.out, records)
+        return
     mrows = _run_worker(
         ["--worker", "matrix_exp", "--shapes", json.dumps(shapes), "--reps", str(reps)]
         + ["--device", args.device],
