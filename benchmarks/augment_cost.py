@@ -22,10 +22,13 @@ and class subspaces (r = 16, 4 in the smoke test). ``epoch_s`` is the last epoch
 first warms up), ``vs_standard`` its ratio to the standard row's. ``pool_build_s`` (``nf_pool``
 row): building the rounds the run reads, before training, with Ray tasks in parallel
 (``ray_jobs/augment_pool.py``, one per shard, the class-subspace fit included) when Ray is
-installed and the device is the CPU, else in this process (``pool_builder`` says which);
-``pool_mb`` the pool's size on disk. Workers run with ``OMP_WAIT_POLICY=PASSIVE``.
+installed and the device is the CPU, else in this process (``pool_builder`` says which;
+``--pool-builder ray|process`` forces one); ``pool_mb`` the pool's size on disk. Workers run
+with ``OMP_WAIT_POLICY=PASSIVE``.
 
-``--smoke-test``: 100 images, the ``tiny`` flow, timm's ``resnet10t``, 2 epochs, in seconds.
+``--smoke-test``: 100 images, the ``tiny`` flow, timm's ``resnet10t``, 2 epochs, the pool built
+in process (the Ray builder writes the same bytes: ``tests/test_pool.py``; ``--pool-builder ray``
+runs it here too), in seconds.
 """
 
 from __future__ import annotations
@@ -133,7 +136,12 @@ def _build_pool(args: argparse.Namespace, file: Path, data: RandomImages) -> dic
     """Build the rounds the nf_pool row reads; Ray tasks when possible."""
     _, aug, pool = _configs(args)
     root = Path(args.pool_root)
-    use_ray = args.device == "cpu" and importlib.util.find_spec("ray") is not None
+    has_ray = importlib.util.find_spec("ray") is not None
+    if args.pool_builder == "ray" and not has_ray:
+        raise SystemExit("--pool-builder ray: ray is not installed (pip install ray)")
+    use_ray = args.pool_builder == "ray" or (
+        args.pool_builder == "auto" and args.device == "cpu" and has_ray and not args.smoke_test
+    )
     t0 = time.perf_counter()
     if use_ray:
         import ray
@@ -210,6 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2, help="classifier epochs (the last is timed)")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--pool-builder",
+        choices=("auto", "ray", "process"),
+        default="auto",
+        help="who builds the pool: Ray tasks, this process, or auto (Ray tasks on the CPU when "
+        "Ray is installed, except in the smoke test)",
+    )
     for hidden in ("--worker", "--pool-root", "--flow-file"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
