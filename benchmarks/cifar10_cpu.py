@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -242,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             f"sqlite:///{Path(work.name) / 'mlflow.db'}" if args.smoke_test else None
         )
         tracking = resolve_tracking(ROOT / "results", uri, "cifar10_cpu")
+        what = " ".join([mode_name(args), *args.set])  # the run's name says what differed
         parent_id = start_run(
-            tracking, f"cifar10_cpu {mode_name(args)} {time.strftime('%Y%m%d-%H%M%S')}"
+            tracking,
+            f"cifar10_cpu {what} {time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"nfpi.overrides": ", ".join(args.set) or "none"},
         )
 
     jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
@@ -254,17 +258,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     os.environ.update(env)  # inherited by the spawned runs
-    results = []
     t0 = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(run_one, m, s, overrides, str(runs_root / f"{m}-s{s}"), args.threads): (
-                m,
-                s,
-            )
+    # A kill (SIGTERM) unwinds like an error: the runs' processes stop, the MLflow parent is
+    # marked failed instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        results = run_all(args, jobs, overrides, runs_root, tracking, parent_id)
+    except BaseException:
+        if tracking is not None:
+            from ray_jobs.tracking import RunLogger
+
+            RunLogger(tracking, parent_id).finish("FAILED")
+        raise
+    report(args, results, epochs, time.perf_counter() - t0, tracking, parent_id)
+    work.cleanup()
+    return 0
+
+
+def run_all(
+    args: argparse.Namespace,
+    jobs: list[tuple[str, int]],
+    overrides: dict[str, Any],
+    runs_root: Path,
+    tracking: Any,
+    parent_id: str | None,
+) -> list[dict[str, Any]]:
+    """Every (method, seed) run, ``args.jobs`` at a time; each logged to MLflow as it ends."""
+    results = []
+    pool = ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")
+    )
+    try:
+        futures = [
+            pool.submit(run_one, m, s, overrides, str(runs_root / f"{m}-s{s}"), args.threads)
             for m, s in jobs
-        }
+        ]
         for future in as_completed(futures):
             result = future.result()
             rec = result["record"]
@@ -277,11 +305,29 @@ def main(argv: list[str] | None = None) -> int:
             if tracking is not None:
                 log_to_mlflow(tracking, parent_id, result)
             results.append(result)
+    except BaseException:
+        # Stop the runs now (shutting down waits for running ones): a failed run or a kill
+        # leaves no orphaned training processes behind.
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+def report(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    epochs: int,
+    seconds: float,
+    tracking: Any,
+    parent_id: str | None,
+) -> None:
+    """Print the table and the curves, log them to the MLflow parent, write ``--out``."""
     records = [r["record"] for r in results]
     summary = table(records)
-    print(
-        f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({time.perf_counter() - t0:.0f} s)"
-    )
+    print(f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({seconds:.0f} s)")
     if args.set:
         print("every run with: " + ", ".join(args.set))
     print(summary)
@@ -298,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         parent.finish()
     if args.out:
         write_records(args.out, records)
-    work.cleanup()
-    return 0
 
 
 if __name__ == "__main__":
