@@ -176,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's 8)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -196,8 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not methods:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     args.methods = methods
-    if args.jobs < 1 or args.threads < 1 or args.seeds < 1:
-        parser.error("--jobs, --threads and --seeds must be >= 1")
+    if args.jobs < 1 or args.threads < 1 or args.seeds < 1 or args.first_seed < 0:
+        parser.error("--jobs, --threads and --seeds must be >= 1, --first-seed >= 0")
     return args
 
 
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             tags={"nfpi.overrides": ", ".join(args.set) or "none"},
         )
 
-    jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(m, s) for s in seeds for m in args.methods]
     print(
         f"CIFAR-10 on CPU ({mode_name(args)}): {len(jobs)} runs, {epochs} epochs each, "
         f"{args.jobs} at once x {args.threads} thread(s); data {data}",
