@@ -3,23 +3,10 @@ equal budget (the ``cifar10_cpu`` experiment: 16 x 16, glow-small width 32, 8 ep
 re-solved every epoch); pass ``--set data.root=/abs/path/cifar10-jpeg.tar.gz``. About 20-45
 minutes per trial on one core; ``benchmarks/cifar10_cpu.py`` runs the same three without Ray."""
 
-from ray import tune
+from search_spaces import prior_comparison
 
-from search_spaces import SearchSpace
-
-SPACE = SearchSpace(
-    name="cifar10_cpu",
-    reproduces="Table 1's comparison (data-init vs GD vs FPI) on real CIFAR-10 at a CPU budget",
-    experiment="cifar10_cpu",
-    base={},
-    params={
-        "variant": tune.grid_search(
-            [
-                {"prior.method": "data-init"},
-                {"prior.method": "gd"},
-                {"prior.method": "fpi"},
-            ]
-        )
-    },
-    group_by=("prior.method",),
+SPACE = prior_comparison(
+    "cifar10_cpu",
+    "Table 1's comparison (data-init vs GD vs FPI) on real CIFAR-10 at a CPU budget",
+    "cifar10_cpu",
 )
