@@ -104,3 +104,67 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
     """``--out``: the measured rows as a JSON list of flat records (:func:`flat_records`)."""
     Path(path).write_text(json.dumps(flat_records(records), indent=1))
     print(f"\nwrote {len(records)} records to {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices: every benchmark takes --device cpu|cuda; these keep the timing and memory code shared.
+# ------------------------------------------------------------------------------------------------
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` (default cpu). CUDA rows run without Ray."""
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the measured work runs (cuda: times synchronise the device; peak memory is "
+        "torch.cuda.max_memory_allocated)",
+    )
+
+
+def check_device(device: str) -> None:
+    """Fail early, with the fix, when ``--device cuda`` has no GPU behind it."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch; use --device cpu")
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued device work (a no-op on CPU), so that wall-clock times are complete."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_device_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak_mb(device: str) -> float | None:
+    """Peak memory of the device in MiB since the last reset (None on CPU: use ``vm``)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        name = platform.machine()
+    return f"{name}, {os.cpu_count()} cores"

@@ -47,6 +47,11 @@ Targets (printed as PASS/FAIL; exit status 0 either way): the K = 1000, d = 3072
 2 GB peak, checked both for the solve's own footprint (``peak_extra_mb``) and for the absolute
 process peak (``peak_mb``); >= 20x faster per iteration than broadcast at K = 100, d = 3072.
 
+``--device cuda`` runs every row on the GPU (float64; the broadcast budget then applies to GPU
+memory): ``peak_mb`` is ``torch.cuda.max_memory_allocated`` (reset after the inputs were
+allocated; ``peak_extra_mb`` above them), ``host_peak_mb`` the process's resident peak; times
+synchronise the device. The K = 1000, d = 3072 solve rows are the GPU rows of the issue.
+
 ``--smoke-test`` runs the same steps at toy sizes in seconds: iteration rows at K in {4, 32},
 d = 16 with a budget that skips the K = 32 broadcast row, both solves at K = 32, d = 16 for 3
 iterations, every configuration still in its own worker process; the targets are then checked at
@@ -67,8 +72,14 @@ from typing import Any
 import torch
 from _common import (  # benchmarks/ is on sys.path
     DEFAULT_WAIT_POLICY,
+    add_device_arg,
     benchmark_parser,
+    check_device,
+    device_name,
+    device_peak_mb,
     mode_name,
+    reset_device_peak,
+    synchronize,
     vm,
     worker_env,
     write_records,
@@ -106,18 +117,43 @@ def broadcast_estimate_gb(k: int, d: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _inputs(k: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _inputs(k: int, d: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     f64 = {"dtype": torch.float64}
     mu = torch.randn(k, d, generator=gen, **f64)
     v = 0.5 + torch.rand(k, d, generator=gen, **f64)
     m = torch.randn(k, d, generator=gen, **f64)
     s = 0.5 + torch.rand(k, d, generator=gen, **f64)
-    return mu, v, m, s
+    return tuple(t.to(device) for t in (mu, v, m, s))
+
+
+def _device_base(device: str) -> float:
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else 0.0
+
+
+def _peaks(
+    device: str, hwm: float, baseline: float, reset: bool, hwm_before: float, base: float
+) -> dict:
+    """Memory fields: the process's resident peak on CPU; on CUDA the device's peak
+    (``torch.cuda.max_memory_allocated``, reset after the inputs were allocated, whose size is
+    ``base``) with the host peak beside it."""
+    if device == "cuda":
+        peak = device_peak_mb(device)
+        return {
+            "peak_mb": peak,
+            "baseline_mb": base,
+            "peak_extra_mb": peak - base,
+            "host_peak_mb": hwm,
+        }
+    return {
+        "peak_mb": max(hwm, hwm_before) if reset else hwm,
+        "baseline_mb": baseline,
+        "peak_extra_mb": hwm - baseline if reset else float("nan"),
+    }
 
 
 def _step_worker(
-    k: int, d: int, impl: str, min_reps: int, min_seconds: float, seed: int
+    k: int, d: int, impl: str, min_reps: int, min_seconds: float, seed: int, device: str = "cpu"
 ) -> dict[str, Any]:
     from nfpi.prior import FPIConfig, Objective, fpi_step
     from nfpi.prior.naive import fpi_step_broadcast
@@ -125,9 +161,10 @@ def _step_worker(
     step = fpi_step if impl == "gemm" else fpi_step_broadcast
     objective = Objective(lam=LAM, alpha=ALPHA, pi="pairwise")
     config = FPIConfig(update="both")
-    mu, v, m, s = _inputs(k, d, seed)
-    baseline, hwm_before = vm("VmRSS"), vm("VmHWM")
+    mu, v, m, s = _inputs(k, d, seed, device)
+    baseline, hwm_before, base = vm("VmRSS"), vm("VmHWM"), _device_base(device)
     reset = _reset_peak()
+    reset_device_peak(device)
     times: list[float] = []
     cpu_times: list[float] = []
     with torch.no_grad():
@@ -136,14 +173,16 @@ def _step_worker(
         del mu_new, v_new
         start = time.perf_counter()
         while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+            synchronize(device)
             c0, t0 = time.process_time(), time.perf_counter()
             out = step(mu, v, m, s, objective, config)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
             del out
             if len(times) >= 1000:
                 break
-    hwm = vm("VmHWM")
+    peaks = _peaks(device, vm("VmHWM"), baseline, reset, hwm_before, base)
     agree = None
     if impl == "broadcast":  # same map? (after the peak was read)
         with torch.no_grad():
@@ -158,19 +197,19 @@ def _step_worker(
         "seconds_per_iter_median": statistics.median(times),
         "cpu_seconds_per_iter": min(cpu_times),
         "reps": len(times),
-        "peak_mb": max(hwm, hwm_before) if reset else hwm,
-        "baseline_mb": baseline,
-        "peak_extra_mb": hwm - baseline if reset else float("nan"),
+        **peaks,
         "finite": finite,
     }
 
 
-def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict[str, Any]:
+def _solve_worker(
+    k: int, d: int, update: str, max_iter: int, seed: int, device: str = "cpu"
+) -> dict[str, Any]:
     from nfpi.prior import ClassStatistics, FPIConfig, Objective, solve_fpi
 
-    _, _, m, s = _inputs(k, d, seed)
+    _, _, m, s = _inputs(k, d, seed, device)
     n = 100.0  # samples per class: only the sums matter
-    f64 = {"dtype": torch.float64}
+    f64 = {"dtype": torch.float64, "device": device}
     stats = ClassStatistics(
         count=torch.full((k,), n, **f64), sum=torch.zeros(k, d, **f64), sumsq=s * (n - 1.0), shift=m
     )
@@ -184,13 +223,16 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
         max_iter=max_iter,
         require_convergence=False,
     )
-    baseline, hwm_before = vm("VmRSS"), vm("VmHWM")
+    baseline, hwm_before, base = vm("VmRSS"), vm("VmHWM"), _device_base(device)
     reset = _reset_peak()
+    reset_device_peak(device)
+    synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         prior, report = solve_fpi(stats, objective, config)
+    synchronize(device)
     elapsed = time.perf_counter() - t0
-    hwm = vm("VmHWM")
+    peaks = _peaks(device, vm("VmHWM"), baseline, reset, hwm_before, base)
     return {
         "seconds_per_iter": elapsed / report.iterations,
         "seconds_total": elapsed,
@@ -198,9 +240,7 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
         "stop_reason": report.stop_reason,
         "final_residual": report.final_residual,
         "at_bounds": report.at_lower_bound + report.at_upper_bound,
-        "peak_mb": max(hwm, hwm_before) if reset else hwm,
-        "baseline_mb": baseline,
-        "peak_extra_mb": hwm - baseline if reset else float("nan"),
+        **peaks,
         "finite": bool(torch.isfinite(prior.means).all() and torch.isfinite(prior.var).all()),
     }
 
@@ -208,12 +248,21 @@ def _solve_worker(k: int, d: int, update: str, max_iter: int, seed: int) -> dict
 def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     spec = json.loads(args.worker)
+    device = spec.get("device", "cpu")
     if spec["kind"] == "step":
         out = _step_worker(
-            spec["K"], spec["d"], spec["impl"], spec["min_reps"], spec["min_seconds"], spec["seed"]
+            spec["K"],
+            spec["d"],
+            spec["impl"],
+            spec["min_reps"],
+            spec["min_seconds"],
+            spec["seed"],
+            device,
         )
     else:
-        out = _solve_worker(spec["K"], spec["d"], spec["update"], spec["max_iter"], spec["seed"])
+        out = _solve_worker(
+            spec["K"], spec["d"], spec["update"], spec["max_iter"], spec["seed"], device
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -287,11 +336,19 @@ def main(argv: list[str] | None = None) -> int:
         help="fresh-process repeats of each solve (default 2, 1 with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ks", type=int, nargs="+", help="iteration rows: these K only (default 10 100 1000)"
+    )
+    parser.add_argument(
+        "--ds", type=int, nargs="+", help="iteration rows: these d only (default 768 3072)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_device_arg(parser)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
+    check_device(args.device)
 
     ks, ds = (10, 100, 1000), (768, 3072)
     solve_kd, speedup_kd, budget_gb = (1000, 3072), (100, 3072), args.budget_gb or 12.0
@@ -307,16 +364,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         min_reps, min_seconds = 5, 3.0
         solves, repeats = [("both", 20), ("mean", 20)], args.solve_repeats or 2
+    ks, ds = tuple(args.ks or ks), tuple(args.ds or ds)
 
+    where = "CPU" if args.device == "cpu" else f"CUDA ({device_name(args.device)})"
     print(
         f"torch {torch.__version__}, threads {args.threads} (of {os.cpu_count()} cores), "
-        f"float64 CPU, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
+        f"float64 {where}, lam={LAM:g} alpha={ALPHA:g} pi=pairwise; OMP_WAIT_POLICY="
         f"{_wait_policy()}; load average "
         f"{os.getloadavg()[0]:.1f}{'' if mode_name(args) == 'full' else f' ({mode_name(args)})'}"
     )
     print(
         "peak MB = absolute process peak (VmHWM, torch included); extra MB = peak above the "
         "baseline after imports and inputs"
+        if args.device == "cpu"
+        else "peak MB = torch.cuda.max_memory_allocated; extra MB = peak above the inputs"
     )
     records: list[dict[str, Any]] = []
     header = (
@@ -333,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     "K": k,
                     "d": d,
                     "impl": impl,
+                    "device": args.device,
                     "threads": args.threads,
                     "omp_wait_policy": _wait_policy(),
                 }
@@ -359,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                     "min_reps": min_reps,
                     "min_seconds": min_seconds,
                     "seed": args.seed,
+                    "device": args.device,
                 }
                 rec.update(
                     _run_worker(spec, args.threads, timeout=600),
@@ -390,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "K": k,
             "d": d,
             "impl": impl,
+            "device": args.device,
             "threads": args.threads,
             "update": update,
             "tol": SOLVE_TOL,
@@ -403,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             "update": update,
             "max_iter": max_iter,
             "seed": args.seed,
+            "device": args.device,
         }
         runs = [_run_worker(spec, args.threads, timeout=600) for _ in range(repeats)]
         good = [r for r in runs if "error" not in r]

@@ -26,6 +26,10 @@ included; ``base_mb`` the resident set after imports and model construction):
 - ``classifier_step_resnet18``: for scale, one SGD step of the CNN-Acc ResNet-18 (CIFAR stem) on
   a batch of 100 3x32x32 images.
 
+``--device cuda`` runs the flows, the NF augmentation and the ResNet-18 step on the GPU (the
+standard augmentations stay on the CPU, as in the classifier's loop); ``peak_mb`` is then
+``torch.cuda.max_memory_allocated``.
+
 Timings are best-of-repetitions (the machine may be shared); workers run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it. ``flow`` names the flow preset of
 the generation and NF rows.
@@ -47,13 +51,20 @@ from typing import Any
 
 import torch
 from _common import (  # benchmarks/ is on sys.path
+    add_device_arg,
     benchmark_parser,
+    check_device,
+    device_name,
+    device_peak_mb,
     mode_name,
     run_worker,
+    synchronize,
     vm,
     worker_env,
     write_records,
 )
+
+DEVICE = "cpu"  # --device: set once per worker process
 
 FLOW = "mef-cifar"  # the flow of the generation and NF rows
 SMOKE_FLOW = "tiny"  # --smoke-test: the same layer types at toy size
@@ -68,7 +79,7 @@ def _random_model(num_classes: int, preset: str, seed: int = 0) -> Any:
     from nfpi.prior import GaussianPrior
 
     torch.manual_seed(seed)
-    flow = build_flow(preset, in_shape=(3, 32, 32)).eval()
+    flow = build_flow(preset, in_shape=(3, 32, 32)).eval().to(DEVICE)
     d = flow.latent_dim
     prior = GaussianPrior(0.3 * torch.randn(num_classes, d), var=0.25 + torch.rand(num_classes, d))
     info = DatasetInfo("random", num_classes, (3, 32, 32), tuple(map(str, range(num_classes))))
@@ -79,10 +90,18 @@ def _random_model(num_classes: int, preset: str, seed: int = 0) -> Any:
 def _best(fn, reps: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(reps):
+        synchronize(DEVICE)
         t0 = time.perf_counter()
         fn()
+        synchronize(DEVICE)
         times.append(time.perf_counter() - t0)
     return min(times), times
+
+
+def _peak_mb() -> int:
+    """The worker's peak: device memory on CUDA, else the resident set (VmHWM)."""
+    peak = device_peak_mb(DEVICE)
+    return round(peak if peak is not None else vm("VmHWM"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,12 +117,22 @@ def _generate_worker(batch: int, batches: int, preset: str) -> dict[str, Any]:
     base = vm("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         # Warm-up: allocator, thread pool, first-call dispatch.
-        generate_dataset(model, Path(tmp) / "warm", per_class=1, temperature=1.0, seed=1)
+        generate_dataset(
+            model, Path(tmp) / "warm", per_class=1, temperature=1.0, seed=1, device=DEVICE
+        )
         n = batch * batches
+        synchronize(DEVICE)
         t0 = time.perf_counter()
         generate_dataset(
-            model, Path(tmp) / "set", per_class=n // k, temperature=1.0, seed=0, batch_size=batch
+            model,
+            Path(tmp) / "set",
+            per_class=n // k,
+            temperature=1.0,
+            seed=0,
+            batch_size=batch,
+            device=DEVICE,
         )
+        synchronize(DEVICE)
         seconds = time.perf_counter() - t0
         on_disk = sum(f.stat().st_size for f in (Path(tmp) / "set").iterdir())
     return {
@@ -111,7 +140,7 @@ def _generate_worker(batch: int, batches: int, preset: str) -> dict[str, Any]:
         "flow": preset,
         "batch": batch,
         "per_s": round(n / seconds, 3),
-        "peak_mb": round(vm("VmHWM")),
+        "peak_mb": _peak_mb(),
         "base_mb": round(base),
         "images": n,
         "batches": batches,
@@ -153,7 +182,7 @@ def _augment_worker(what: str, batch: int, reps: int, preset: str) -> dict[str, 
         axes = torch.linalg.qr(torch.randn(10, d, r, dtype=torch.float64))[0]
         pca = ClassPCA(
             torch.zeros(10, d), axes, torch.ones(10, r), torch.full((10,), 500), torch.ones(10)
-        )
+        ).to(DEVICE)
         nf = NFAugment(flow, pca, NFAugmentConfig(n_components=r, probability=0.5))
         extra = {"flow": preset, "p": 0.5, "n_components": r}
     base = vm("VmRSS")
@@ -176,7 +205,7 @@ def _augment_worker(what: str, batch: int, reps: int, preset: str) -> dict[str, 
         "what": what,
         "batch": batch,
         "per_s": round(batch / best, 3),
-        "peak_mb": round(vm("VmHWM")),
+        "peak_mb": _peak_mb(),
         "base_mb": round(base),
         "seconds_per_batch": round(best, 4),
         "seconds_all": [round(t, 4) for t in times],
@@ -191,9 +220,10 @@ def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
     from nfpi.downstream import build_classifier
 
     torch.manual_seed(0)
-    net = build_classifier("resnet18", 10, 3, 32)
+    net = build_classifier("resnet18", 10, 3, 32).to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
     base = vm("VmRSS")
 
     def step() -> None:
@@ -207,7 +237,7 @@ def _classifier_worker(batch: int, reps: int) -> dict[str, Any]:
         "what": "classifier_step_resnet18",
         "batch": batch,
         "per_s": round(batch / best, 3),
-        "peak_mb": round(vm("VmHWM")),
+        "peak_mb": _peak_mb(),
         "base_mb": round(base),
         "seconds_per_batch": round(best, 4),
         "seconds_all": [round(t, 4) for t in times],
@@ -218,6 +248,7 @@ def _run_worker(args: list[str], threads: int | None) -> dict[str, Any]:
     """Run this script's worker mode in a fresh process; its last stdout line is JSON."""
     if threads:
         args = [*args, "--threads", str(threads)]
+    args = [*args, "--device", DEVICE]
     env = worker_env()  # passive OpenMP waits: RandAugment on 100 images was 10x slower spinning
     stdout = run_worker(__file__, args, env)
     row = json.loads(stdout.strip().splitlines()[-1])
@@ -238,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--flow", default=FLOW, help=argparse.SUPPRESS)
+    add_device_arg(p)
     args = p.parse_args(argv)
+    check_device(args.device)
+    global DEVICE
+    DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -295,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         "full": "full mode",
     }[mode_name(args)]
     print(
-        f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {mode}, "
+        f"torch {torch.__version__}, {args.device}: {device_name(args.device)}, "
+        f"{args.threads or torch.get_num_threads()} threads, {mode}, "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
     print(

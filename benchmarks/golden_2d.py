@@ -42,7 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import benchmark_parser, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    add_device_arg,
+    benchmark_parser,
+    check_device,
+    write_records,
+)
 
 from nfpi.prior import ClassStatistics, FPIConfig, Objective, prior_objective, solve_fpi
 
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         default=len(os.sched_getaffinity(0)),
         help="torch intra-op threads (default: all cores available)",
     )
+    add_device_arg(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     torch.set_num_threads(args.threads)
     if args.smoke_test and not os.path.isfile(args.data):
         data, stats = SYNTHETIC, synthetic_statistics()
@@ -226,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         data, stats = args.data, load_statistics(args.data)
+    stats = stats.to(args.device)  # --device cuda: the solves run on the GPU (float64)
     print(
-        f"torch {torch.__version__}, threads {args.threads}; {data}: K={stats.num_classes}, "
+        f"torch {torch.__version__}, {args.device}, threads {args.threads}; {data}: "
+        f"K={stats.num_classes}, "
         f"N={int(stats.count.sum())}; lambda={LAM:g} alpha={ALPHA:g} pi={PI}"
     )
     configs = {

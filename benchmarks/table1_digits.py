@@ -24,7 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import benchmark_parser, write_records  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    add_device_arg,
+    benchmark_parser,
+    check_device,
+    write_records,
+)
 
 from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import POLICY_POWERS
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
+    add_device_arg(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in ("data-init", "gd", "fpi") for m in methods):
         parser.error(f"--methods {args.methods!r}: choose from data-init, gd, fpi")
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         "optim.epochs": epochs,
                         "eval.plots": False,
                         "eval.every": 1 if args.curves else epochs,
+                        "device": args.device,
                         **overrides,
                         **extra,
                     },

@@ -1,29 +1,52 @@
-"""Training throughput and peak memory of the flow presets, and the cost of the matrix exponential.
+"""Training throughput against the machine's dense-convolution peak, and the matrix exponential.
 
 Usage::
 
-    python benchmarks/train_throughput.py --quick            # ~1 minute on 2 CPU cores
-    python benchmarks/train_throughput.py --out bench.json   # full: batch 64, several steps
-    python benchmarks/train_throughput.py --smoke-test       # seconds: the tiny preset, batch 2
+    python benchmarks/train_throughput.py --quick              # ~1-2 minutes on 2 CPU cores
+    python benchmarks/train_throughput.py --out bench.json     # full: mef-cifar, batch 64
+    python benchmarks/train_throughput.py --profile            # + where a step's time goes
+    python benchmarks/train_throughput.py --device cuda        # the same rows on a GPU
+    python benchmarks/train_throughput.py --smoke-test         # seconds: tiny preset, batch 2
 
-Training rows: one float32 step = forward, class-conditional diagonal-gaussian NLL, backward,
-Adamax step, on random dequantised 3x32x32 images. Each model runs in a fresh subprocess whose
-peak resident set (``VmHWM`` from /proc/self/status, MiB) is its ``peak_mb``; ``images_per_s``
-is the batch over the fastest timed step (best-of, because the machine may be shared),
-``images_per_s_median`` over the median one.
+Every training row runs in a fresh worker process that measures, in this order and in the same
+minute: the **dense-convolution peak** at the model's own convolution shapes (every distinct
+(C_in, C_out, k, H, W) of the model at the row's batch, forward + backward, channels-last, the
+best rate of any shape: ``peak_gflops``; the FLOP-weighted rate of the model's mix:
+``conv_mix_gflops``), then the training steps, then the peak again (the larger of the two counts).
+A step = forward, class-conditional diagonal-gaussian NLL, backward, Adamax step, on random
+dequantised images. ``expm`` says which matrix exponential the MEF layers use:
 
-Matrix-exponential rows: ``torch.linalg.matrix_exp`` on a batch of per-pixel coupling matrices
-against a Taylor-series loop that checks convergence with a host sync (``.item()``) per term, as
-the released MEF code does; forward alone and forward + backward.
+- ``project``: :func:`nfpi.flows.expm` (Paterson-Stockmeyer Taylor, Fréchet-derivative backward);
+- ``taylor_host_sync``: the released MEF code's loop (a Taylor series that reads the norm of the
+  next term back to the host after every term, differentiated by autograd): the
+  release-equivalent row, same architecture and layers otherwise.
 
-``--smoke-test`` runs the same two workers at toy sizes in seconds: the ``tiny`` flow preset
-(unless ``--models`` is given) at batch 2 for one timed step, and the matrix exponential on
-[64, 6, 6] and [16, 24, 24] batches once each.
+Fields: ``images_per_s`` (batch / fastest step; the machine is shared), ``images_per_s_median``,
+``gflop_per_image`` (forward + backward, ``torch.utils.flop_counter`` on the model: convolutions
+and matrix products), ``achieved_gflops`` (= images/s x GFLOP/image), ``flop_utilization``
+(achieved / ``peak_gflops``), ``peak_mb`` (CPU: the worker's peak resident set, ``VmHWM``, torch
+runtime included; CUDA: ``torch.cuda.max_memory_allocated``), ``forward_s``/``backward_s``/
+``optimizer_s`` (median phases), ``cpu_s_per_step``, ``loadavg_1min``.
+
+Matrix-exponential rows (``bench = matrix_exp``): ``torch.linalg.matrix_exp``, the project's
+``expm`` and the released Taylor loop on the coupling's per-pixel batches at c = 6, 12, 24 (the
+three levels of mef-cifar), forward and forward + backward, with the error against a float64
+``matrix_exp``; the printed ratio is ``torch.linalg.matrix_exp`` time over ``expm`` time.
+
+``--profile`` adds one profiled step of the first model (``project``) and prints where its time
+goes: conv-norm convolutions forward / backward, other convolutions, matrix exponential, ELU,
+optimizer, everything else; then the top operators by self time.
+
+``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded);
+``--compile-only`` runs that row alone (``benchmarks/gpu_rows.sh`` gives it its own time limit).
+
+``--smoke-test``: the ``tiny`` preset at batch 2, one timed step per row, small matrix batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -32,17 +55,111 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from _common import (  # benchmarks/ is on sys.path
+    add_device_arg,
     benchmark_parser,
+    check_device,
+    device_name,
+    device_peak_mb,
     mode_name,
+    reset_device_peak,
     run_worker,
+    synchronize,
     vm,
     worker_env,
     write_records,
 )
 
 MEF_REFERENCE_PARAMS = 42.9e6
-MODELS = ["mef-cifar", "glow-small"]  # full and --quick
+MODELS = ["mef-cifar"]
+EXPM = ("project", "taylor_host_sync")
+
+
+# ------------------------------------------------------------------------------------------------
+# The released matrix exponential
+# ------------------------------------------------------------------------------------------------
+
+
+def taylor_host_sync(a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scaling-and-squaring Taylor series that stops when the largest term's 1-norm drops
+    below ``eps``: one ``.item()`` (a host synchronisation on a GPU) per term, like the
+    released MEF code's ``expm``; differentiated by autograd."""
+    norm = torch.linalg.matrix_norm(a, ord=1).max().item()
+    squarings = max(0, math.ceil(math.log2(max(norm, 0.5))) + 1)
+    a = a / 2**squarings
+    out = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    term, k = a, 2
+    while torch.linalg.matrix_norm(term, ord=1).max().item() > eps:
+        out = out + term
+        term = torch.matmul(a, term) / k
+        k += 1
+    for _ in range(squarings):
+        out = torch.matmul(out, out)
+    return out
+
+
+def use_expm(kind: str) -> None:
+    """Make the MEF layers use ``kind``'s matrix exponential (in this worker process only)."""
+    if kind == "project":
+        return
+    import nfpi.flows.conv1x1
+    import nfpi.flows.coupling
+
+    nfpi.flows.coupling.expm = taylor_host_sync
+    nfpi.flows.conv1x1.expm = taylor_host_sync
+
+
+# ------------------------------------------------------------------------------------------------
+# The dense-convolution peak at the model's shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def model_conv_shapes(flow: torch.nn.Module, in_shape: tuple[int, ...]) -> collections.Counter:
+    """Counter of (C_in, C_out, k, H, W) over every convolution of a forward pass."""
+    shapes: collections.Counter = collections.Counter()
+    real = F.conv2d
+
+    def counting(x, w, *args, **kwargs):
+        shapes[(w.shape[1], w.shape[0], w.shape[2], x.shape[2], x.shape[3])] += 1
+        return real(x, w, *args, **kwargs)
+
+    # The layers call torch.nn.functional.conv2d (the module nfpi.flows imports as F).
+    try:
+        F.conv2d = counting
+        with torch.no_grad():
+            flow(torch.randn(2, *in_shape, device=next(flow.parameters()).device))
+    finally:
+        F.conv2d = real
+    return shapes
+
+
+def conv_peak(
+    shapes: collections.Counter, batch: int, device: str, reps: int
+) -> tuple[float, float, list[dict]]:
+    """(best GFLOP/s of any shape, FLOP-weighted GFLOP/s of the mix, per-shape rows): dense
+    channels-last convolutions, forward + backward (input and weight gradients)."""
+    rows, total_flop, total_s = [], 0.0, 0.0
+    for (cin, cout, k, h, w), count in sorted(shapes.items()):
+        fmt = torch.channels_last
+        x = torch.randn(batch, cin, h, w, device=device).contiguous(memory_format=fmt)
+        wt = torch.randn(cout, cin, k, k, device=device) / math.sqrt(cin * k * k)
+        x.requires_grad_()
+        wt = wt.contiguous(memory_format=fmt).requires_grad_()
+        g = torch.randn(batch, cout, h, w, device=device).contiguous(memory_format=fmt)
+        flop = 3 * 2 * batch * h * w * cin * cout * k * k  # forward + 2 gradient convolutions
+
+        def step(x=x, wt=wt, g=g, pad=k // 2) -> None:
+            x.grad = wt.grad = None
+            F.conv2d(x, wt, padding=pad).backward(g)
+
+        seconds = _best(step, reps, device)
+        rows.append(
+            {"shape": f"{cin}->{cout} k{k} {h}x{w}", "count": count, "gflops": flop / seconds / 1e9}
+        )
+        total_flop += count * flop
+        total_s += count * seconds
+    return max(r["gflops"] for r in rows), total_flop / total_s / 1e9, rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,63 +167,183 @@ MODELS = ["mef-cifar", "glow-small"]  # full and --quick
 # ------------------------------------------------------------------------------------------------
 
 
-def _train_worker(model: str, batch: int, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+def _best(fn, reps: int, device: str) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _flop_per_image(flow, loss_fn, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(flow, *batch).backward()
+    flow.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch[0])
+
+
+CATEGORIES = (  # (profiler range name prefix, category); the nearest enclosing range decides
+    ("_ScaledConv2dBackward", "conv-norm convolutions, backward"),
+    ("_ScaledConv2d", "conv-norm convolutions, forward"),
+    ("_Expm", "matrix exponential (fwd + bwd)"),
+    ("_ELUInplace", "ELU (fwd + bwd)"),
+    ("aten::elu", "ELU (fwd + bwd)"),
+    ("Optimizer.step", "optimizer (Adamax)"),
+    ("aten::convolution_backward", "other convolutions (1x1 W, coupling output), bwd"),
+    ("aten::mkldnn_convolution", "other convolutions (1x1 W, coupling output), fwd"),
+    ("aten::cudnn_convolution", "other convolutions (1x1 W, coupling output), fwd"),
+)
+
+
+def _category(event) -> str:
+    """The category of the nearest enclosing range that has one (a conv-norm's convolution
+    counts as conv-norm, not as "other convolutions")."""
+    found = None
+    e = event
+    while e is not None:
+        for prefix, name in CATEGORIES:
+            if e.name.startswith(prefix):
+                if not prefix.startswith("aten::"):
+                    return name
+                found = found or name
+        e = e.cpu_parent
+    return found or "other (actnorm, coupling arithmetic, loss, autograd)"
+
+
+def _profile(step, device: str) -> dict[str, Any]:
+    """Self CPU time (CUDA: device time) of one step, by category and by operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+    by_cat: dict[str, float] = collections.defaultdict(float)
+    if device == "cpu":
+        for e in prof.events():
+            by_cat[_category(e)] += e.self_cpu_time_total / 1e6
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda a: getattr(a, attr), reverse=True)
+    top = [
+        {"op": a.key, "seconds": getattr(a, attr) / 1e6, "calls": a.count}
+        for a in ops[:15]
+        if getattr(a, attr) > 0
+    ]
+    return {"categories": dict(by_cat), "top_ops": top}
+
+
+def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     from nfpi.flows import build_flow
 
+    device, batch, model = args.device, args.batch, args.worker
     rss_base = vm("VmRSS")
-    torch.manual_seed(seed)
-    flow = build_flow(model, in_shape=(3, 32, 32))
+    torch.manual_seed(0)
+    in_shape = (3, 32, 32)
+    flow = build_flow(model, in_shape=in_shape).to(device)
     n_params = sum(p.numel() for p in flow.parameters())
     d, k = flow.latent_dim, 10
     # Class gaussians (diagonal), fixed: the flow's training step is what is measured.
-    means = torch.randn(k, d) * 0.1
-    log_std = torch.zeros(k, d)
+    means = torch.randn(k, d, device=device) * 0.1
+    log_std = torch.zeros(k, d, device=device)
 
-    def images() -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.randint(0, 256, (batch, 3, 32, 32)).float()
+    def images(n: int = batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.randint(0, 256, (n, *in_shape), device=device).float()
         x = (pixels + torch.rand_like(pixels)) / 256 * 2 - 1
-        return x, torch.randint(0, k, (batch,))
+        return x, torch.randint(0, k, (n,), device=device)
 
-    flow.data_init(images()[0])
-    opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
-    times, cpu_times = [], []
-    for i in range(warmup + steps):
-        x, y = images()
-        t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        z, logdet = flow(x)
+    def loss_fn(net, x, y):
+        z, logdet = net(x)
         mu, ls = means[y], log_std[y]
-        log_p = (-0.5 * ((z - mu) * torch.exp(-ls)) ** 2 - ls).sum(1) - 0.5 * d * math.log(
-            2 * math.pi
-        )
+        log_p = (-0.5 * ((z - mu) * torch.exp(-ls)) ** 2 - ls).sum(1)
+        nll = -(log_p - 0.5 * d * math.log(2 * math.pi) + logdet).mean()
         # bits/dim of the dequantised 8-bit images ([-1, 1] scaling adds d log 128).
-        loss = (-(log_p + logdet).mean() + d * math.log(128)) / (d * math.log(2))
+        return (nll + d * math.log(128)) / (d * math.log(2))
+
+    flow.data_init(images(min(batch * 4, 256) if batch > 2 else 8)[0])
+    # The model's FLOPs, counted on the project's layers (the same model for every row).
+    flop_per_image = _flop_per_image(flow, loss_fn, images(2))
+    use_expm(args.expm)
+    shapes = model_conv_shapes(flow, in_shape)
+    peak_reps = 1 if args.steps <= 1 else 3
+    peak0, mix0, conv_rows = conv_peak(shapes, batch, device, peak_reps)
+    net = torch.compile(flow) if args.compile else flow
+    opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
+    reset_device_peak(device)
+    times, cpu_times, phases = [], [], collections.defaultdict(list)
+    loss = torch.zeros(())
+
+    def step() -> torch.Tensor:
+        x, y = images()
+        synchronize(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net, x, y)
+        synchronize(device)
+        t1 = time.perf_counter()
         loss.backward()
+        synchronize(device)
+        t2 = time.perf_counter()
         opt.step()
-        if i >= warmup:
+        synchronize(device)
+        t3 = time.perf_counter()
+        phases["forward_s"].append(t1 - t0)
+        phases["backward_s"].append(t2 - t1)
+        phases["optimizer_s"].append(t3 - t2)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            phases.clear()
+        c0, t0 = time.process_time(), time.perf_counter()
+        loss = step()
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{model}: non-finite loss at step {i}")
-    return {
+    peak_gpu = device_peak_mb(device)
+    profile = _profile(step, device) if args.profile else None
+    peak1, mix1, _ = conv_peak(shapes, batch, device, peak_reps)
+    peak, mix = max(peak0, peak1), max(mix0, mix1)
+    images_per_s = batch / min(times)
+    achieved = images_per_s * flop_per_image / 1e9
+    row = {
         "bench": "train_step",
         "model": model,
         "batch": batch,
-        "images_per_s": round(batch / min(times), 3),
+        "expm": args.expm,
+        "compile": bool(args.compile),
+        "device": device,
+        "images_per_s": round(images_per_s, 3),
         "images_per_s_median": round(batch / statistics.median(times), 3),
-        "step_s_best": round(min(times), 3),
+        "peak_mb": round(peak_gpu if peak_gpu is not None else vm("VmHWM")),
+        "gflop_per_image": round(flop_per_image / 1e9, 3),
+        "achieved_gflops": round(achieved, 2),
+        "peak_gflops": round(peak, 2),
+        "conv_mix_gflops": round(mix, 2),
+        "flop_utilization": round(achieved / peak, 3),
         "step_s_all": [round(t, 3) for t in times],
+        **{k: round(statistics.median(v), 3) for k, v in phases.items()},
         # CPU seconds (all threads) of the step: with passive OpenMP waits this is close to the
         # work itself, so cpu/threads estimates the step time on an otherwise idle machine.
         "cpu_s_per_step": round(statistics.median(cpu_times), 3),
-        "steps": steps,
-        "peak_mb": round(vm("VmHWM")),
+        "steps": args.steps,
         "rss_base_mb": round(rss_base),
         "params": n_params,
         "threads": torch.get_num_threads(),
         "bits_per_dim_last": round(loss.item(), 4),
         "loadavg_1min": os.getloadavg()[0],
+        "conv_shapes": [[r["shape"], r["count"], round(r["gflops"], 1)] for r in conv_rows],
     }
+    if profile is not None:
+        row["profile"] = profile
+    return row
 
 
 def _run_worker(args: list[str], threads: int | None) -> list[dict]:
@@ -122,52 +359,25 @@ def _run_worker(args: list[str], threads: int | None) -> list[dict]:
     return rows
 
 
-def train_row(model: str, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
-    args = ["--worker", model, "--batch", str(batch), "--steps", str(steps)]
-    return _run_worker([*args, "--warmup", str(warmup)], threads)[0]
-
-
 # ------------------------------------------------------------------------------------------------
-# Matrix exponential
+# Matrix exponential on its own
 # ------------------------------------------------------------------------------------------------
 
 
-def taylor_host_sync(a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scaling-and-squaring Taylor series that stops when the largest term's 1-norm drops
-    below ``eps``: one ``.item()`` (a host synchronisation on a GPU) per term, like the
-    released MEF code's ``expm``."""
-    norm = torch.linalg.matrix_norm(a, ord=1).max().item()
-    squarings = math.ceil(math.log2(max(norm, 0.5))) + 1
-    a = a / 2**squarings
-    out = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    term, k = a, 2
-    while torch.linalg.matrix_norm(term, ord=1).max().item() > eps:
-        out = out + term
-        term = torch.matmul(a, term) / k
-        k += 1
-    for _ in range(squarings):
-        out = torch.matmul(out, out)
-    return out
+def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int, device: str) -> list[dict]:
+    from nfpi.flows import expm
 
-
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int) -> list[dict]:
     rows = []
-    impls = {"matrix_exp": torch.linalg.matrix_exp, "taylor_host_sync": taylor_host_sync}
+    impls = {
+        "torch_matrix_exp": torch.linalg.matrix_exp,
+        "project": expm,
+        "taylor_host_sync": taylor_host_sync,
+    }
     for n, c in shapes:
         gen = torch.Generator().manual_seed(0)
         # Like the coupling's M = rescale * tanh(...) at its initial rescale 1/c.
-        m = torch.tanh(torch.randn(n, c, c, generator=gen)) / c
-        g = torch.randn(n, c, c, generator=gen) / (n * c)
+        m = (torch.tanh(torch.randn(n, c, c, generator=gen)) / c).to(device)
+        g = (torch.randn(n, c, c, generator=gen) / (n * c)).to(device)
         ref = torch.linalg.matrix_exp(m.double())
         for impl, fn in impls.items():
             err = (fn(m).double() - ref).abs().max().item()
@@ -187,8 +397,9 @@ def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int) -> list[dict]:
                         "impl": impl,
                         "shape": f"[{n}, {c}, {c}]",
                         "pass": passes,
-                        "seconds": round(_time(call, reps), 6),
+                        "seconds": round(_best(call, reps, device), 6),
                         "max_abs_err": float(f"{err:.2e}"),
+                        "device": device,
                     }
                 )
     return rows
@@ -197,30 +408,71 @@ def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = benchmark_parser(__doc__.splitlines()[0], "batch 16, 2 timed steps (~1 min)")
-    p.add_argument(
-        "--models",
-        nargs="+",
-        help="flow presets (default mef-cifar glow-small; tiny with --smoke-test)",
+def _print_train(rows: list[dict]) -> None:
+    print(
+        f"{'model':<10} {'batch':>5} {'expm':<17} {'images/s':>8} {'median':>7} {'GFLOP/img':>9}"
+        f" {'GFLOP/s':>8} {'peak GF/s':>9} {'util':>5} {'peak MiB':>8} {'fwd s':>6} {'bwd s':>6}"
+        f" {'opt s':>6} {'load':>5}"
     )
+    for r in rows:
+        expm = r["expm"] + ("+compile" if r["compile"] else "")
+        print(
+            f"{r['model']:<10} {r['batch']:>5} {expm:<17} {r['images_per_s']:>8.2f}"
+            f" {r['images_per_s_median']:>7.2f} {r['gflop_per_image']:>9.2f}"
+            f" {r['achieved_gflops']:>8.1f} {r['peak_gflops']:>9.1f} {r['flop_utilization']:>5.2f}"
+            f" {r['peak_mb']:>8} {r['forward_s']:>6.2f} {r['backward_s']:>6.2f}"
+            f" {r['optimizer_s']:>6.2f} {r['loadavg_1min']:>5.1f}",
+            flush=True,
+        )
+
+
+def _print_profile(row: dict) -> None:
+    prof = row["profile"]
+    if prof["categories"]:
+        total = sum(prof["categories"].values())
+        print(f"\nWhere a profiled step's time goes ({row['model']}, batch {row['batch']}, CPU):")
+        print(f"{'category':<52} {'seconds':>8} {'share':>6}")
+        for name, sec in sorted(prof["categories"].items(), key=lambda kv: -kv[1]):
+            print(f"{name:<52} {sec:>8.3f} {100 * sec / total:>5.1f}%")
+    print(f"\nTop operators by self {'device' if row['device'] == 'cuda' else 'CPU'} time:")
+    print(f"{'operator':<44} {'seconds':>8} {'calls':>6}")
+    for op in prof["top_ops"]:
+        print(f"{op['op'][:44]:<44} {op['seconds']:>8.3f} {op['calls']:>6}")
+    print("\nConvolution shapes (C_in->C_out, kernel, HxW; count in the model; fwd+bwd GFLOP/s):")
+    for shape, count, gflops in row["conv_shapes"]:
+        print(f"  {shape:<24} x{count:<4} {gflops:>7.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = benchmark_parser(__doc__.splitlines()[0], "mef-cifar at batch 16, 2 timed steps")
+    add_device_arg(p)
+    p.add_argument("--models", nargs="+", help="flow presets (default mef-cifar; tiny in smoke)")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per model")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per row")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--expm", choices=EXPM, nargs="+", default=list(EXPM), help="rows to run")
+    p.add_argument("--profile", action="store_true", help="profile one step of the first row")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile(flow) row")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the torch.compile(flow) row (no eager rows, no matrix-exponential rows)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.worker == "matrix_exp":
-        print(json.dumps(matrix_exp_rows(json.loads(args.shapes), args.reps)))
+        print(json.dumps(matrix_exp_rows(json.loads(args.shapes), args.reps, args.device)))
         return
     if args.worker:
-        row = _train_worker(args.worker, args.batch, args.steps, args.warmup, seed=0)
-        print(json.dumps(row))
+        args.expm = args.expm[0]
+        print(json.dumps(_train_worker(args)))
         return
 
     if args.smoke_test:
@@ -228,50 +480,71 @@ def main(argv: list[str] | None = None) -> None:
         shapes, reps = [(64, 6), (16, 24)], 1
     elif args.quick:
         models, batch, steps = args.models or MODELS, args.batch or 16, args.steps or 2
-        shapes, reps = [(16 * 16 * 16, 6), (16 * 4 * 4, 24)], 2
+        shapes, reps = [(16 * 16 * 16, 6), (16 * 8 * 8, 12), (16 * 4 * 4, 24)], 3
     else:
         models, batch, steps = args.models or MODELS, args.batch or 64, args.steps or 3
-        shapes, reps = [(64 * 16 * 16, 6), (64 * 4 * 4, 24)], 5
+        shapes, reps = [(64 * 16 * 16, 6), (64 * 8 * 8, 12), (64 * 4 * 4, 24)], 5
+    print(
+        f"torch {torch.__version__}, {args.device}: {device_name(args.device)}, "
+        f"{args.threads or torch.get_num_threads()} threads, {mode_name(args)} mode, workers with "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     records: list[dict] = []
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{mode_name(args)} mode, workers with OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, load average {os.getloadavg()[0]:.1f}\n"
-    )
-    print(
-        f"{'model':<12} {'batch':>5} {'images/s':>9} {'(median)':>9} {'peak MiB':>9} {'params':>12}"
-        f" {'load':>5} {'cpu s/step':>10} {'idle est. img/s':>15}"
-    )
-    for model in models:
-        row = train_row(model, batch, steps, args.warmup, args.threads)
-        records.append(row)
-        print(
-            f"{row['model']:<12} {row['batch']:>5} {row['images_per_s']:>9.2f} "
-            f"{row['images_per_s_median']:>9.2f} {row['peak_mb']:>9} {row['params']:>12,}"
-            f" {row['loadavg_1min']:>5.1f} {row['cpu_s_per_step']:>10.1f}"
-            f" {row['batch'] * row['threads'] / row['cpu_s_per_step']:>15.2f}",
-            flush=True,
+    plan = [] if args.compile_only else [(m, e, False) for m in models for e in args.expm]
+    if args.compile or args.compile_only:
+        plan += [(m, "project", True) for m in models]
+    for i, (model, expm, compiled) in enumerate(plan):
+        wargs = ["--worker", model, "--batch", str(batch), "--steps", str(steps)]
+        wargs += ["--warmup", str(args.warmup), "--expm", expm, "--device", args.device]
+        wargs += (["--profile"] if args.profile and i == 0 else []) + (
+            ["--compile"] if compiled else []
         )
+        row = _run_worker(wargs, args.threads)[0]
+        records.append(row)
         if model == "mef-cifar":
             rel = abs(row["params"] - MEF_REFERENCE_PARAMS) / MEF_REFERENCE_PARAMS
             assert rel < 5e-3, f"mef-cifar has {row['params']:,} parameters, reference 42.9 M"
+    _print_train(records)
+    for model in models:
+        by = {r["expm"]: r for r in records if r["model"] == model and not r["compile"]}
+        if "project" in by and "taylor_host_sync" in by:
+            ratio = by["project"]["images_per_s"] / by["taylor_host_sync"]["images_per_s"]
+            print(f"{model}: project / release-equivalent images/s = {ratio:.2f}x (target >= 2x)")
+        if "project" in by:
+            r = by["project"]
+            print(
+                f"{model}: flop utilisation {r['flop_utilization']:.2f} of the same-run dense "
+                f"conv peak {r['peak_gflops']:.1f} GFLOP/s (target >= 0.75); of the model's conv "
+                f"mix {r['achieved_gflops'] / r['conv_mix_gflops']:.2f}; "
+                f"peak memory {r['peak_mb']} MiB (target <= 3072)"
+            )
+    for r in records:
+        if "profile" in r:
+            _print_profile(r)
 
+    if args.compile_only:
+        if args.out:
+            write_records(args.out, records)
+        return
     mrows = _run_worker(
-        ["--worker", "matrix_exp", "--shapes", json.dumps(shapes), "--reps", str(reps)],
+        ["--worker", "matrix_exp", "--shapes", json.dumps(shapes), "--reps", str(reps)]
+        + ["--device", args.device],
         args.threads,
     )
     records += mrows
-    print(f"\n{'shape':<16} {'pass':<17} {'matrix_exp s':>12} {'taylor+sync s':>14} {'ratio':>7}")
+    print(
+        f"\n{'shape':<16} {'pass':<17} {'matrix_exp s':>12} {'expm s':>9} {'taylor+sync s':>13}"
+        f" {'matrix_exp/expm':>15} {'expm err':>9}"
+    )
     for shape in dict.fromkeys(r["shape"] for r in mrows):
         for passes in ("forward", "forward_backward"):
-            t = {
-                r["impl"]: r["seconds"]
-                for r in mrows
-                if r["shape"] == shape and r["pass"] == passes
-            }
+            t = {r["impl"]: r for r in mrows if r["shape"] == shape and r["pass"] == passes}
+            ref, ours = t["torch_matrix_exp"]["seconds"], t["project"]["seconds"]
             print(
-                f"{shape:<16} {passes:<17} {t['matrix_exp']:>12.4f} {t['taylor_host_sync']:>14.4f} "
-                f"{t['taylor_host_sync'] / t['matrix_exp']:>6.2f}x"
+                f"{shape:<16} {passes:<17} {ref:>12.4f} {ours:>9.4f}"
+                f" {t['taylor_host_sync']['seconds']:>13.4f} {ref / ours:>14.2f}x"
+                f" {t['project']['max_abs_err']:>9.1e}"
             )
     if args.out:
         write_records(args.out, records)

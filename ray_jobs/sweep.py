@@ -41,6 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
 from nfpi.presets import parse_override
+from ray_jobs.augment_pool import build_pool, train_set_of
 from ray_jobs.settings import RaySettings, add_common_args, connect
 from ray_jobs.tracking import RunLogger, param_value, start_run
 from ray_jobs.train import final_metrics, run_experiment
@@ -120,6 +121,16 @@ def _downstream_trial(
         for k, v in final_metrics(flow).items()
         if k in ("nf_acc", "test_bpd", "train_bpd", "epoch")
     }
+    if down.nf_pool is not None and down.classifier.nf_augment is not None:
+        # NF augmentation from a pool: its rounds are built here by parallel Ray tasks (once
+        # per flow and settings: concurrent trials wait for the same build, later ones reuse
+        # it); the downstream task then only reads them.
+        flow_dir = settings.run_dir(flow_name)
+        aug = down.classifier.nf_augment
+        pool = build_pool(flow_dir, train_set_of(flow_dir), aug, down.nf_pool,
+                          down.classifier.epochs, num_cpus=settings.cpus_per_worker,
+                          use_gpu=settings.use_gpu, escape_placement_group=True)  # fmt: skip
+        metrics["nf_pool_build_s"] = pool.seconds
     resources = {
         "num_cpus": settings.cpus_per_worker,
         "num_gpus": 1 if settings.use_gpu else 0,

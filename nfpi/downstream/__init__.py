@@ -5,7 +5,8 @@ Owns everything that consumes a trained flow and its prior (read with
 datasets from the flow and reading them back (:mod:`.generate`, :mod:`.generated`), the CNN-Acc
 classifier, its model and its batch augmentations (:mod:`.classifier`, :mod:`.models`,
 :mod:`.augment`), the per-class latent PCA and the NF augmentation built on it (:mod:`.pca`,
-:mod:`.nf_augment`), and the downstream run that chains them for Tables 2-3 and 5-6
+:mod:`.nf_augment`), NF-augmented pools served as a dataset (:mod:`.pool`), and the
+downstream run that chains them for Tables 2-3 and 5-6
 (:mod:`.run`, :func:`run_downstream`). Pure PyTorch (and timm); nothing here imports Ray or
 MLflow.
 """
@@ -24,6 +25,7 @@ from nfpi.downstream.generated import GeneratedDataset
 from nfpi.downstream.models import UInt8Classifier, build_classifier, load_pretrained
 from nfpi.downstream.nf_augment import NFAugment, NFAugmentConfig
 from nfpi.downstream.pca import ClassPCA
+from nfpi.downstream.pool import PoolConfig, PooledNFDataset, PoolStore, pooled_dataset
 from nfpi.downstream.run import DownstreamConfig, DownstreamResult, run_downstream
 
 __all__ = [
@@ -39,6 +41,9 @@ __all__ = [
     "GenerationConfig",
     "NFAugment",
     "NFAugmentConfig",
+    "PoolConfig",
+    "PoolStore",
+    "PooledNFDataset",
     "UInt8Classifier",
     "build_classifier",
     "channel_stats",
@@ -46,6 +51,7 @@ __all__ = [
     "evaluate_topk",
     "generate_dataset",
     "load_pretrained",
+    "pooled_dataset",
     "run_downstream",
     "sample_latents",
     "train_classifier",

@@ -643,6 +643,8 @@ def train_classifier(
         t0 = time.perf_counter()
         gen = _seed_all(config.seed, epoch)
         set_loader_epoch(loader, config.seed, epoch)
+        if hasattr(train_dataset, "set_epoch"):  # e.g. PooledNFDataset: the epoch's NF variants
+            train_dataset.set_epoch(epoch)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:

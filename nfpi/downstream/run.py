@@ -35,6 +35,7 @@ from nfpi.downstream.classifier import ClassifierConfig, ClassifierResult, train
 from nfpi.downstream.generate import generate_dataset
 from nfpi.downstream.generated import MANIFEST, GeneratedDataset
 from nfpi.downstream.nf_augment import NFAugment
+from nfpi.downstream.pool import PoolConfig, pooled_dataset
 from nfpi.errors import ConfigError
 from nfpi.plots import confusion_png
 from nfpi.schema import Config, check
@@ -63,6 +64,11 @@ class DownstreamConfig(Config):
         batch_size: generation batch size.
         reference: ``cnn`` only: also train the classifier on the real training set.
         classifier: the classifier recipe (paper defaults).
+        nf_pool: serve the NF augmentation (``classifier.nf_augment``; without it the pool
+            setting is unused, so one ``--set`` can cover a sweep's with/without-NF trials) from
+            precomputed pools (:mod:`nfpi.downstream.pool`; kept next to the flow's run
+            directory, shared by every trial of that flow) instead of running the flow in the
+            classifier's loop; ``None``: online.
     """
 
     kind: Literal["cnn", "augment"] = "cnn"
@@ -72,6 +78,7 @@ class DownstreamConfig(Config):
     batch_size: int = 256
     reference: bool = False
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    nf_pool: PoolConfig | None = None
 
     def validate(self) -> None:
         check(
@@ -102,7 +109,7 @@ class DownstreamConfig(Config):
         for key, value in overrides.items():
             section, _, name = key.partition(".")
             if section == _DOWNSTREAM:
-                if name not in known:
+                if name.partition(".")[0] not in known:
                     raise ConfigError(
                         key, value, f"unknown key; known: {known} (the classifier's are cnn.*)"
                     )
@@ -264,10 +271,16 @@ def run_downstream(
             metrics["real_top5"] = results["real"].top5_accuracy
     else:
         nf = None
-        if clf.nf_augment is not None:
+        role = "augmented" if clf.nf_augment is not None else "real"
+        if clf.nf_augment is not None and config.nf_pool is not None:
+            train, build_s = pooled_dataset(
+                checkpoint, train, clf.nf_augment, config.nf_pool, clf.epochs, device=device
+            )
+            metrics["nf_pool_build_s"] = build_s
+            clf = clf.replace(nf_augment=None)  # served by the dataset, not in the loop
+        elif clf.nf_augment is not None:
             nf_cfg = clf.nf_augment.replace(checkpoint=str(checkpoint))
             nf = NFAugment.from_checkpoint(nf_cfg, train, device=device)
-        role = "augmented" if nf is not None else "real"
         results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
         metrics["aug_acc"] = results[role].accuracy
         metrics["aug_top5"] = results[role].top5_accuracy

@@ -29,6 +29,7 @@ from nfpi.flows.coupling import (
     MatrixExpCoupling,
     ResidualBlock,
 )
+from nfpi.flows.expm import expm, expm_frechet
 from nfpi.flows.model import PRESETS, FlowModel, FlowSpec, build_flow
 from nfpi.flows.reshape import Flatten, Split, Squeeze
 
@@ -53,6 +54,8 @@ __all__ = [
     "Squeeze",
     "build_flow",
     "data_init",
+    "expm",
+    "expm_frechet",
     "register_layer",
     "registered_layers",
 ]

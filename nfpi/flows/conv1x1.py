@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nfpi.flows.base import InvertibleLayer, check_image, register_layer
+from nfpi.flows.expm import expm
 
 __all__ = ["InvConv1x1Exp", "InvConv1x1LU", "random_rotation", "rotation_log"]
 
@@ -115,10 +116,10 @@ class InvConv1x1Exp(InvertibleLayer):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_image(x, None, "InvConv1x1Exp.forward", self.channels)
-        w = torch.linalg.matrix_exp(self.log_weight)
+        w = expm(self.log_weight)
         return F.conv2d(x, w[:, :, None, None]), self._logdet(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_image(y, None, "InvConv1x1Exp.inverse", self.channels)
-        w_inv = torch.linalg.matrix_exp(-self.log_weight)
+        w_inv = expm(-self.log_weight)
         return F.conv2d(y, w_inv[:, :, None, None]), -self._logdet(y)

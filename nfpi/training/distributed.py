@@ -7,6 +7,7 @@ sums tensors across ranks, broadcasts small objects from rank 0, and wraps the f
 from __future__ import annotations
 
 import os
+import time
 from typing import TypeVar
 
 import torch
@@ -15,7 +16,15 @@ from torch import Tensor, nn
 
 from nfpi.errors import ConfigError
 
-__all__ = ["all_reduce_", "barrier", "broadcast_object", "resolve_device", "world", "wrap_ddp"]
+__all__ = [
+    "CommTimer",
+    "all_reduce_",
+    "barrier",
+    "broadcast_object",
+    "resolve_device",
+    "world",
+    "wrap_ddp",
+]
 
 T = TypeVar("T")
 
@@ -49,12 +58,50 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in DistributedDataParallel when several ranks train it, else itself."""
+class CommTimer:
+    """Seconds from the launch of each DDP gradient all-reduce to its completion, summed: the
+    communication plus the wait for the slowest rank (what a rank loses per step to the
+    data-parallel sync). Read and reset it per epoch."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def reset(self) -> tuple[float, int]:
+        out = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return out
+
+
+def _timed_allreduce(timer, bucket):
+    """DDP's default hook (divide by the world size, all-reduce) with its duration recorded in
+    ``timer`` (a :class:`CommTimer`); ``bucket`` is a ``dist.GradBucket``. The gradients are the
+    same as without a hook."""
+    t0 = time.perf_counter()
+    tensor = bucket.buffer()
+    tensor.div_(dist.get_world_size())
+
+    def done(fut: torch.futures.Future) -> Tensor:
+        timer.seconds += time.perf_counter() - t0
+        timer.calls += 1
+        return fut.value()[0]
+
+    return dist.all_reduce(tensor, async_op=True).get_future().then(done)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, timer: CommTimer | None = None) -> nn.Module:
+    """``model`` in DistributedDataParallel when several ranks train it, else itself.
+
+    Gradients are all-reduced in buckets straight from their ``.grad`` views
+    (``gradient_as_bucket_view``: no copy into and out of the buckets); ``timer`` records the
+    all-reduce time per step."""
     if world()[1] == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    if timer is not None:
+        ddp.register_comm_hook(timer, _timed_allreduce)
+    return ddp
 
 
 def resolve_device(name: str) -> torch.device:

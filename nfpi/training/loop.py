@@ -63,6 +63,7 @@ from nfpi.errors import CheckpointError, ConfigError, DivergenceError, NonFinite
 from nfpi.flows import FlowModel, build_flow
 from nfpi.prior import ClassStatistics, GaussianPrior, PriorReport
 from nfpi.training.distributed import (
+    CommTimer,
     all_reduce_,
     barrier,
     broadcast_object,
@@ -179,6 +180,12 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from, if any
+        self.comm = CommTimer()
+        # This rank's seconds per phase of the epoch just finished (read by callbacks): the
+        # ``time_*`` metrics plus ``checkpoint_s`` (rank 0's save), ``barrier_s`` (waiting for
+        # the other ranks at the epoch's end), ``train_cpu_s`` (process CPU time of training: all
+        # threads, communication threads included) and ``train_thread_cpu_s`` (this thread's).
+        self.timings: dict[str, float] = {}
 
     def _build_data(self) -> None:
         """Datasets, augmentation and loaders. The training set (augmented) feeds training and
@@ -520,11 +527,16 @@ class Trainer:
             self._start()
         # After the resume: metrics.jsonl holds the checkpoint's history from the start.
         self._write_run_files()
-        self.model = wrap_ddp(self.flow, self.device)
+        self.model = wrap_ddp(self.flow, self.device, self.comm)
         for epoch in range(self.epoch, c.optim.epochs):
-            t0 = time.perf_counter()
+            t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
             metrics: dict[str, float] = {"epoch": float(epoch)}
+            self.comm.reset()
             metrics.update(self._train_epoch(epoch))
+            metrics["time_train_s"] = time.perf_counter() - t0
+            metrics["time_allreduce_s"] = self.comm.reset()[0]
+            train_cpu_s = time.process_time() - cpu0
+            train_thread_s = time.thread_time() - thread0
             artifacts: list[Path] = []
             report = None
             if self.schedule.due(epoch):
@@ -535,6 +547,7 @@ class Trainer:
             metrics.update(self.schedule.separation())
             last = epoch == c.optim.epochs - 1
             if (epoch + 1) % c.eval.every == 0 or last:
+                t_eval = time.perf_counter()
                 metrics.update(
                     evaluate(
                         self.eval_flow(),
@@ -545,6 +558,7 @@ class Trainer:
                         self.info.levels,
                     )
                 )
+                metrics["time_eval_s"] = time.perf_counter() - t_eval
             plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
             if self.is_main and c.eval.plots and plot_now:
                 artifacts += self._pictures(last, epoch)
@@ -552,9 +566,18 @@ class Trainer:
             self._refuse_divergence(epoch, metrics)
             self.epoch = epoch + 1
             self.history.append(metrics)
+            t_save = time.perf_counter()
             ckpt = save_checkpoint(self.run_dir, self.state_dict()) if self.is_main else None
             self._write_run_files(metrics_only=True)
+            t_barrier = time.perf_counter()
             barrier()
+            self.timings = {
+                **{k: v for k, v in metrics.items() if k.startswith(("time_", "prior_"))},
+                "checkpoint_s": t_barrier - t_save,
+                "barrier_s": time.perf_counter() - t_barrier,
+                "train_cpu_s": train_cpu_s,
+                "train_thread_cpu_s": train_thread_s,
+            }
             self._info(
                 "epoch %d: %s",
                 epoch,
