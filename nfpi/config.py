@@ -36,7 +36,16 @@ __all__ = [
 @dataclass(frozen=True)
 class DataConfig(Config):
     """Dataset and loading. ``root`` is required for cifar10/100 and imagefolder (absolute
-    paths are safest: Ray workers and jobs change the working directory)."""
+    paths are safest: Ray workers and jobs change the working directory).
+
+    ``decode_cache`` (imagefolder): decode the images once into a uint8 file under
+    ``cache_dir`` (default ``$NFPI_DATA_CACHE/decoded``, else ``~/.cache/nfpi/decoded``) that
+    every epoch, rank and later run memory-maps instead of decoding the files again
+    (:mod:`nfpi.data.cache`); data-parallel ranks decode one block each. Skipped, with a
+    warning, when it does not fit on that disk. On a multi-node run ``cache_dir`` must be on
+    the shared file system. ``in_memory`` (imagefolder) instead decodes into RAM in every
+    process (one-process runs of a small set); not both. ``num_workers``: DataLoader processes
+    per rank (decoding)."""
 
     name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = None
@@ -49,6 +58,8 @@ class DataConfig(Config):
     num_classes: int | None = None  # synthetic only
     shape: tuple[int, int, int] | None = None  # synthetic only
     in_memory: bool = False  # imagefolder only: decode every image once, keep them in RAM
+    decode_cache: bool = False  # imagefolder only
+    cache_dir: str | None = None
 
     def dataset_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`nfpi.data.load_dataset` that this dataset takes."""
@@ -82,6 +93,26 @@ class DataConfig(Config):
             "in_memory",
             self.in_memory,
             "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
+        check(
+            not self.decode_cache or self.name == "imagefolder",
+            "decode_cache",
+            self.decode_cache,
+            "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
+        check(
+            not (self.decode_cache and self.in_memory),
+            "decode_cache",
+            self.decode_cache,
+            "false with data.in_memory=true: choose one (in_memory: every process decodes and "
+            "holds its own copy in RAM; decode_cache: decoded once into a file on disk that "
+            "every rank, epoch and run memory-maps)",
+        )
+        check(
+            self.cache_dir is None or self.decode_cache,
+            "cache_dir",
+            self.cache_dir,
+            "None unless data.decode_cache=true",
         )
 
 

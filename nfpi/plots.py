@@ -91,16 +91,14 @@ def tsne_plot(
     fig, ax = _figure(figsize=(6.5, 6))
     cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
     lab = labels.cpu().numpy()
-    for c in range(k):
-        sel = emb[:-k][lab == c]
-        ax.scatter(
-            sel[:, 0],
-            sel[:, 1],
-            s=6,
-            color=cmap(c % cmap.N),
-            alpha=0.6,
-            label=class_names[c] if k <= 20 else None,
-        )
+    if k <= 20:  # one artist per class, for the legend
+        for c in range(k):
+            sel = emb[:-k][lab == c]
+            ax.scatter(
+                sel[:, 0], sel[:, 1], s=6, color=cmap(c % cmap.N), alpha=0.6, label=class_names[c]
+            )
+    else:  # one artist for all points (a thousand per-class artists take minutes to draw)
+        ax.scatter(emb[:-k, 0], emb[:-k, 1], s=6, c=[cmap(c % cmap.N) for c in lab], alpha=0.6)
     ax.scatter(
         emb[-k:, 0],
         emb[-k:, 1],

@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nfpi.config import PriorConfig
 from nfpi.errors import NfpiError
@@ -45,12 +46,23 @@ class PriorActorTimeoutError(NfpiError, TimeoutError):
 
 
 def create_prior_actor(
-    config: PriorConfig, num_classes: int, dim: int, *, max_restarts: int = 3
+    config: PriorConfig,
+    num_classes: int,
+    dim: int,
+    *,
+    max_restarts: int = 3,
+    node_id: str | None = None,
 ) -> ray.actor.ActorHandle:
-    """Start the PriorService actor of an experiment's prior section (K classes, d dims)."""
-    remote = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts)(
-        PriorService
+    """Start the PriorService actor of an experiment's prior section (K classes, d dims), on
+    node ``node_id`` if given (hard affinity: it restarts there, and fails with that node)."""
+    placement = (
+        {}
+        if node_id is None
+        else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
     )
+    remote = ray.remote(
+        num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts, **placement
+    )(PriorService)
     return remote.remote(
         config.method,
         num_classes,
@@ -63,11 +75,12 @@ def create_prior_actor(
 
 
 def prior_actor_factory(
-    config: PriorConfig, num_classes: int, dim: int
+    config: PriorConfig, num_classes: int, dim: int, *, node_id: str | None = None
 ) -> Callable[[], ray.actor.ActorHandle]:
-    """A picklable function starting a fresh actor like :func:`create_prior_actor` (what the
-    client calls to replace a hung or lost actor; it travels to the Train workers)."""
-    return functools.partial(create_prior_actor, config, num_classes, dim)
+    """A picklable function starting a fresh actor like :func:`create_prior_actor`, on node
+    ``node_id`` if given (what the client calls to replace a hung or lost actor; it travels to
+    the Train workers)."""
+    return functools.partial(create_prior_actor, config, num_classes, dim, node_id=node_id)
 
 
 class ActorPriorClient:

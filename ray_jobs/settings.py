@@ -19,12 +19,30 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import ray
 
+from nfpi.errors import ConfigError
 from ray_jobs.tracking import Tracking, resolve_tracking
 
-__all__ = ["RaySettings", "add_common_args", "connect"]
+__all__ = [
+    "PLACEMENT_STRATEGIES",
+    "PRIOR_ACTOR_NODES",
+    "PlacementStrategy",
+    "PriorActorNode",
+    "RaySettings",
+    "add_common_args",
+    "connect",
+]
+
+# Ray placement-group strategies for a run's Train workers (one bundle per worker).
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
+# Where a run's prior actor lives: the driver's node (on a cluster, the head node that runs
+# `ray job submit`'s entrypoint) or wherever Ray finds room.
+PriorActorNode = Literal["driver", "any"]
+PRIOR_ACTOR_NODES: tuple[str, ...] = get_args(PriorActorNode)
 
 
 @dataclass(frozen=True)
@@ -37,8 +55,17 @@ class RaySettings:
         num_workers: data-parallel Train workers per run (0: Train's local mode, tests only).
         use_gpu: one GPU per worker (nccl).
         cpus_per_worker: CPUs each worker reserves.
-        max_failures: worker-group restarts per run.
+        max_failures: worker-group restarts per run. The worker count is fixed: a group that
+            lost a worker (or its node) restarts with ``num_workers`` workers from the last
+            checkpoint, on whatever nodes have room (it waits for the autoscaler otherwise).
         actor_timeout: seconds to wait for any prior-actor call.
+        placement_strategy: Ray placement-group strategy of the Train workers: ``PACK`` (fill a
+            node first; the default), ``SPREAD`` (one worker per node where possible, e.g. one
+            per GPU node), ``STRICT_PACK`` / ``STRICT_SPREAD`` (fail to schedule otherwise: a
+            strict spread cannot restart on fewer nodes than workers).
+        prior_actor_node: ``driver`` pins the prior actor to the driver's node (on a cluster the
+            head, where ``ray job submit`` runs the entrypoint; the Train controller lives
+            there too); ``any`` lets Ray place it.
     """
 
     results_dir: Path
@@ -48,9 +75,19 @@ class RaySettings:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     actor_timeout: float = 600.0
+    placement_strategy: PlacementStrategy = "PACK"
+    prior_actor_node: PriorActorNode = "driver"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "results_dir", Path(self.results_dir).expanduser().resolve())
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                "placement_strategy", self.placement_strategy, f"one of {PLACEMENT_STRATEGIES}"
+            )
+        if self.prior_actor_node not in PRIOR_ACTOR_NODES:
+            raise ConfigError(
+                "prior_actor_node", self.prior_actor_node, f"one of {PRIOR_ACTOR_NODES}"
+            )
 
     @property
     def storage(self) -> Path:
@@ -72,6 +109,8 @@ class RaySettings:
             cpus_per_worker=args.cpus_per_worker,
             max_failures=args.max_failures,
             actor_timeout=args.actor_timeout,
+            placement_strategy=args.placement_strategy,
+            prior_actor_node=args.prior_actor_node,
         )
 
 
@@ -106,6 +145,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument(
         "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"
+    )
+    parser.add_argument(
+        "--placement-strategy",
+        default="PACK",
+        choices=PLACEMENT_STRATEGIES,
+        help="placement of a run's Train workers: PACK fills a node first, SPREAD puts them on "
+        "different nodes where possible",
+    )
+    parser.add_argument(
+        "--prior-actor-node",
+        default="driver",
+        choices=PRIOR_ACTOR_NODES,
+        help="pin each run's prior actor to the driver's node (the head under ray job submit), "
+        "or let Ray place it",
     )
     parser.add_argument(
         "--set",

@@ -57,7 +57,7 @@ from nfpi.data import load_dataset
 from nfpi.errors import ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer
-from ray_jobs.prior_actor import ActorPriorClient, create_prior_actor, prior_actor_factory
+from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
 from ray_jobs.settings import RaySettings, add_common_args, connect
 from ray_jobs.tracking import RunLogger, Tracking, start_run
 
@@ -256,13 +256,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return history[-1] if history else {}
 
 
-def _actor_for(config: ExperimentConfig) -> tuple[Any, Any]:
+def _actor_for(config: ExperimentConfig, settings: RaySettings) -> tuple[Any, Any]:
     """The prior actor for ``config``, sized (K, d) from the dataset's test split, and the
-    factory of a replacement."""
+    factory of a replacement; both on the driver's node unless ``settings.prior_actor_node``
+    says ``any``."""
     _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
     dim = info.shape[0] * info.shape[1] * info.shape[2]
-    factory = prior_actor_factory(config.prior, info.num_classes, dim)
-    return create_prior_actor(config.prior, info.num_classes, dim), factory
+    node = (
+        ray.get_runtime_context().get_node_id() if settings.prior_actor_node == "driver" else None
+    )
+    factory = prior_actor_factory(config.prior, info.num_classes, dim, node_id=node)
+    return factory(), factory
 
 
 def run_experiment(
@@ -338,10 +342,11 @@ def _run_locked(
         # what may differ per launch or attempt is a tag.
         logger.params(config.with_overrides(resume_overrides).flat())
         logger.tag("ray.use_gpu", str(settings.use_gpu))
+        logger.tag("ray.placement_strategy", settings.placement_strategy)
         if resume_overrides:
             logger.tag("nfpi.resume_with", str(resume_overrides))
     remove_unregistered_checkpoints(storage / run_name)
-    actor, factory = _actor_for(config)
+    actor, factory = _actor_for(config, settings)
     spec = WorkerSpec(
         run_name=run_name,
         run_dir=settings.run_dir(run_name),
@@ -362,6 +367,7 @@ def _run_locked(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=settings.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -34,6 +34,17 @@ def _stop_after(epoch):
     return callback
 
 
+def test_sample_grids_show_at_most_100_evenly_spaced_classes():
+    from nfpi.training.pictures import MAX_GRID_CLASSES, grid_classes
+
+    assert torch.equal(grid_classes(10), torch.arange(10))
+    assert torch.equal(grid_classes(MAX_GRID_CLASSES), torch.arange(MAX_GRID_CLASSES))
+    rows = grid_classes(1000)
+    assert rows.dtype == torch.int64 and len(rows) == MAX_GRID_CLASSES
+    assert rows[0] == 0 and rows[-1] == 999 and bool((rows.diff() > 0).all())
+    assert set(rows.diff().tolist()) == {10, 11}  # evenly spaced: 999 / 99 = 10.09
+
+
 def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     cfg = _cfg(tmp_path, **{"eval.plots": True, "optim.epochs": 2})
     history = Trainer(cfg, _run(tmp_path)).fit()

@@ -16,6 +16,7 @@ with ``to_uint8``. Typical use::
 
 from nfpi.data.archive import UnsafeArchiveError, extract_archive
 from nfpi.data.augment import BatchAugment, paper_augmentation
+from nfpi.data.cache import DecodedCache, cache_root, decoded_dataset
 from nfpi.data.datasets import (
     DatasetInfo,
     ImageDataset,
@@ -46,7 +47,7 @@ from nfpi.data.quantization import (
     display_uint8,
     to_uint8,
 )
-from nfpi.data.synthetic import class_pattern, make_synthetic
+from nfpi.data.synthetic import class_pattern, make_synthetic, write_imagefolder
 
 __all__ = [
     "DATASET_NAMES",
@@ -58,13 +59,16 @@ __all__ = [
     "BatchAugment",
     "DatasetInfo",
     "DatasetName",
+    "DecodedCache",
     "ImageDataset",
     "ImageFileDataset",
     "Split",
     "TensorImageDataset",
     "UnsafeArchiveError",
     "bits_per_dim",
+    "cache_root",
     "class_pattern",
+    "decoded_dataset",
     "default_data_root",
     "dequantization_offset",
     "dequantize",
@@ -82,4 +86,5 @@ __all__ = [
     "set_loader_epoch",
     "subsample_per_class",
     "to_uint8",
+    "write_imagefolder",
 ]

@@ -3,6 +3,7 @@ and ``y`` an int in ``[0, K)``; labels are available without loading images (``t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
+
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # a torchvision without its image decoders: PIL decodes everything
+    ImageReadMode, decode_image = None, None  # type: ignore[assignment,misc]
 
 from nfpi.errors import (
     ConfigError,
@@ -93,6 +99,16 @@ class ImageDataset(Dataset):
             x = self.transform(x)
         return x, int(self.targets[index])
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """A batch's items, as ``DataLoader`` fetches them when a dataset has this method: the
+        same items as ``[self[i] for i in indices]``, the labels read in one indexing."""
+        labels = self.targets[torch.as_tensor(indices, dtype=torch.int64)].tolist()
+        items = []
+        for index, y in zip(indices, labels, strict=True):
+            x = self.load(index)
+            items.append((x if self.transform is None else self.transform(x), y))
+        return items
+
     def load(self, index: int) -> torch.Tensor:
         """The untransformed uint8 image ``[C, H, W]`` at ``index``."""
         raise NotImplementedError
@@ -144,18 +160,50 @@ class TensorImageDataset(ImageDataset):
         return TensorImageDataset(self.images[idx], self.targets[idx], self.transform)
 
 
+_NATIVE_SUFFIXES = (".jpg", ".jpeg", ".png")  # decoded by torchvision.io without PIL
+
+
+def _decode_native(path: str | Path) -> torch.Tensor | None:
+    """A JPEG or PNG decoded by ``torchvision.io.decode_image`` (libjpeg-turbo / libpng, C++
+    from bytes to a ``[3, H, W]`` tensor: 2-3x the images per second of PIL's decode on small
+    images, where PIL's header parsing in Python dominates); ``None`` if it cannot (the caller
+    falls back to PIL). torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a
+    dependency here): the warning is silenced, and once they are gone PIL reads everything."""
+    if decode_image is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return None
+    return x if x.dtype == torch.uint8 and x.shape[0] == 3 else None
+
+
 def read_image(path: str | Path, image_size: int | None = None) -> torch.Tensor:
     """Read an image file as an RGB uint8 tensor ``[3, H, W]``.
 
-    With ``image_size = S`` the shorter side is resized to S (bilinear, antialiased) and the
-    centre S x S crop is kept, as in ImageNet evaluation.
+    JPEG and PNG files at their own size are decoded by ``torchvision.io`` (the same pixels as
+    PIL, several times faster on small images); other formats, and files it cannot decode, by
+    PIL. With ``image_size = S`` the shorter side is resized to S (bilinear, antialiased) and
+    the centre S x S crop is kept, as in ImageNet evaluation; a JPEG at least twice S is then
+    decoded at 1/2, 1/4 or 1/8 scale first (libjpeg's DCT scaling, PIL's draft mode: each side
+    stays >= S), which decodes an ImageNet photo for S = 32 or 64 several times faster.
     """
+    if image_size is None and str(path).lower().endswith(_NATIVE_SUFFIXES):
+        native = _decode_native(path)
+        if native is not None:
+            return native
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if image_size is not None and img.format == "JPEG":
+                img.draft("RGB", (image_size, image_size))
+            arr = np.array(img.convert("RGB"), dtype=np.uint8)  # one writable copy
     except OSError as e:
         raise OSError(f"cannot read image {path}: {e}") from e
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if image_size is not None:
         x = F.resize(x, [image_size], antialias=True)
         x = F.center_crop(x, [image_size, image_size])

@@ -17,6 +17,7 @@ trains in it (:func:`nfpi.checkpoint.lock_run_dir`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,7 +47,16 @@ from nfpi.checkpoint import (
     save_checkpoint,
 )
 from nfpi.config import ExperimentConfig
-from nfpi.data import BatchAugment, dequantize, epoch_seed, load_dataset
+from nfpi.data import (
+    BatchAugment,
+    DecodedCache,
+    ImageDataset,
+    ImageFileDataset,
+    cache_root,
+    dequantize,
+    epoch_seed,
+    load_dataset,
+)
 from nfpi.data.load import NO_FLIP
 from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
 from nfpi.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteLossError
@@ -56,6 +66,7 @@ from nfpi.training.distributed import (
     CommTimer,
     all_reduce_,
     barrier,
+    broadcast_object,
     resolve_device,
     world,
     wrap_ddp,
@@ -187,6 +198,9 @@ class Trainer:
         self.test_set, _ = load_dataset(
             c.data.name, "test", items_per_class=c.data.test_items_per_class, seed=c.seed, **kwargs
         )
+        if c.data.decode_cache:
+            self.train_set = self._decoded(self.train_set)
+            self.test_set = self._decoded(self.test_set)
         if len(self.train_set) < c.optim.batch_size:
             raise ConfigError(
                 "optim.batch_size",
@@ -224,6 +238,27 @@ class Trainer:
         self.test_loader = DataLoader(
             self.test_set, c.eval.batch_size, sampler=shard(self.test_set), **loader_kw
         )
+
+    def _decoded(self, dataset: ImageDataset) -> ImageDataset:
+        """``dataset`` backed by its decoded cache (:mod:`nfpi.data.cache`), built together by
+        all ranks when missing: each decodes one block, rank 0 publishes the file."""
+        if not isinstance(dataset, ImageFileDataset):
+            return dataset
+        cache = DecodedCache(cache_root(self.config.data.cache_dir), dataset)
+        # Rank 0 holds the build lock (other runs wanting this cache wait, then find it ready)
+        # and decides for all ranks: their disks may differ.
+        with cache.lock() if self.is_main else contextlib.nullcontext():
+            state = broadcast_object(cache.state() if self.is_main else None)
+            if state == "build":
+                if self.is_main:
+                    cache.prepare()
+                barrier()
+                cache.fill(self.rank, self.world, num_workers=self.config.data.num_workers)
+                barrier()
+                if self.is_main:
+                    cache.finish(self.world)
+                barrier()
+        return dataset if state == "skip" else cache.open()
 
     # ------------------------------------------------------------------------------ helpers
     @property

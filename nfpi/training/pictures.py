@@ -13,7 +13,19 @@ from nfpi import plots
 from nfpi.data import dequantize, display_uint8, to_uint8
 from nfpi.prior import FPIReport, GaussianPrior, PriorReport, pairwise_kl
 
-__all__ = ["prior_update_pictures", "sample_and_tsne_pictures"]
+__all__ = ["MAX_GRID_CLASSES", "grid_classes", "prior_update_pictures", "sample_and_tsne_pictures"]
+
+# Rows of a sample grid: one per class up to this many; ImageNet's 1000 rows would make a PNG
+# 9,000 pixels tall that takes longer to draw than an epoch of a toy run.
+MAX_GRID_CLASSES = 100
+
+
+def grid_classes(num_classes: int, limit: int = MAX_GRID_CLASSES) -> Tensor:
+    """The classes a sample grid shows: all of them, or ``limit`` evenly spaced ones (the
+    first and the last included), int64 [min(K, limit)]."""
+    if num_classes <= limit:
+        return torch.arange(num_classes)
+    return torch.linspace(0, num_classes - 1, limit, dtype=torch.float64).round().long().unique()
 
 
 @torch.no_grad()
@@ -31,22 +43,23 @@ def sample_and_tsne_pictures(
     tag: str = "",
     levels: int = 256,
 ) -> list[Path]:
-    """Sample grids (one row per class) at each temperature and the t-SNE of up to
-    ``tsne_points`` test latents with the prior means; returns the PNGs written."""
+    """Sample grids (one row per class, :func:`grid_classes` of them) at each temperature and
+    the t-SNE of up to ``tsne_points`` test latents with the prior means; returns the PNGs
+    written."""
     was_training = flow.training
     flow.eval()
     device = prior.means.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(prior.num_classes, device=device).repeat_interleave(samples_per_class)
+    classes = grid_classes(prior.num_classes)
+    labels = classes.to(device).repeat_interleave(samples_per_class)
+    row_names = [class_names[c] for c in classes.tolist()]
     paths = []
     try:
         for t in temperatures:
             z = prior.sample(labels, temperature=t, generator=gen)
             x, _ = flow.inverse(z)
             pixels = display_uint8(to_uint8(x, levels), levels)
-            paths.append(
-                plots.sample_grid(pixels, class_names, t, out / f"samples_T{t:g}{tag}.png")
-            )
+            paths.append(plots.sample_grid(pixels, row_names, t, out / f"samples_T{t:g}{tag}.png"))
         if tsne_points > 0:
             zs, ys, seen = [], [], 0
             for x, y in test_batches:

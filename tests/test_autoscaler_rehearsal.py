@@ -1,0 +1,37 @@
+"""cluster.yaml's autoscaling on one machine (``ray_jobs/rehearse_autoscaler.py``): the fake
+multi-node config made from cluster.yaml, and the syntax of every setup and start command."""
+
+from pathlib import Path
+
+import yaml
+
+from ray_jobs.rehearse_autoscaler import check_commands, fake_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fake_config_keeps_the_node_types_and_drops_what_needs_ssh():
+    from ray.autoscaler._private.util import fillout_defaults
+
+    cluster = fillout_defaults(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    config = fake_config(cluster, "127.0.0.1:1", max_workers=2, idle_timeout_min=0.1)
+    types = config["available_node_types"]
+    assert (
+        types["gpu_worker"]["resources"]
+        == cluster["available_node_types"]["gpu_worker"]["resources"]
+    )
+    assert types["gpu_worker"]["max_workers"] == 2 and config["max_workers"] == 2
+    assert config["head_node_type"] == "ray.head.default" and "head" not in types
+    assert config["_head_resources"] == cluster["available_node_types"]["head"]["resources"]
+    assert config["provider"]["type"] == "fake_multinode"
+    assert config["provider"]["gcs_address"] == "127.0.0.1:1"
+    assert config["provider"]["disable_node_updaters"] is True  # no SSH to fake nodes
+    assert config["setup_commands"] == [] and config["file_mounts"] == {}
+
+
+def test_every_cluster_command_parses_and_a_broken_one_is_named():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert check_commands(cluster) == []
+    broken = {"setup_commands": ["echo ok", "if true; then echo"]}
+    (error,) = check_commands(broken)
+    assert error.startswith("setup_commands[1] does not parse")
