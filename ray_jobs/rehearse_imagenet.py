@@ -38,14 +38,18 @@ from typing import Any
 
 from nfpi.config import ExperimentConfig
 from nfpi.data import write_imagefolder
+from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
 
-__all__ = ["RefreshProbe", "data_overrides", "main", "rehearse"]
+__all__ = ["MIN_PER_CLASS", "RefreshProbe", "data_overrides", "main", "rehearse"]
 
 log = logging.getLogger("nfpi.rehearsal")
 
 NUM_CLASSES = 1000
 SHAPE = (3, 32, 32)
+#: Fewer training images per class collapse the data-init class variances (2 near-identical
+#: images per class put epoch 0 at 1e8-1e9 bits/dim, which the divergence check refuses).
+MIN_PER_CLASS = 6
 
 
 def _actor_numbers(_: Any = None) -> tuple[float, float, float]:
@@ -189,6 +193,12 @@ def rehearse(
     from ray_jobs.settings import RaySettings
     from ray_jobs.tracking import resolve_tracking
 
+    if per_class < MIN_PER_CLASS:
+        raise ConfigError(
+            "per_class",
+            per_class,
+            f"an int >= {MIN_PER_CLASS}: with fewer images a class's data-init variances collapse",
+        )
     if (results_dir / "runs").exists():
         raise FileExistsError(f"{results_dir} holds runs of an earlier rehearsal: pass a fresh one")
     errors: list[str] = []
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             smoke=args.smoke_test,
             epochs=args.epochs or (1 if args.smoke_test else 2),
             max_iter=args.max_iter or (3 if args.smoke_test else 20),
-            per_class=args.per_class or (2 if args.smoke_test else 4),
+            per_class=args.per_class or (MIN_PER_CLASS if args.smoke_test else 8),
         )
     print(
         f"\nK = {record['classes']}, d = {record['dim']}, {record['train_images']} train images, "

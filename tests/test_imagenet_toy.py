@@ -9,19 +9,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
-from ray_jobs.rehearse_imagenet import NUM_CLASSES, rehearse
+from ray_jobs.rehearse_imagenet import MIN_PER_CLASS, NUM_CLASSES, rehearse
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(
-    reason="since main's divergence check (issue 11), epoch 0 of this toy run raises "
-    "DivergenceError: its mean train_bpd is 1.78e8 (> 1000) with the smoke preset's lr 1e-2 at "
-    "d = 3072 (the run recovered to 7.8 in epoch 1 before the check existed); the toy config "
-    "needs a lower lr or grad_clip, not yet verified",
-    strict=False,
-)
 def test_thousand_classes_through_tune_and_two_train_workers(ray_session, tmp_path):
-    record, errors = rehearse(tmp_path, smoke=True, epochs=1, max_iter=2, per_class=2)
+    record, errors = rehearse(tmp_path, smoke=True, epochs=1, max_iter=2, per_class=MIN_PER_CLASS)
     assert errors == []
     (epoch,) = record["per_epoch"]
     assert (epoch["world"], epoch["prior_classes"], epoch["prior_dim"]) == (2, 1000, 3072)
