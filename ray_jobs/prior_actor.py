@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from nfpi.config import PriorConfig
 from nfpi.errors import NfpiError
 from nfpi.prior import ClassStatistics, PriorService, PriorUpdate
+from nfpi.training.schedule import service_arguments
 
 __all__ = [
     "ActorPriorClient",
@@ -63,15 +64,8 @@ def create_prior_actor(
     remote = ray.remote(
         num_cpus=0, max_restarts=max_restarts, max_task_retries=max_restarts, **placement
     )(PriorService)
-    return remote.remote(
-        config.method,
-        num_classes,
-        dim,
-        objective=config.objective_for(),
-        fpi=config.fpi,
-        gd=config.gd,
-        covariance=config.covariance,
-    )
+    args, kwargs = service_arguments(config, num_classes, dim)
+    return remote.remote(*args, **kwargs)
 
 
 def prior_actor_factory(

@@ -26,7 +26,7 @@ from nfpi.prior import (
 )
 from nfpi.training.distributed import broadcast_object
 
-__all__ = ["PriorClient", "PriorSchedule", "report_metrics"]
+__all__ = ["PriorClient", "PriorSchedule", "report_metrics", "service_arguments"]
 
 
 class PriorClient(Protocol):
@@ -61,6 +61,20 @@ def report_metrics(report: PriorReport | None) -> dict[str, float]:
     return {}
 
 
+def service_arguments(
+    config: PriorConfig, num_classes: int, dim: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The ``PriorService`` constructor's arguments for an experiment's prior section (the
+    in-process service and the Ray actor are built from the same)."""
+    kwargs = {
+        "objective": config.objective_for(),
+        "fpi": config.fpi,
+        "gd": config.gd,
+        "covariance": config.covariance,
+    }
+    return (config.method, num_classes, dim), kwargs
+
+
 class PriorSchedule:
     """The prior of one run on this rank: its current value, version and last report.
 
@@ -88,15 +102,8 @@ class PriorSchedule:
     @staticmethod
     def default_client(config: PriorConfig, num_classes: int, dim: int) -> PriorService:
         """An in-process service for ``config`` (what a run without Ray uses)."""
-        return PriorService(
-            config.method,
-            num_classes,
-            dim,
-            objective=config.objective_for(),
-            fpi=config.fpi,
-            gd=config.gd,
-            covariance=config.covariance,
-        )
+        args, kwargs = service_arguments(config, num_classes, dim)
+        return PriorService(*args, **kwargs)
 
     def due(self, epoch: int) -> bool:
         """Whether a prior update is scheduled at the end of ``epoch``."""
