@@ -61,6 +61,12 @@ class DataConfig(Config):
     decode_cache: bool = False  # imagefolder only
     cache_dir: str | None = None
 
+    def split_kwargs(self, split: str) -> dict[str, object]:
+        """The keyword arguments of :func:`nfpi.data.load_dataset` for ``split`` (``train`` or
+        ``test``): its per-class subset plus :meth:`dataset_kwargs`."""
+        per_class = self.items_per_class if split == "train" else self.test_items_per_class
+        return {"items_per_class": per_class, **self.dataset_kwargs()}
+
     def dataset_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`nfpi.data.load_dataset` that this dataset takes."""
         if self.name in ("cifar10", "cifar100"):

@@ -241,11 +241,7 @@ def figure2(
     model = load_trained(checkpoint, device=device)
     data = model.config.data
     train, info = load_dataset(
-        data.name,
-        "train",
-        items_per_class=data.items_per_class,
-        seed=model.config.seed,
-        **data.dataset_kwargs(),
+        data.name, "train", seed=model.config.seed, **data.split_kwargs("train")
     )
     k = info.num_classes
     classes = list(range(min(k, 10))) if classes is None else [int(c) for c in classes]

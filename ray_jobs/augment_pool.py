@@ -124,13 +124,7 @@ def train_set_of(checkpoint: str | Path) -> Any:
     state = torch.load(file, map_location="cpu", weights_only=True)
     config = ExperimentConfig.from_dict(state["config"])
     data = config.data
-    train, _ = load_dataset(
-        data.name,
-        "train",
-        items_per_class=data.items_per_class,
-        seed=config.seed,
-        **data.dataset_kwargs(),
-    )
+    train, _ = load_dataset(data.name, "train", seed=config.seed, **data.split_kwargs("train"))
     return train
 
 

@@ -215,20 +215,9 @@ def run_downstream(
     out.mkdir(parents=True, exist_ok=True)
     model = load_trained(checkpoint, device=device)
     data = model.config.data
-    train, info = load_dataset(
-        data.name,
-        "train",
-        items_per_class=data.items_per_class,
-        seed=model.config.seed,
-        **data.dataset_kwargs(),
-    )
-    test, _ = load_dataset(
-        data.name,
-        "test",
-        items_per_class=data.test_items_per_class,
-        seed=model.config.seed,
-        **data.dataset_kwargs(),
-    )
+    seed = model.config.seed
+    train, info = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
+    test, _ = load_dataset(data.name, "test", seed=seed, **data.split_kwargs("test"))
     k, names = info.num_classes, info.class_names
     clf = config.classifier.replace(device=str(torch.device(device).type))
     metrics: dict[str, float] = {}

@@ -191,13 +191,11 @@ class Trainer:
         """Datasets, augmentation and loaders. The training set (augmented) feeds training and
         the statistics passes, as in the release; the test set is never augmented."""
         c = self.config
-        kwargs = c.data.dataset_kwargs()
+        data = c.data
         self.train_set, self.info = load_dataset(
-            c.data.name, "train", items_per_class=c.data.items_per_class, seed=c.seed, **kwargs
+            data.name, "train", seed=c.seed, **data.split_kwargs("train")
         )
-        self.test_set, _ = load_dataset(
-            c.data.name, "test", items_per_class=c.data.test_items_per_class, seed=c.seed, **kwargs
-        )
+        self.test_set, _ = load_dataset(data.name, "test", seed=c.seed, **data.split_kwargs("test"))
         if c.data.decode_cache:
             self.train_set = self._decoded(self.train_set)
             self.test_set = self._decoded(self.test_set)
