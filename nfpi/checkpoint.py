@@ -116,10 +116,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing error
+        # torch's weights-only unpickler wraps the real failure in advice about weights_only,
+        # which does not apply (a checkpoint never needs code to load): report the inner error.
+        inner = err.__context__ if err.__context__ is not None else err
+        reason = (str(inner).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(
-            f"cannot read checkpoint {file} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "it is corrupt, truncated or not an nfpi checkpoint: resume from an earlier "
-            "epoch-NNNN folder or start a fresh run directory"
+            f"cannot read checkpoint {file}: it is corrupt, truncated or not an nfpi checkpoint "
+            f"({type(inner).__name__}: {reason}); resume from an earlier epoch-NNNN folder or "
+            "start a fresh run directory"
         ) from None
     if not isinstance(state, dict) or "config" not in state or "flow" not in state:
         raise CheckpointError(f"{file} is not an nfpi checkpoint (no config/flow entries)")

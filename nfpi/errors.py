@@ -31,6 +31,10 @@ class ConfigError(NfpiError, ValueError):
         return ConfigError(f"{path}.{self.field}", self.value, self.allowed)
 
 
+class UsageError(NfpiError, ValueError):
+    """A command line is malformed (unknown flag, bad choice, missing argument)."""
+
+
 class ShapeError(NfpiError, ValueError):
     """A tensor has the wrong shape, dtype or layout for the operation."""
 

@@ -16,15 +16,21 @@ Layout of a results directory::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 
+from nfpi.checks import preflight
+from nfpi.config import ExperimentConfig
+from nfpi.errors import ConfigError
 from ray_jobs.tracking import Tracking, resolve_tracking
 
-__all__ = ["RaySettings", "add_common_args", "connect"]
+__all__ = ["RaySettings", "add_common_args", "check_before_ray", "connect"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class RaySettings:
         cpus_per_worker: CPUs each worker reserves.
         max_failures: worker-group restarts per run.
         actor_timeout: seconds to wait for any prior-actor call.
+        registered_model: register each run's final flow and prior (an MLflow model) under
+            this name (None: logged with the run, not registered).
     """
 
     results_dir: Path
@@ -48,6 +56,7 @@ class RaySettings:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     actor_timeout: float = 600.0
+    registered_model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "results_dir", Path(self.results_dir).expanduser().resolve())
@@ -72,16 +81,94 @@ class RaySettings:
             cpus_per_worker=args.cpus_per_worker,
             max_failures=args.max_failures,
             actor_timeout=args.actor_timeout,
+            registered_model=args.register_model,
         )
 
 
-def connect(address: str | None) -> None:
+def check_before_ray(
+    configs: Iterable[ExperimentConfig],
+    settings: RaySettings,
+    address: str | None,
+    driver_cpu: float = 0.0,
+) -> list[str]:
+    """The cheap checks of a Ray run or sweep, before Ray starts: every config's
+    (:func:`nfpi.checks.preflight`: data paths, the global batch against the workers and the
+    training set) and, on a local Ray, the workers against this machine (a GPU for
+    ``--use-gpu``, CPUs for the workers and ``driver_cpu``). Returns the schedule warnings
+    (each once).
+
+    Raises:
+        ConfigError / DatasetNotFoundError: naming the field or path and the fix.
+    """
+    warnings: dict[str, None] = {}
+    seen: set[str] = set()
+    for config in configs:
+        key = repr(sorted(config.flat().items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        warnings.update(dict.fromkeys(preflight(config, settings.num_workers)))
+    if address or os.environ.get("RAY_ADDRESS"):
+        return list(warnings)  # a cluster's resources are its own (and may autoscale)
+    if settings.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(
+            "--use-gpu",
+            True,
+            "a machine with a CUDA GPU (none is visible here): drop --use-gpu, or pass "
+            "--address of a cluster with GPUs",
+        )
+    cpus = _local_cpus()
+    need = max(settings.num_workers, 1) * settings.cpus_per_worker + driver_cpu
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            "--num-workers",
+            settings.num_workers,
+            f"at most what this machine's {cpus} CPUs hold: {settings.num_workers} workers x "
+            f"{settings.cpus_per_worker:g} CPUs (--cpus-per-worker)"
+            + (f" + {driver_cpu:g} for the trial's driver" if driver_cpu else "")
+            + f" = {need:g}; lower --num-workers or --cpus-per-worker",
+        )
+    return list(warnings)
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
+    try:
+        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):
+        return len(os.sched_getaffinity(0))
+
+
+def connect(address: str | None, verbose: bool = False) -> str:
     """Attach to ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local
-    Ray; never both."""
-    if ray.is_initialized():
-        return
+    Ray; never both. Returns one line naming the cluster's resources and its log folder.
+
+    Quiet unless ``verbose``: the workers' output stays in the Ray session's log files instead
+    of being copied to this console (``log_to_driver``), and Ray's own INFO lines are off (its
+    warnings are kept)."""
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(
+            address=address or "local",
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    total = ray.cluster_resources()
+    where = f"cluster {address}" if address and address != "local" else "local"
+    line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    logs = _session_logs()
+    return line + (f"; worker logs in {logs}" if logs and not verbose else "")
+
+
+def _session_logs() -> str | None:
+    """The Ray session's log folder on this node (a hint for the console)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # private: no public accessor
+    try:
+        return str(Path(node.get_session_dir_path()) / "logs") if node is not None else None
+    except Exception:  # noqa: BLE001 - only a hint in a log line
+        return None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -116,4 +203,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--smoke-test", action="store_true", help="a tiny run in seconds (what CI runs)"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's own console output (every worker's log lines, Tune's status tables)",
+    )
+    parser.add_argument(
+        "--register-model",
+        metavar="NAME",
+        help="register each run's final flow and prior (an MLflow model) under NAME in the "
+        "tracking store's model registry",
     )

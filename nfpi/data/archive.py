@@ -115,6 +115,7 @@ def extract_archive(
         logger.debug("reusing extraction of %s at %s", archive, dest)
         return dest
 
+    made_base = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=base))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); the extraction may be a shared cache
@@ -130,7 +131,14 @@ def extract_archive(
         except getattr(tarfile, "FilterError", ()) as e:
             raise UnsafeArchiveError(f"archive {archive}: unsafe member refused: {e}") from e
         except tarfile.TarError as e:
-            raise DatasetNotFoundError(f"cannot read {archive} as a tar archive: {e}") from e
+            # tarfile lists one reason per compression it tried; the last is plain tar's.
+            reasons = [r.strip(" -") for r in str(e).splitlines() if r.strip(" -")]
+            raise DatasetNotFoundError(
+                f"cannot read {archive} as a tar archive ({reasons[-1] if reasons else e}): "
+                "it is corrupt, truncated or another format; re-create it (e.g. "
+                "`tar czf data.tar.gz -C parent folder`) or set data.root to the extracted "
+                "folder"
+            ) from e
         try:
             tmp.rename(dest)
         except OSError:
@@ -140,4 +148,9 @@ def extract_archive(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if made_base and not dest.exists():
+            try:
+                base.rmdir()  # a failed first extraction leaves no empty cache folder behind
+            except OSError:
+                pass  # not empty: another process is using it
     return dest
