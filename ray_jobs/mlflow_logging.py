@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import tempfile
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,12 @@ from ray_jobs.tracking import RunLogger, Tracking
 
 __all__ = [
     "MODEL_NAME",
+    "VIEW_TAG_PREFIX",
     "log_datasets",
     "log_flow_model",
     "log_sweep_summary",
     "metric_key",
+    "save_sweep_view",
 ]
 
 log = logging.getLogger("nfpi.mlflow")
@@ -164,7 +168,10 @@ def log_flow_model(
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         slim = _slim_checkpoint(checkpoint, Path(tmp) / "checkpoint")
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow asks for type hints on predict(): ours takes images or a sampling request,
+            # which one hint cannot describe (and a hint makes MLflow convert the input).
+            warnings.filterwarnings("ignore", message=".*[Tt]ype hint", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_CODE),
@@ -214,3 +221,74 @@ def log_sweep_summary(
             if old is None or (value > old if mode == "max" else value < old):
                 best[key] = float(value)
     parent.metrics(best, step=0)
+
+
+# ------------------------------------------------------------------------ the sweep's runs view
+# MLflow 3's UI keeps saved and shared views of the runs table as experiment tags with this
+# prefix (a JSON envelope whose ``state`` is the table's state); a link with
+# ``viewStateShareKey=<key>`` opens one, and the UI's "Views" menu lists them.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+# The runs table's state the UI expects (its defaults, mlflow/server/js experiment-page state).
+_VIEW_DEFAULTS: dict[str, Any] = {
+    "columnOrder": [],
+    "columnWidths": {},
+    "runsHiddenMode": "FIRST_10_RUNS",
+    "viewMaximized": False,
+    "runListHidden": False,
+    "isAccordionReordered": False,
+    "useGroupedValuesInCharts": True,
+    "hideEmptyCharts": True,
+    "groupsExpanded": {},
+    "autoRefreshEnabled": True,
+    "globalLineChartConfig": {
+        "xAxisKey": "step",
+        "lineSmoothness": 0,
+        "selectedXAxisMetricKey": "",
+    },
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+    "startTime": "ALL",
+    "lifecycleFilter": "Active",
+    "modelVersionFilter": "All Runs",
+    "datasetsFilter": [],
+}
+
+
+def save_sweep_view(
+    tracking: Tracking,
+    *,
+    sweep: str,
+    parent_run_id: str,
+    group_by: str,
+    params: list[str],
+    metrics: list[str],
+) -> str:
+    """A saved view of the runs table showing a sweep's trials (the parent run's children),
+    grouped by the param ``group_by`` (e.g. the prior method; the UI shows a sweep's child runs
+    folded under their parent otherwise), with ``params`` and ``metrics`` as columns. Returns
+    its key, for :func:`ray_jobs.tracking.ui_url`."""
+    key = f"nfpi-{metric_key(sweep)}-{parent_run_id[:8]}"
+    state = {
+        **_VIEW_DEFAULTS,
+        "selectedColumns": [
+            *(f"params.`{p}`" for p in params),
+            *(f"metrics.`{m}`" for m in metrics),
+            "attributes.`Models`",
+        ],
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        "groupBy": {
+            "aggregateFunction": "max",
+            "groupByKeys": [{"mode": "param", "groupByData": group_by}],
+        },
+    }
+    now = int(time.time() * 1000)
+    envelope = {
+        "name": f"sweep {sweep} ({parent_run_id[:8]})",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(state),
+    }
+    tracking.client().set_experiment_tag(
+        tracking.experiment_id(), VIEW_TAG_PREFIX + key, json.dumps(envelope)
+    )
+    return key

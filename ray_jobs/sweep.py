@@ -41,7 +41,7 @@ from nfpi.config import ExperimentConfig
 from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override
-from ray_jobs.mlflow_logging import log_sweep_summary
+from ray_jobs.mlflow_logging import log_sweep_summary, save_sweep_view
 from ray_jobs.progress import SweepProgress, trial_label
 from ray_jobs.resources import (
     ClusterConcurrency,
@@ -310,6 +310,22 @@ def _drop_trial_failures(record: logging.LogRecord) -> bool:
     return not text.startswith(("Trial task failed", "Trials did not complete"))
 
 
+# The metrics the sweep's saved runs view shows as columns (those the trials have).
+VIEW_METRICS = ("nf_acc", "test_bpd", "train_bpd", "cnn_acc", "real_acc", "aug_acc", "aug_top5")
+
+
+def _varied_params(rows: list[dict[str, Any]], space: SearchSpace) -> list[str]:
+    """The config keys whose values differ between the sweep's trials (its group keys first)."""
+    flats = [ExperimentConfig.from_dict(r["full_config"]).flat() for r in rows if r["full_config"]]
+    keys = ["prior.method"] + [k for k in space.group_by if flats and k in flats[0]]
+    keys = list(dict.fromkeys(keys))
+    for key in flats[0] if flats else ():
+        values = {json.dumps(f.get(key), default=str) for f in flats}
+        if len(values) > 1 and key not in keys:
+            keys.append(key)
+    return keys
+
+
 def _trial_id(res: Any) -> str:
     """A Tune result's trial id (``d2b87_00002``), from its metrics or its folder's name."""
     found = (res.metrics or {}).get("trial_id")
@@ -495,9 +511,19 @@ def main(argv: list[str] | None = None) -> int:
     table = results_table(space, rows)
     print(f"\n{space.name}: {space.reproduces}\n\n{table}\n")
     experiment_id = tracking.experiment_id()
+    varied = _varied_params(rows, space)
+    view = save_sweep_view(
+        tracking,
+        sweep=sweep,
+        parent_run_id=parent_id,
+        group_by=varied[0] if varied else "prior.method",
+        params=varied,
+        metrics=[k for k in VIEW_METRICS if any(k in r["metrics"] for r in rows)],
+    )
     print(
-        f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000, "
-        f"then open {ui_url(experiment_id, parent_id)}"
+        f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000\n"
+        f"  the trials: {ui_url(experiment_id, view=view)}\n"
+        f"  the comparison: {ui_url(experiment_id, parent_id)}"
     )
     log_sweep_summary(
         parent,

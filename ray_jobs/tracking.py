@@ -42,10 +42,14 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
-def ui_url(experiment_id: str, run_id: str | None = None, base: str = UI) -> str:
-    """A link into the MLflow UI's training view: the experiment's runs, or one run."""
+def ui_url(
+    experiment_id: str, run_id: str | None = None, view: str | None = None, base: str = UI
+) -> str:
+    """A link into the MLflow UI's training view: the experiment's runs (in the saved ``view``,
+    see :func:`ray_jobs.mlflow_logging.save_sweep_view`), or one run."""
     page = f"runs/{run_id}" if run_id else "runs"
-    return f"{base}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
+    return f"{base}/#/experiments/{experiment_id}/{page}?{query}"
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ Starts ``mlflow server`` on a free localhost port for the store under ``--result
 sweep prints (:func:`ray_jobs.tracking.ui_url`) in a fresh Chromium profile, and checks what a
 user sees:
 
-1. ``runs.png``: the experiment opens in the training view (a runs table, not the GenAI
-   overview), listing the parent run and every child run by its label;
+1. ``runs.png``: the sweep's link opens the training view (a runs table, not the GenAI
+   overview) in the sweep's saved view: every child run by its label, grouped by the prior
+   method, with the varied params and the metrics as columns;
 2. ``parent_comparison.png``: the parent run's ``comparison.png`` artifact is displayed (an
    image that loaded), next to ``results.md`` and ``results.csv``; its overview lists the best
    value per group (``best_nf_acc.<group>``);
@@ -40,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from cdp import Browser
 from mlflow.tracking import MlflowClient
 
+from ray_jobs.mlflow_logging import VIEW_TAG_PREFIX
 from ray_jobs.tracking import ui_url
 
 
@@ -84,8 +86,14 @@ def store_facts(uri: str, experiment: str) -> dict:
             if a.path.endswith(".png")
         }
 
+    views = [
+        k[len(VIEW_TAG_PREFIX) :]
+        for k in exp.tags
+        if k.startswith(VIEW_TAG_PREFIX) and parent.info.run_id[:8] in k
+    ]
     return {
         "experiment_id": exp.experiment_id,
+        "view": views[0] if views else None,
         "parent": parent.info.run_id,
         "parent_name": parent.info.run_name,
         "children": [
@@ -93,6 +101,27 @@ def store_facts(uri: str, experiment: str) -> dict:
             for c in children
         ],
     }
+
+
+# The artifact viewer shows a PNG as an <img> whose src is a blob: URL and whose alt is the
+# file's name; the page is the training view only with this query (else the GenAI view).
+def _image_shown(name: str) -> str:
+    return (
+        f"[...document.images].some(i => (i.alt.includes('{name}') || i.src.includes('{name}'))"
+        " && i.complete && i.naturalWidth > 100)"
+    )
+
+
+TRAINING = "workflowType=machine_learning"
+
+
+async def _tidy(b: Browser) -> None:
+    """Close what covers the page on a first visit (the assistant panel, the shared-view
+    banner), so that the screenshots show the runs."""
+    await b.evaluate(
+        'document.querySelectorAll(\'button[aria-label="Close"], '
+        'button[aria-label="Hide banner"]\').forEach(e => e.click())'
+    )
 
 
 async def _look(base: str, facts: dict, out: Path) -> list[tuple[str, bool, str]]:
@@ -104,32 +133,37 @@ async def _look(base: str, facts: dict, out: Path) -> list[tuple[str, bool, str]
     exp = facts["experiment_id"]
     labels = [c["label"] for c in facts["children"]]
     async with Browser() as b:
-        # 1. The experiment, through the printed link: the training view's runs table.
-        await b.open(ui_url(exp, base=base))
+        # 1. The sweep's trials, through the link the sweep prints: the training view's runs
+        # table in the sweep's saved view (trials grouped, their params and metrics as columns).
+        await b.open(ui_url(exp, view=facts["view"], base=base))
         try:
-            for label in [facts["parent_name"], *labels]:
+            for label in labels:
                 await b.wait_for_text(label, timeout=90)
             await b.wait_for_text("Run Name", timeout=30)
+            await _tidy(b)
             text = await b.text()
+            columns = ("prior.method", "nf_acc", "test_bpd")
             check(
-                "experiment opens in the training view",
-                "Token Usage" not in text and "Run Name" in text,
-                "runs table with " + ", ".join(labels),
+                "the sweep's link opens its trials in the training view",
+                "Token Usage" not in text and all(c in text for c in columns),
+                f"runs table: {', '.join(labels)}; columns {', '.join(columns)}",
             )
         except TimeoutError as err:
-            check("experiment opens in the training view", False, str(err))
+            check("the sweep's link opens its trials in the training view", False, str(err))
         await b.screenshot(out / "runs.png")
 
         # 2. The parent run: the comparison plot, the results files, the best metrics.
         parent = facts["parent"]
-        await b.open(f"{base}/#/experiments/{exp}/runs/{parent}/artifactPath/comparison.png")
+        await b.open(
+            f"{base}/#/experiments/{exp}/runs/{parent}/artifactPath/comparison.png?{TRAINING}"
+        )
         try:
             await b.wait_for(
-                "[...document.images].some(i => i.src.includes('comparison.png')"
-                " && i.complete && i.naturalWidth > 100)",
+                _image_shown("comparison.png"),
                 "the comparison plot",
                 timeout=90,
             )
+            await _tidy(b)
             text = await b.text()
             check(
                 "parent run shows the comparison plot",
@@ -164,14 +198,15 @@ async def _look(base: str, facts: dict, out: Path) -> list[tuple[str, bool, str]
         )
         await b.open(
             f"{base}/#/experiments/{exp}/runs/{child['id']}/artifactPath/plots/kl_heatmap_final.png"
+            f"?{TRAINING}"
         )
         try:
             await b.wait_for(
-                "[...document.images].some(i => i.src.includes('kl_heatmap_final.png')"
-                " && i.complete && i.naturalWidth > 100)",
+                _image_shown("kl_heatmap_final.png"),
                 "the child's KL heatmap",
                 timeout=90,
             )
+            await _tidy(b)
             check("child run shows its pictures", True, f"{child['label']}: kl_heatmap_final.png")
         except TimeoutError as err:
             check("child run shows its pictures", False, str(err))
