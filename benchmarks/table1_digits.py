@@ -2,12 +2,15 @@
 scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/dim (mean +- std).
 
     python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
+        [--methods data-init,gd,fpi] [--policies P,...] [--curves] [--set KEY=VALUE ...]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
-with plots off. GD runs ``--gd-steps`` Adam steps per epoch with its policy decaying over the
-whole run; FPI is solved once at the end of epoch ``prior.solve_epoch`` as in the release.
+with plots off. Every method runs the preset's schedule (prior updates at the end of epochs 0
+and 1, then frozen) at the same objective (``prior.objective``: lambda 1000, alpha 10, pi
+pairwise); GD runs ``--gd-steps`` Adam steps per update (default: the preset's), its policy
+decaying over all of the run's GD steps; ``geometric_knots`` is the release's default policy.
 Records: ``method`` (data-init, gd, fpi), ``policy`` (GD only), ``seed``, ``nf_acc``,
-``test_bpd``.
+``test_bpd``, ``epochs``, ``lam``.
 
 ``--smoke-test`` runs every method and policy once, 1 epoch of a toy run (20 training and 10 test
 digits per class, batch 50, MEF hidden width 8, 2 GD steps per epoch), in seconds.
@@ -37,9 +40,9 @@ SMOKE = {
 }
 
 
-def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
+def _variants(total_gd_steps: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
     out: list[tuple[str, str | None, dict]] = [("data-init", None, {"prior.method": "data-init"})]
-    for policy in POLICY_POWERS:
+    for policy in ("geometric_knots", *POLICY_POWERS):
         out.append(
             (
                 "gd",
@@ -51,7 +54,7 @@ def _variants(epochs: int, gd_steps: int) -> list[tuple[str, str | None, dict]]:
                         "name": policy,
                         "lr0": 0.1,
                         "lr_min": 1e-3,
-                        "total_steps": epochs * gd_steps,
+                        "total_steps": total_gd_steps,
                     },
                 },
             )
@@ -71,7 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, help="seeds per method (default 3; 1 with --quick or --smoke-test)"
     )
     parser.add_argument(
-        "--gd-steps", type=int, help="GD steps per epoch (default 100; 2 with --smoke-test)"
+        "--gd-steps",
+        type=int,
+        help="GD steps per prior update (default: the preset's; 2 with --smoke-test)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="data-init,gd,fpi",
+        help="comma-separated subset of data-init, gd, fpi (default: all)",
+    )
+    parser.add_argument(
+        "--policies",
+        help="comma-separated GD learning-rate policies (default: geometric_knots and all five "
+        f"of {', '.join(POLICY_POWERS)})",
+    )
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="evaluate after every epoch and print the mean NF-Acc curve of each row",
     )
     parser.add_argument(
         "--set",
@@ -81,15 +101,27 @@ def main(argv: list[str] | None = None) -> int:
         help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in ("data-init", "gd", "fpi") for m in methods):
+        parser.error(f"--methods {args.methods!r}: choose from data-init, gd, fpi")
+    all_policies = ("geometric_knots", *POLICY_POWERS)
+    policies = all_policies if args.policies is None else tuple(args.policies.split(","))
+    if not policies or any(p not in all_policies for p in policies):
+        parser.error(f"--policies {args.policies!r}: choose from {', '.join(all_policies)}")
     smoke = args.smoke_test
     epochs = args.epochs or (1 if smoke else 8 if args.quick else 30)
     seeds = args.seeds or (1 if smoke or args.quick else 3)
-    gd_steps = args.gd_steps or (2 if smoke else 100)
     extra = {**(SMOKE if smoke else {}), **dict(parse_override(s) for s in args.set)}
-    records = []
+    base = experiment_config("digits", {"optim.epochs": epochs, **extra})
+    gd_steps = args.gd_steps or (2 if smoke else base.prior.gd.steps_per_solve)
+    gd_prior = base.prior.replace(method="gd")
+    updates = sum(gd_prior.solves_after(e) for e in range(epochs))  # GD updates in a run
+    records, curves = [], {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for method, policy, overrides in _variants(epochs, gd_steps):
+        for method, policy, overrides in _variants(max(1, updates * gd_steps), gd_steps):
+            if method not in methods or (policy is not None and policy not in policies):
+                continue
             for seed in range(seeds):
                 cfg = experiment_config(
                     "digits",
@@ -97,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
                         "seed": seed,
                         "optim.epochs": epochs,
                         "eval.plots": False,
-                        "eval.every": epochs,
+                        "eval.every": 1 if args.curves else epochs,
                         **overrides,
                         **extra,
                     },
                 )
                 run_dir = Path(tmp) / f"{method}-{policy}-{seed}"
-                final = Trainer(cfg, run_dir).fit()[-1]
+                history = Trainer(cfg, run_dir).fit()
+                final = history[-1]
+                curves.setdefault((method, policy), []).append([h["nf_acc"] for h in history])
                 rec = {
                     "method": method,
                     "policy": policy,
@@ -111,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     "nf_acc": final["nf_acc"],
                     "test_bpd": final["test_bpd"],
                     "epochs": epochs,
+                    "lam": cfg.prior.objective_for().lam,
                 }
                 records.append(rec)
                 print(
@@ -135,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{method:<10}{policy or '-':<16}{statistics.mean(acc):>11.2f} +- {sd(acc):<4.2f}"
             f"{statistics.mean(bpd):>13.4f} +- {sd(bpd):.4f}"
         )
+    if args.set:
+        print("every run with: " + ", ".join(args.set))
+    if args.curves:
+        print(
+            "\nMean test NF-Acc (%) after each epoch (the first prior update is at the end of "
+            f"epoch {base.prior.solve_epoch})"
+        )
+        print(f"{'epoch':<6}" + "".join(f"{m + (' ' + p if p else ''):>22}" for m, p in curves))
+        for e in range(epochs):
+            row = [statistics.mean(c[e] for c in runs) for runs in curves.values()]
+            print(f"{e:<6}" + "".join(f"{100 * v:>22.2f}" for v in row))
     if args.out:
         write_records(args.out, records)
     return 0

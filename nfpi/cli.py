@@ -5,6 +5,8 @@ Examples::
     python -m nfpi train                                   # digits, tiny flow, CPU
     python -m nfpi train --experiment digits --set prior.method=gd --set optim.epochs=10
     python -m nfpi train --experiment cifar10-quick --set data.root=/data/cifar10 --run-dir runs/c10
+    python -m nfpi train --run-dir runs/c10 --experiment cifar10 --set data.root=/data/cifar10 \
+        --resume-with optim.lr=1e-3 --resume-with optim.grad_clip=1.0   # resume a diverged run
     python -m nfpi config --experiment cifar10             # print the resolved config
     python -m nfpi config --keys                           # every key: type, default, allowed
     python -m nfpi downstream results/digits --set downstream.kind=cnn \\
@@ -127,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         _add_set(p, "dotted override, e.g. prior.objective.lam=300 (repeatable)")
         if name == "train":
             p.add_argument("--run-dir", help="run directory (default: results/<experiment>)")
+            p.add_argument(
+                "--resume-with",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="resume the run directory's checkpoint with a new optim.lr, optim.grad_clip, "
+                "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
+            )
         else:
             p.add_argument(
                 "--keys",
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from nfpi.training import Trainer
 
     run_dir = args.run_dir or f"results/{config.name}"
-    history = Trainer(config, run_dir).fit()
+    resume_with = dict(parse_override(s) for s in args.resume_with)
+    history = Trainer(config, run_dir, resume_overrides=resume_with).fit()
     final = history[-1]
     print(json.dumps({k: round(v, 5) for k, v in final.items()}, indent=None))
     print(f"run directory: {run_dir}")

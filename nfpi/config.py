@@ -48,13 +48,14 @@ class DataConfig(Config):
     download: bool = False
     num_classes: int | None = None  # synthetic only
     shape: tuple[int, int, int] | None = None  # synthetic only
+    in_memory: bool = False  # imagefolder only: decode every image once, keep them in RAM
 
     def dataset_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`nfpi.data.load_dataset` that this dataset takes."""
         if self.name in ("cifar10", "cifar100"):
             return {"root": self.root, "download": self.download}
         if self.name == "imagefolder":
-            return {"root": self.root, "image_size": self.image_size}
+            return {"root": self.root, "image_size": self.image_size, "in_memory": self.in_memory}
         if self.name == "synthetic":
             given = (("num_classes", self.num_classes), ("shape", self.shape))
             return {k: v for k, v in given if v is not None}
@@ -76,6 +77,12 @@ class DataConfig(Config):
             for key in ("num_classes", "shape"):
                 value = getattr(self, key)
                 check(value is None, key, value, "only for data.name='synthetic'")
+        check(
+            not self.in_memory or self.name == "imagefolder",
+            "in_memory",
+            self.in_memory,
+            "false unless data.name='imagefolder' (the other datasets are in memory already)",
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ class PriorConfig(Config):
     ``gd``: data-init at start, then ``gd.steps_per_solve`` GD steps at the end of every epoch
     up to ``solve_until``.
 
+    ``stats_augment``: the class statistics of a solve are taken under the training
+    augmentation (the release) or on clean images (``False``: the prior then describes the data
+    it is scored on; under augmentation the frozen prior misses the clean test latents, which is
+    what erodes NF-Acc after the solve, benchmarks/README.md "Erosion").
+
     ``objective`` (lambda, alpha, pi) is read by both solvers, so the FPI and GD rows of a sweep
     compare at equal objective by construction. ``gd_objective`` overrides it for GD only (the
     released GD weights differ from the released FPI lambda: method notes section 10).
@@ -121,6 +133,7 @@ class PriorConfig(Config):
     solve_epoch: int = 0
     resolve_every: int = 0
     solve_until: int | None = None
+    stats_augment: bool = True
     objective: Objective = field(default_factory=Objective)
     gd_objective: Objective | None = None
     fpi: FPIConfig = field(default_factory=lambda: FPIConfig(var_bounds=(0.25, 1.25)))
@@ -202,8 +215,11 @@ class OptimConfig(Config):
 @dataclass(frozen=True)
 class EMAConfig(Config):
     """EMA of the flow (ema-pytorch; paper: beta 0.9999, power 0.75). It starts after the first
-    FPI solve (from the start for the other methods)."""
+    FPI solve (from the start for the other methods). ``enabled=False``: no EMA, evaluation and
+    pictures use the online flow, the flow the prior's statistics come from (short runs that
+    re-solve the prior every epoch: an EMA then lags behind the flow the prior was solved for)."""
 
+    enabled: bool = True
     beta: float = 0.9999
     power: float = 0.75
     update_every: int = 10

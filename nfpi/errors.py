@@ -6,11 +6,19 @@ built-in exception (``ValueError``, ``FileNotFoundError``, ...) so generic handl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class NfpiError(Exception):
-    """Base class of every error raised on purpose by ``nfpi``."""
+    """Base class of every error raised on purpose by ``nfpi``.
+
+    ``retryable`` says whether running the same thing again can succeed. It is ``False`` for
+    almost every error here (a bad config, a wrong shape, a diverged run fail the same way every
+    time), and the Ray layer then ends a run at once instead of restarting it from its last
+    checkpoint; transient faults (a prior actor that did not answer) set it to ``True``.
+    """
+
+    retryable: ClassVar[bool] = False
 
 
 class ConfigError(NfpiError, ValueError):
@@ -51,8 +59,25 @@ class NonFiniteError(NfpiError, FloatingPointError):
     """A NaN or infinity appeared where only finite values are valid."""
 
 
-class NonFiniteLossError(NonFiniteError):
-    """Training produced a non-finite loss; the last good checkpoint is left untouched."""
+class DivergenceError(NfpiError, FloatingPointError):
+    """Training diverged: a non-finite loss, metric or weight, or one beyond its plausibility
+    bound (:data:`nfpi.checkpoint.MAX_BITS_PER_DIM`, :data:`nfpi.checkpoint.MAX_PARAMETER_ABS`).
+
+    Nothing of the diverged epoch is saved. ``checkpoint`` is the run's last good checkpoint
+    file (left intact), or ``None`` when the run had saved none yet; the message says which.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return type(self), (str(self), self.checkpoint)
+
+
+class NonFiniteLossError(NonFiniteError, DivergenceError):
+    """Training produced a non-finite loss; the last good checkpoint (if any) is left untouched
+    and the message says where it is."""
 
 
 class DegenerateGaussiansError(NfpiError, ArithmeticError):
@@ -87,3 +112,8 @@ class DatasetNotFoundError(NfpiError, FileNotFoundError):
 
 class CheckpointError(NfpiError, RuntimeError):
     """A checkpoint is missing, corrupt or does not match the model/config."""
+
+
+class RunDirectoryLockedError(NfpiError, RuntimeError):
+    """Another live process is training in this run directory; the message names it (pid,
+    host, command) and how to proceed. The lock goes with that process, however it ends."""

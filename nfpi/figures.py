@@ -232,7 +232,7 @@ def figure2(
     """
     # Imported here: the command line builds its parser from this module without timm.
     from nfpi.checkpoint import load_trained
-    from nfpi.data import load_dataset
+    from nfpi.data import display_uint8, load_dataset
     from nfpi.downstream.nf_augment import NFAugment, NFAugmentConfig
     from nfpi.downstream.pca import ClassPCA
 
@@ -263,9 +263,15 @@ def figure2(
         seed=seed,
     )
     pca = ClassPCA.fit(
-        model.flow, train, k, r, per_class_samples=cfg.per_class_fit_samples, seed=seed
+        model.flow,
+        train,
+        k,
+        r,
+        per_class_samples=cfg.per_class_fit_samples,
+        seed=seed,
+        levels=info.levels,
     )
-    augment = NFAugment(model.flow, pca, cfg, train)
+    augment = NFAugment(model.flow, pca, cfg, train, levels=info.levels)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for c in classes:
@@ -274,7 +280,7 @@ def figure2(
         batch = original.unsqueeze(0).expand(variants, *original.shape).contiguous()
         out = augment(batch, torch.full((variants,), c, dtype=torch.int64), gen)
         rows.append(torch.cat([original.unsqueeze(0), out.cpu()]))
-    grid = image_grid(torch.cat(rows), rows=len(classes))
+    grid = image_grid(display_uint8(torch.cat(rows), info.levels), rows=len(classes))
     h, w = info.shape[1], info.shape[2]
     scale = max(1.0, 48 / max(h, w))
     fig = Figure(figsize=(1.4 + 0.02 * scale * grid.shape[1], 0.6 + 0.02 * scale * grid.shape[0]))

@@ -18,6 +18,7 @@ child MLflow run of the sweep's parent run.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -25,7 +26,10 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +200,19 @@ def group_of(space: SearchSpace, row: dict[str, Any]) -> tuple:
     """The results-table row a trial belongs to: its values of the space's ``group_by`` keys."""
     overrides = space.overrides_of(row["config"])
     return tuple(_lookup(overrides, row["full_config"], k) for k in space.group_by)
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (``ray job stop``, a scheduler's kill) raise SystemExit in the main thread,
+    so that ``finally`` blocks run; returns what restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
@@ -420,6 +437,32 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
+    restore_sigterm = _raise_on_sigterm()
+    try:
+        return _run_sweep(
+            args, space, sweep, overrides, configs, settings, parent_id, parent, footprint
+        )
+    except BaseException as err:  # the parent run ends FAILED or KILLED, never RUNNING forever
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        parent.finish("KILLED" if interrupted else "FAILED")
+        raise
+    finally:
+        restore_sigterm()
+
+
+def _run_sweep(
+    args: argparse.Namespace,
+    space: SearchSpace,
+    sweep: str,
+    overrides: dict[str, Any],
+    configs: list[ExperimentConfig],
+    settings: RaySettings,
+    parent_id: str,
+    parent: RunLogger,
+    footprint: TrialFootprint,
+) -> int:
+    tracking = settings.tracking
+    assert tracking is not None
     log.info(connect(args.address, verbose=args.verbose))
     repeats = args.num_samples or space.num_samples
     spec = SweepSpec(space.name, sweep, overrides, settings, parent_id, repeats)
@@ -454,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     asked = request_capacity(footprint, trials)  # an autoscaling cluster adds nodes up front
     storage = settings.storage
     try:
-        if args.resume and (storage / sweep).exists():
+        if args.resume and tune.Tuner.can_restore(str(storage / sweep)):
             tuner = tune.Tuner.restore(
                 str(storage / sweep),
                 trainable=trainable,
@@ -462,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
                 resume_errored=True,
             )
         else:
+            if args.resume:
+                log.warning(
+                    "sweep %r died before Tune saved its state: starting it afresh under the "
+                    "same name and parent run %s",
+                    sweep,
+                    parent_id,
+                )
             scheduler = None
             if args.asha:
                 scheduler = ASHAScheduler(

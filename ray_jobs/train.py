@@ -12,15 +12,27 @@ hands the all-reduced class statistics to the prior actor, writes the run's file
 ``<results-dir>/runs/<run name>/``, reports every epoch's metrics and checkpoint to Ray Train and
 logs metrics and pictures to MLflow. Re-running with the same ``--run-name`` and
 ``--results-dir`` resumes from the latest checkpoint; a lost worker restarts the group from it
-(``--max-failures``).
+(``--max-failures``); ``--resume-with optim.lr=...`` resumes a diverged run with other optimiser
+knobs.
+
+Nothing lost, nothing twice: the driver holds the run directory's lock for the whole run; each
+(re)started rank 0 logs to MLflow every epoch of the checkpoint's history after the last step the
+MLflow run holds, then each new epoch after its checkpoint is saved, so every step is written
+once whatever was interrupted; Ray checkpoints uploaded but never registered (a crash between the
+two) are removed before and after a run. A deterministic error (any ``NfpiError`` that is not
+``retryable``: config, shape, divergence, FPI) ends the run at once, whatever
+``--max-failures`` says, with the error recorded in MLflow (``nfpi.error`` tag, ``error.txt``);
+the worker count is logged per attempt (metric and tag ``ray.num_workers``), not as a param, so a
+run may resume on another number of workers.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +44,39 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint
+# Ray Train 2.60 has no public hook to fail a run without retrying it; its controller runs these
+# developer-API callbacks (RunConfig(callbacks=...) passes them through "for custom workarounds
+# built on top of internal callbacks"). tests/test_recovery.py fails if this stops working.
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint, lock_run_dir
 from nfpi.checks import train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
 from nfpi.entry import Parser, run_cli, setup_logging
-from nfpi.errors import ConfigError
-from nfpi.presets import EXPERIMENTS, resolve_config
+from nfpi.errors import ConfigError, NfpiError
+from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
-from ray_jobs.prior_actor import ActorPriorClient, create_prior_actor
+from ray_jobs.prior_actor import ActorPriorClient, create_prior_actor, prior_actor_factory
 from ray_jobs.progress import TrainProgress
 from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
 from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_url
 
-__all__ = ["WorkerSpec", "final_metrics", "main", "run_experiment", "train_loop_per_worker"]
+__all__ = [
+    "StopOnDeterministicError",
+    "WorkerSpec",
+    "deterministic_cause",
+    "final_metrics",
+    "main",
+    "remove_unregistered_checkpoints",
+    "run_experiment",
+    "train_loop_per_worker",
+]
 
 log = logging.getLogger("nfpi.ray")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registry of a run's checkpoints
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,87 @@ class WorkerSpec:
     tracking: Tracking | None = None
     mlflow_run_id: str | None = None
     callbacks: tuple[Callback, ...] = field(default_factory=tuple)
+    actor_factory: Any = None  # starts a replacement prior actor (prior_actor_factory)
+    resume_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+def deterministic_cause(error: BaseException | None) -> NfpiError | None:
+    """The non-retryable :class:`NfpiError` behind ``error`` (unwrapping Ray Train's worker-group
+    and controller errors, Ray task errors and exception chains), or ``None``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NfpiError):
+            return None if error.retryable else error
+        failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+        if isinstance(failures, Mapping):
+            found = [deterministic_cause(e) for _, e in sorted(failures.items())]
+            return next((c for c in found if c is not None), None)
+        error = (
+            getattr(error, "controller_failure", None)  # ray.train.ControllerError
+            or getattr(error, "_base_exc", None)  # a worker's UserExceptionWithTraceback
+            or getattr(error, "cause", None)  # ray.exceptions.RayTaskError
+            or error.__cause__
+        )
+    return None
+
+
+class StopOnDeterministicError(ControllerCallback, WorkerGroupCallback):
+    """Ends a Ray Train run at once when a worker fails with a deterministic error.
+
+    Ray Train 2.60's failure policy retries every worker error up to ``max_failures`` (``-1``:
+    forever); a config, shape or divergence error would just repeat. This callback, run by the
+    controller, remembers such an error from the worker group's poll and, when the policy decides
+    to retry, raises it instead: the controller turns a callback error into a non-retried
+    ``ControllerError`` whose ``controller_failure`` is the worker's error.
+    """
+
+    def __init__(self) -> None:
+        self.error: NfpiError | None = None
+
+    def after_worker_group_poll_status(self, worker_group_status: Any) -> None:
+        for _, error in sorted(worker_group_status.errors.items()):
+            cause = deterministic_cause(error)
+            if cause is not None and self.error is None:
+                self.error = cause
+
+    def before_controller_execute_failure_decision(self, failure_decision: Any) -> None:
+        if self.error is not None and failure_decision == FailureDecision.RETRY:
+            raise self.error
+
+
+def remove_unregistered_checkpoints(train_dir: Path) -> list[Path]:
+    """Delete the ``checkpoint_*`` folders of a Ray Train run (``<storage>/<run name>``) that its
+    checkpoint registry does not name: uploaded by rank 0 but never registered, because a worker
+    or the driver died between the upload and the registration. Call it only while no Train run
+    of this name is active (the driver holds the run directory's lock). Returns what it removed.
+    """
+    if not train_dir.is_dir():
+        return []
+    snapshot = train_dir / SNAPSHOT
+    text = snapshot.read_text() if snapshot.is_file() else ""
+    registered = set(re.findall(r'"(checkpoint_[^"/]+)"', text))
+    orphans = sorted(
+        p for p in train_dir.glob("checkpoint_*") if p.is_dir() and p.name not in registered
+    )
+    for path in orphans:
+        log.warning("removing checkpoint %s: uploaded but never registered by Ray Train", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return orphans
+
+
+class _EpochsToMLflow:
+    """Rank 0's MLflow metrics: every history epoch after the last step the run holds, once."""
+
+    def __init__(self, logger: RunLogger) -> None:
+        self.logger = logger
+        self.last = logger.last_step("epoch")  # the "epoch" metric is in every epoch's metrics
+
+    def log_new(self, history: Sequence[dict[str, float]]) -> None:
+        for epoch, metrics in enumerate(history):
+            if self.last is None or epoch > self.last:
+                self.logger.metrics(metrics, step=epoch)
+                self.last = epoch
 
 
 def _resume_source(run_dir: Path) -> Path | None:
@@ -90,25 +199,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     """What every Ray Train worker runs: the library loop plus Ray reporting and MLflow."""
     config = ExperimentConfig.from_dict(loop_config["experiment"])  # parsed once, at the top
     spec: WorkerSpec = loop_config["spec"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
-    logger = None
+    logger = epochs = None
     if rank == 0 and spec.tracking is not None and spec.mlflow_run_id is not None:
         logger = RunLogger(spec.tracking, spec.mlflow_run_id)
-    client = ActorPriorClient(spec.actor, spec.actor_timeout) if rank == 0 else None
+        # One value per attempt (a restarted worker group is a new attempt): params are
+        # immutable, and a resumed run may use another number of workers.
+        workers = context.get_world_size()
+        logger.metrics({"ray.num_workers": workers}, step=logger.count("ray.num_workers"))
+        logger.tag("ray.num_workers", str(workers))
+        epochs = _EpochsToMLflow(logger)
+    client = (
+        ActorPriorClient(spec.actor, spec.actor_timeout, factory=spec.actor_factory)
+        if rank == 0
+        else None
+    )
 
     def report(trainer: Trainer, result: EpochResult) -> None:
-        if logger is not None:
-            logger.metrics(result.metrics, step=result.epoch)
+        if logger is not None and epochs is not None:
+            epochs.log_new(trainer.history)  # this epoch's checkpoint is saved already
             for path in result.artifacts:
                 logger.artifact(path, "plots")
-        checkpoint = (
-            None
-            if result.checkpoint_dir is None
-            else Checkpoint.from_directory(str(result.checkpoint_dir))
-        )
+        checkpoint = name = None
+        if result.checkpoint_dir is not None:
+            checkpoint = Checkpoint.from_directory(str(result.checkpoint_dir))
+            name = f"checkpoint_{result.checkpoint_dir.name}"  # one name per epoch
         ray.train.report(
-            result.metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False
+            result.metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            delete_local_checkpoint_after_upload=False,
         )
 
     resume = ray.train.collective.broadcast_from_rank_zero(
@@ -121,18 +243,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         callbacks=[*spec.callbacks, report],
         device=device,
         resume_from=resume,
+        resume_overrides=spec.resume_overrides,
+        lock_run_dir=False,  # the driver holds the run directory's lock for all attempts
     )
     history = trainer.fit()
-    if logger is not None:
+    if logger is not None and epochs is not None:
+        epochs.log_new(history)  # a finished run re-launched, or epochs of a cut-off attempt
         logger.artifact(spec.run_dir / "metrics.jsonl")
+        if (spec.run_dir / "plots").is_dir():
+            logger.artifacts(spec.run_dir / "plots", "plots")  # also those of cut-off epochs
         if client is not None and client.reseeds:
             logger.tag("prior_actor_reseeds", str(client.reseeds))
+        if client is not None and client.replacements:
+            logger.tag("prior_actor_replacements", str(client.replacements))
     return history[-1] if history else {}
 
 
-def _actor_for(config: ExperimentConfig) -> tuple[Any, Any, int]:
-    """The prior actor for ``config``, sized (K, d) from the dataset's test split; also the
-    split's info and size."""
+def _actor_for(config: ExperimentConfig) -> tuple[Any, Any, Any, int]:
+    """The prior actor for ``config``, sized (K, d) from the dataset's test split, the factory
+    of a replacement, and the split's info and size."""
     test, info = load_dataset(
         config.data.name,
         "test",
@@ -141,7 +270,8 @@ def _actor_for(config: ExperimentConfig) -> tuple[Any, Any, int]:
         **config.data.dataset_kwargs(),
     )
     dim = info.shape[0] * info.shape[1] * info.shape[2]
-    return create_prior_actor(config.prior, info.num_classes, dim), info, len(test)
+    factory = prior_actor_factory(config.prior, info.num_classes, dim)
+    return create_prior_actor(config.prior, info.num_classes, dim), factory, info, len(test)
 
 
 def run_experiment(
@@ -155,6 +285,7 @@ def run_experiment(
     train_callbacks: Sequence[Any] = (),
     worker_callbacks: Sequence[Callback] = (),
     display_name: str | None = None,
+    resume_overrides: Mapping[str, Any] | None = None,
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
 
@@ -169,6 +300,13 @@ def run_experiment(
     A run it owns ends with its final flow and prior logged as an MLflow model
     (:func:`ray_jobs.mlflow_logging.log_flow_model`; registered under
     ``settings.registered_model`` when set); ``display_name`` names the MLflow run in the UI.
+    ``resume_overrides`` (``--resume-with``) change optimiser knobs of a resumed run (see
+    :class:`nfpi.training.Trainer`).
+
+    Raises:
+        RunDirectoryLockedError: another live run uses this run's directory.
+        NfpiError: a deterministic error of a worker (not retried), with the run's MLflow
+            record (``nfpi.error``, ``error.txt``) written first.
     """
     if settings.num_workers > 0 and config.optim.batch_size % settings.num_workers:
         raise ConfigError(
@@ -176,9 +314,36 @@ def run_experiment(
             config.optim.batch_size,
             f"a multiple of --num-workers ({settings.num_workers})",
         )
+    with lock_run_dir(settings.run_dir(run_name)):
+        return _run_locked(
+            config,
+            settings,
+            run_name,
+            parent_run_id=parent_run_id,
+            mlflow_run_id=mlflow_run_id,
+            storage=storage or settings.storage,
+            train_callbacks=train_callbacks,
+            worker_callbacks=worker_callbacks,
+            resume_overrides=dict(resume_overrides or {}),
+            display_name=display_name,
+        )
+
+
+def _run_locked(
+    config: ExperimentConfig,
+    settings: RaySettings,
+    run_name: str,
+    *,
+    parent_run_id: str | None,
+    mlflow_run_id: str | None,
+    storage: Path,
+    train_callbacks: Sequence[Any],
+    worker_callbacks: Sequence[Callback],
+    resume_overrides: dict[str, Any],
+    display_name: str | None,
+) -> ray.train.Result:
     tracking = settings.tracking
     owns_run = mlflow_run_id is None
-    actor, info, test_size = _actor_for(config)
     if tracking is not None:
         if owns_run:
             # A re-launched run resumes from its last checkpoint, and logs to its earlier run.
@@ -190,8 +355,15 @@ def run_experiment(
                 display_name=display_name,
             )
         logger = RunLogger(tracking, mlflow_run_id)
-        logger.params(config.flat())
-        logger.params({"ray.num_workers": settings.num_workers, "ray.use_gpu": settings.use_gpu})
+        # Params keep the first launch's values (a changed one becomes a nfpi.changed.* tag);
+        # what may differ per launch or attempt is a tag.
+        logger.params(config.with_overrides(resume_overrides).flat())
+        logger.tag("ray.use_gpu", str(settings.use_gpu))
+        if resume_overrides:
+            logger.tag("nfpi.resume_with", str(resume_overrides))
+    remove_unregistered_checkpoints(storage / run_name)
+    actor, factory, info, test_size = _actor_for(config)
+    if tracking is not None:
         log_datasets(
             tracking,
             mlflow_run_id,
@@ -210,6 +382,8 @@ def run_experiment(
         tracking=tracking,
         mlflow_run_id=mlflow_run_id,
         callbacks=tuple(worker_callbacks),
+        actor_factory=factory,
+        resume_overrides=resume_overrides,
     )
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     trainer = TorchTrainer(
@@ -223,20 +397,31 @@ def run_experiment(
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage or settings.storage),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(train_callbacks),
+            callbacks=[*train_callbacks, StopOnDeterministicError()],
         ),
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as err:
+        cause = deterministic_cause(err)
+        if tracking is not None:
+            logger = RunLogger(tracking, mlflow_run_id)
+            logger.error(cause if cause is not None else err)
+            if owns_run:
+                logger.finish("FAILED")
+        if cause is not None and cause is not err:
+            raise cause from err  # the named error itself, not Ray's wrapper around it
+        raise
+    except BaseException:  # Ctrl-C / SystemExit: the run is not left RUNNING forever
         if tracking is not None and owns_run:
-            RunLogger(tracking, mlflow_run_id).finish("FAILED")
+            RunLogger(tracking, mlflow_run_id).finish("KILLED")
         raise
     finally:
         ray.kill(actor)
+        remove_unregistered_checkpoints(storage / run_name)
     if tracking is not None:
         logger = RunLogger(tracking, mlflow_run_id)
         if result.checkpoint is not None:
@@ -271,6 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
     parser.add_argument("--config", dest="config_file", help="a JSON experiment config")
     parser.add_argument("--run-name", help="Ray/MLflow run name (default: the experiment name)")
+    parser.add_argument(
+        "--resume-with",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="resume the run's checkpoint with a new optim.lr, optim.grad_clip, "
+        "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
@@ -280,11 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     for warning in check_before_ray([config], settings, args.address):  # before Ray starts
         log.warning(warning)
     run_name = args.run_name or config.name
+    resume_with = dict(parse_override(s) for s in args.resume_with)
     log.info(connect(args.address, verbose=args.verbose))
     progress = TrainProgress(run_name, config.optim.epochs)
     progress.listen()
     try:
-        result = run_experiment(config, settings, run_name, train_callbacks=[progress])
+        result = run_experiment(
+            config, settings, run_name, train_callbacks=[progress], resume_overrides=resume_with
+        )
     except BaseException:
         progress.close(failed=True)
         raise

@@ -28,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray import tune
 from ray.tune.search.sample import Domain
 
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
 
-__all__ = ["SPACE_NAMES", "SearchSpace", "load_space"]
+__all__ = ["SPACE_NAMES", "SearchSpace", "load_space", "prior_comparison"]
 
 # Every module of this package is a space: adding a file adds a space (no hand-kept list).
 SPACE_NAMES: tuple[str, ...] = tuple(
@@ -193,6 +194,20 @@ class SearchSpace:
             if space.kind == "downstream":
                 space.downstream_for(sample, overrides)
         return configs
+
+
+def prior_comparison(name: str, reproduces: str, experiment: str) -> SearchSpace:
+    """Table 1's comparison on ``experiment``: one trial per prior (data-init, GD, FPI), all at
+    the experiment's objective and budget, grouped by method in the results table."""
+    methods = [{"prior.method": m} for m in ("data-init", "gd", "fpi")]
+    return SearchSpace(
+        name=name,
+        reproduces=reproduces,
+        experiment=experiment,
+        base={},
+        params={"variant": tune.grid_search(methods)},
+        group_by=("prior.method",),
+    )
 
 
 def load_space(name: str) -> SearchSpace:

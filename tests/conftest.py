@@ -3,6 +3,7 @@ trained smoke checkpoint."""
 
 import os
 import shutil
+import socket
 
 # Sleeping, not spinning, OpenMP threads: the suite runs Ray workers and gloo processes next to
 # the pytest process on few cores, where spin-waiting threads slow every step down many-fold.
@@ -13,11 +14,22 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A private local Ray (never a running ``ray start`` cluster), shared by every Ray test."""
+    """A private local Ray (never a running ``ray start`` cluster), shared by every Ray test.
+
+    Its processes get ``RAY_ADDRESS`` = its own GCS: Ray Train's detached placement-group cleaner
+    looks the controller up through an auto-detected cluster, and on a machine where someone
+    else ran ``ray start`` it found that cluster, did not find the controller there and removed
+    a live run's placement group (both workers died).
+    """
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
     if not ray.is_initialized():
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
         ray.init(
             address="local",
             num_cpus=4,
@@ -27,6 +39,8 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """cluster.yaml validates against Ray's autoscaler schema offline and keeps its promises."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_head_runs_ray_and_mlflow_and_a_gpu_worker_type_exists(cluster):
     head = "\n".join(cluster["head_start_ray_commands"])
     assert "ray start --head" in head and "mlflow server" in head
     assert "--dashboard-host=127.0.0.1" in head
-    assert "/mnt/shared" in head  # the MLflow store lives on the shared file system
+    assert "--artifacts-destination /mnt/shared/" in head  # artifacts on the shared file system
     gpu = [n for n in cluster["available_node_types"].values() if n["resources"].get("GPU", 0) >= 1]
     assert (
         gpu
@@ -50,3 +51,33 @@ def test_nothing_public_and_no_credentials(cluster):
     for perm in cluster["provider"]["security_group"]["IpPermissions"]:
         for rng in perm["IpRanges"]:
             assert not rng["CidrIp"].startswith("0.0.0.0")
+
+
+def test_ray_uses_token_auth_with_the_token_from_a_secret(cluster):
+    """Before: the head and the workers ran Ray with token authentication off. Now every
+    `ray start`/`ray stop` runs with RAY_AUTH_MODE=token and each node reads the token from
+    AWS Secrets Manager into a private file; no token is written in cluster.yaml."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in cluster[key]:
+            if "ray start" in command or "ray stop" in command:
+                assert "RAY_AUTH_MODE=token" in command, command
+    setup = "\n".join(cluster["setup_commands"])
+    assert "aws secretsmanager get-secret-value" in setup and "~/.ray/auth_token" in setup
+    assert "umask 077" in setup
+    text = CLUSTER.read_text()
+    assert "RAY_AUTH_MODE=disabled" not in text
+    assert not re.search(r"RAY_AUTH_TOKEN=[\"']?[0-9a-fA-F]{16,}", text)  # no literal token
+
+
+def test_mlflow_store_is_off_the_network_file_system(cluster):
+    """Before: the tracking server's SQLite database lived on EFS (NFS), where SQLite's locking
+    is unreliable, and a job without MLFLOW_TRACKING_URI wrote that same file from every node.
+    Now the database is on the head's local disk (or Postgres) and every Ray process is given the
+    server's URI."""
+    head = "\n".join(cluster["head_start_ray_commands"])
+    store = re.search(r"--backend-store-uri (\S+)", head).group(1)
+    assert store.startswith(("sqlite:////home/", "postgresql://")), store
+    assert "/mnt/shared" not in store
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster[key] if "ray start" in c)
+        assert "MLFLOW_TRACKING_URI=http://" in start and ":5000" in start, start

@@ -86,7 +86,7 @@ def _tar(tar_path: Path, src: Path, arcname: str) -> Path:
 def test_digits_shapes_dtype_labels_and_counts():
     train, info = load_dataset("digits", "train")
     test, _ = load_dataset("digits", "test")
-    assert info == DatasetInfo("digits", 10, (1, 8, 8), tuple("0123456789"))
+    assert info == DatasetInfo("digits", 10, (1, 8, 8), tuple("0123456789"), levels=17)
     assert info.dim == 64
     assert (len(train), len(test)) == (1437, 360)
     x, y = train[5]
@@ -108,9 +108,10 @@ def test_digits_values_split_disjoint_and_deterministic():
     assert np.array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(1797))
     raw = load_digits().images
     test, _ = load_dataset("digits", "test")
-    expected = np.round(raw[test_idx] * 255 / 16).astype(np.uint8)
+    # the 17 grey levels 0..16 are kept as uint8 level indices (dequantised with 17 bins)
+    expected = raw[test_idx].astype(np.uint8)
     assert np.array_equal(test.images[:, 0].numpy(), expected)
-    assert int(test.images.max()) == 255 and int(test.images.min()) == 0
+    assert int(test.images.max()) == 16 and int(test.images.min()) == 0
     # the split does not move with the run seed
     test_seed7, _ = load_dataset("digits", "test", seed=7)
     assert torch.equal(test.images, test_seed7.images)
@@ -236,14 +237,21 @@ def _evil_archive(path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
-def test_archive_rejects_escaping_members(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("dotdot", "outside the extraction folder"),
+        ("absolute", "outside the extraction folder"),
+        ("symlink", "which is a symbolic link"),
+    ],
+)
+def test_archive_rejects_escaping_members(tmp_path, kind, message):
     archive = _evil_archive(tmp_path / "evil.tar.gz", kind)
     cache = tmp_path / "cache"
-    with pytest.raises(UnsafeArchiveError, match="outside the extraction folder"):
+    with pytest.raises(UnsafeArchiveError, match=message):
         load_dataset("imagefolder", "train", root=archive, extract_to=cache)
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "abs-evil.png").exists()
-    assert list(cache.iterdir()) == []  # partial extraction removed, nothing cached
+    assert not cache.exists()  # partial extraction removed, no empty cache folder left
 
 
 def test_imagefolder_unequal_sizes(tmp_path):
@@ -416,6 +424,32 @@ def test_to_uint8_top_bottom_and_clamping():
     assert torch.equal(to_uint8(k.double() / 128 - 1), k.to(torch.uint8))
     with pytest.raises(ShapeError):
         to_uint8(torch.zeros(3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantize_17_levels_round_trip_and_bins(dtype):
+    k = torch.arange(17, dtype=torch.uint8).repeat(2000)
+    x = dequantize(k, torch.Generator().manual_seed(0), dtype=dtype, levels=17)
+    lo = 2 * k.to(dtype) / 17 - 1
+    assert (x >= lo).all() and (x < lo + 2 / 17).all() and x.max() < 1.0
+    assert torch.equal(to_uint8(x, 17), k)
+    kk = torch.arange(17, dtype=torch.uint8)
+    for u in (0.0, 1.0 - torch.finfo(dtype).eps / 2):
+        xu = dequantize(kk, dtype=dtype, noise=torch.full(kk.shape, u, dtype=dtype), levels=17)
+        assert torch.equal(to_uint8(xu, 17), kk), u
+    assert to_uint8(torch.tensor([-2.0, 1.0, 5.0]), 17).tolist() == [0, 16, 16]
+    with pytest.raises(ConfigError):
+        dequantize(torch.tensor([17], dtype=torch.uint8), levels=17)
+    with pytest.raises(ConfigError):
+        dequantize(kk, levels=1)
+
+
+def test_offset_17_levels_uniform_costs_log2_17_bits():
+    d = 64
+    nll = d * math.log(2.0)  # uniform density on [-1, 1]^d
+    bpd = bits_per_dim(nll + dequantization_offset(d, 17), d)
+    assert bpd == pytest.approx(math.log2(17), rel=1e-14)
+    assert dequantization_offset(d, 256) == dequantization_offset(d)
 
 
 def test_bits_per_dim_and_offset_hand_calculation():

@@ -179,7 +179,10 @@ def test_config_dict_round_trip():
 def flow_setup(checkpoint):
     model = load_trained(checkpoint)
     train, _ = load_dataset("digits", "train", items_per_class=20)
-    pca = ClassPCA.fit(model.flow, train, 10, n_components=4, per_class_samples=12, batch_size=32)
+    assert model.info.levels == 17  # digits: 17 grey levels, which every encoding must use
+    pca = ClassPCA.fit(
+        model.flow, train, 10, 4, per_class_samples=12, batch_size=32, levels=model.info.levels
+    )
     return model, train, pca, checkpoint
 
 
@@ -197,7 +200,7 @@ def test_fit_through_the_flow(flow_setup):
 
 def test_p_zero_returns_the_input_batch(flow_setup):
     model, train, pca, _ = flow_setup
-    aug = NFAugment(model.flow, pca, NFAugmentConfig(n_components=4, probability=0.0), train)
+    aug = NFAugment(model.flow, pca, NFAugmentConfig(n_components=4, probability=0.0), train, 17)
     x, y = _batch(train)
     out = aug(x, y, torch.Generator().manual_seed(0))
     assert out is x and aug.stats["augmented"] == 0
@@ -207,14 +210,15 @@ def test_weight_zero_round_trips_and_weight_one_changes_images(flow_setup):
     model, train, pca, _ = flow_setup
     x, y = _batch(train)
     zero = NFAugmentConfig(n_components=4, probability=1.0, weights="constant", weight_param=0.0)
-    out = NFAugment(model.flow, pca, zero, train)(x, y, torch.Generator().manual_seed(0))
+    out = NFAugment(model.flow, pca, zero, train, 17)(x, y, torch.Generator().manual_seed(0))
     # Bin-centre encoding + exact inverse: w = 0 gives back every pixel.
     assert out.dtype == torch.uint8 and out.shape == x.shape
     assert torch.equal(out, x)
 
     one = NFAugmentConfig(n_components=4, probability=1.0, weights="constant", weight_param=1.0)
-    aug = NFAugment(model.flow, pca, one, train)
+    aug = NFAugment(model.flow, pca, one, train, 17)
     out = aug(x, y, torch.Generator().manual_seed(0))
+    assert int(out.max()) <= 16  # mixed images stay 17-level digits
     assert out.dtype == torch.uint8 and out.shape == x.shape
     changed = (out != x).flatten(1).any(dim=1)
     assert int(changed.sum()) > len(x) // 2
@@ -272,6 +276,7 @@ def test_from_checkpoint(flow_setup):
     cfg = NFAugmentConfig(n_components=3, per_class_fit_samples=10, checkpoint=str(checkpoint))
     aug = NFAugment.from_checkpoint(cfg, train)
     assert aug.pca.n_components == 3 and aug.pca.counts.tolist() == [10] * 10
+    assert aug.levels == 17  # the grey levels come from the checkpoint, not a default
     with pytest.raises(ConfigError) as err:
         NFAugment.from_checkpoint(NFAugmentConfig(n_components=3), train)
     assert err.value.field == "nf_augment.checkpoint"

@@ -67,7 +67,7 @@ def test_save_load_round_trip(full):
     buffer = io.BytesIO()
     torch.save(prior.state_dict(), buffer)
     buffer.seek(0)
-    loaded = GaussianPrior.from_state_dict(torch.load(buffer))
+    loaded = GaussianPrior.from_state_dict(torch.load(buffer, weights_only=True))
     assert loaded.covariance == prior.covariance
     z = torch.randn(5, 3, dtype=torch.float64)
     assert torch.equal(loaded.log_prob_matrix(z), prior.log_prob_matrix(z))

@@ -4,6 +4,7 @@ Real Ray runs are kept to a handful and share one Ray session (``ray_session``).
 """
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -301,12 +302,17 @@ def _free_port():
 
 def test_job_submit_against_ray_start_head(tmp_path):
     bin_dir = Path(sys.executable).parent
+    # Token authentication on, as the README's commands run it (the token from the environment
+    # here, so that the test leaves ~/.ray/auth_token alone).
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_GCS_SERVER_PORT", None)
     port, dash, *agent_ports = (_free_port() for _ in range(6))
     # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")

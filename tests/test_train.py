@@ -148,6 +148,21 @@ def test_ema_starts_after_first_fpi_solve(tmp_path):
     assert not trainer.ema.active and trainer.eval_flow() is trainer.flow
 
 
+def test_ema_disabled_evaluates_the_online_flow_the_prior_was_solved_from(tmp_path):
+    on = Trainer(_cfg(tmp_path, **{"optim.epochs": 1}), tmp_path / "on")
+    on.fit()
+    assert on.ema.active and on.eval_flow() is not on.flow
+    off = Trainer(_cfg(tmp_path, **{"optim.epochs": 1, "ema.enabled": False}), tmp_path / "off")
+    off.fit()
+    assert not off.ema.active and off.eval_flow() is off.flow
+    assert off.state_dict()["ema"] is None
+
+
+def test_in_memory_is_for_image_folders_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.in_memory.*imagefolder"):
+        _cfg(tmp_path, **{"data.in_memory": True})
+
+
 def test_schedule_rules():
     p = PriorConfig(method="fpi", solve_epoch=2, resolve_every=3)
     assert [e for e in range(12) if p.solves_after(e)] == [2, 5, 8, 11]
@@ -200,6 +215,11 @@ def test_load_trained_gives_the_ema_flow_and_prior_that_were_evaluated(tmp_path)
     assert model.epoch == 2 and model.info == trainer.info and model.config == trainer.config
     assert torch.equal(model.prior.means, trainer.prior.means)
     again = evaluate(
-        model.flow, model.prior, trainer.test_loader, torch.device("cpu"), trainer.config.seed
+        model.flow,
+        model.prior,
+        trainer.test_loader,
+        torch.device("cpu"),
+        trainer.config.seed,
+        model.info.levels,
     )
     assert again["nf_acc"] == history[-1]["nf_acc"] and again["test_bpd"] == history[-1]["test_bpd"]

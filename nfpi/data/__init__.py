@@ -38,7 +38,14 @@ from nfpi.data.load import (
     load_dataset,
 )
 from nfpi.data.loader import epoch_seed, make_loader, set_loader_epoch
-from nfpi.data.quantization import bits_per_dim, dequantization_offset, dequantize, to_uint8
+from nfpi.data.quantization import (
+    LEVELS_8BIT,
+    bits_per_dim,
+    dequantization_offset,
+    dequantize,
+    display_uint8,
+    to_uint8,
+)
 from nfpi.data.synthetic import class_pattern, make_synthetic
 
 __all__ = [
@@ -46,6 +53,7 @@ __all__ = [
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
     "IMAGEFOLDER_LAYOUT",
+    "LEVELS_8BIT",
     "SPLITS",
     "BatchAugment",
     "DatasetInfo",
@@ -61,6 +69,7 @@ __all__ = [
     "dequantization_offset",
     "dequantize",
     "digits_split_indices",
+    "display_uint8",
     "epoch_seed",
     "extract_archive",
     "find_tree",

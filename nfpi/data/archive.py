@@ -8,7 +8,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from nfpi.errors import DatasetNotFoundError, NfpiError
@@ -28,8 +27,8 @@ CACHE_ENV = "NFPI_DATA_CACHE"
 
 
 class UnsafeArchiveError(NfpiError, ValueError):
-    """An archive member would land outside the extraction folder (absolute path, ``..``,
-    a link pointing outside) or is a device/FIFO; nothing of the archive is kept."""
+    """An archive member is not a regular file or a folder (a symbolic or hard link, a device,
+    a FIFO), or its name is absolute or has a ``..`` component; nothing of the archive is kept."""
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
@@ -58,32 +57,94 @@ def _cache_base(archive: Path, extract_to: str | os.PathLike[str] | None) -> Pat
     return Path(xdg).expanduser() / "nfpi"
 
 
-def _checked_members(tf: tarfile.TarFile, dest: Path, archive: Path) -> Iterator[tarfile.TarInfo]:
-    """Yield members one by one (streaming, one pass over a .tar.gz), refusing any that escapes
-    ``dest``. Checked here, before tarfile's own ``data`` filter, so that the error is ours."""
-    root = dest.resolve()
-    for member in tf:
-        target = (root / member.name).resolve()
-        if os.path.isabs(member.name) or not target.is_relative_to(root):
-            raise UnsafeArchiveError(
-                f"archive {archive} has member {member.name!r} that would be written outside "
-                f"the extraction folder {dest}; refusing to extract it (re-create the archive "
-                "with relative paths, e.g. `tar czf data.tar.gz -C parent cifar10`)"
-            )
-        if member.issym() or member.islnk():
-            base = target.parent if member.issym() else root
-            link = (base / member.linkname).resolve()
-            if os.path.isabs(member.linkname) or not link.is_relative_to(root):
-                raise UnsafeArchiveError(
-                    f"archive {archive} has link {member.name!r} -> {member.linkname!r} pointing "
-                    f"outside the extraction folder {dest}; refusing to extract it"
-                )
-        elif not (member.isfile() or member.isdir()):
-            raise UnsafeArchiveError(
-                f"archive {archive} has member {member.name!r} that is neither a file, a folder "
-                "nor a link (device or FIFO); refusing to extract it"
-            )
-        yield member
+_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+}
+
+
+def _member_parts(member: tarfile.TarInfo, archive: Path, dest: Path) -> tuple[str, ...]:
+    """The path components of ``member`` below the extraction folder, or
+    :class:`UnsafeArchiveError` for any member that is not a plain file or folder with a
+    relative, ``..``-free name. Names are checked as text, never resolved on disk."""
+    if not (member.isreg() or member.isdir()):
+        kind = _KINDS.get(member.type, f"of tar type {member.type!r}")
+        target = f" -> {member.linkname!r}" if member.issym() or member.islnk() else ""
+        raise UnsafeArchiveError(
+            f"archive {archive} has member {member.name!r}{target}, which is {kind}; dataset "
+            "archives may hold only regular files and folders, so nothing of it is extracted "
+            "(re-create the archive from the real files, e.g. `tar czhf data.tar.gz -C parent "
+            "tree`: -h stores what links point to)"
+        )
+    name = member.name
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if os.path.isabs(name) or ".." in parts:
+        raise UnsafeArchiveError(
+            f"archive {archive} has member {name!r} that would be written outside the "
+            f"extraction folder {dest}; refusing to extract it (re-create the archive with "
+            "relative paths, e.g. `tar czf data.tar.gz -C parent cifar10`)"
+        )
+    return parts
+
+
+def _open_dir(root_fd: int, parts: tuple[str, ...]) -> int:
+    """A descriptor of the folder ``parts`` below ``root_fd``, created as needed. Every step
+    opens one name relative to its parent's descriptor with ``O_NOFOLLOW``: no link is followed
+    and no path is ever resolved, whatever its length."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _extract_members(tf: tarfile.TarFile, root: Path, archive: Path, dest: Path) -> int:
+    """Write every member of ``tf`` below ``root`` ourselves (streaming, one pass over a
+    .tar.gz): folders with mode 0755, regular files with 0644 (0755 if executable). Never
+    through ``tarfile.extract*``, never creating a link. Returns the number of files."""
+    files = 0
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for member in tf:
+            parts = _member_parts(member, archive, dest)
+            if not parts:
+                continue  # the archive's own top folder ("./")
+            try:
+                if member.isdir():
+                    os.close(_open_dir(root_fd, parts))
+                    continue
+                dir_fd = _open_dir(root_fd, parts[:-1])
+                try:
+                    mode = 0o755 if member.mode & 0o100 else 0o644
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                    fd = os.open(parts[-1], flags, mode, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+                source = tf.extractfile(member)
+                assert source is not None  # a regular file always has contents
+                with source, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                files += 1
+            except OSError as err:
+                raise DatasetNotFoundError(
+                    f"cannot extract member {member.name!r} of {archive} into {dest}: "
+                    f"{err.strerror or err}; check the archive (tar tzvf) and the free space"
+                ) from err
+    finally:
+        os.close(root_fd)
+    return files
 
 
 def extract_archive(
@@ -99,10 +160,18 @@ def extract_archive(
     Extraction goes to a temporary sibling folder that is renamed into place only when complete,
     so an interrupted extraction is never mistaken for a finished one, and concurrent callers
     (several workers on one machine) are safe: the first rename wins, the others discard theirs.
+    A refused or unreadable archive leaves nothing behind, not even the cache folder it made.
+
+    Dataset trees never need links, so only regular files and folders are accepted, and each
+    file is written by this function below the temporary folder, one path component at a time
+    relative to its parent's descriptor (``O_NOFOLLOW``). No path is resolved with ``realpath``,
+    so none can leave the folder, however long or however linked (CVE-2025-4517: links that push
+    a real path past ``PATH_MAX`` made ``tarfile``'s own ``data`` filter write outside).
 
     Raises:
         DatasetNotFoundError: ``archive`` does not exist or is not a readable tar archive.
-        UnsafeArchiveError: a member would escape the destination (nothing is kept).
+        UnsafeArchiveError: a member is a link, a device or a FIFO, or its name is absolute
+            or has a ``..`` component (nothing is kept).
     """
     archive = Path(archive).expanduser()
     if not archive.is_file():
@@ -115,21 +184,16 @@ def extract_archive(
         logger.debug("reusing extraction of %s at %s", archive, dest)
         return dest
 
-    made_base = not base.exists()
+    created = [p for p in (base, *base.parents) if not p.exists()]
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=base))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); the extraction may be a shared cache
+    done = False
     try:
         logger.info("extracting %s to %s (once)", archive, dest)
         try:
             with tarfile.open(archive) as tf:
-                members = _checked_members(tf, tmp, archive)
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(tmp, members=members, filter="data")
-                else:  # Python < 3.10.12 / 3.11.4: our own member check is the only guard
-                    tf.extractall(tmp, members=members)
-        except getattr(tarfile, "FilterError", ()) as e:
-            raise UnsafeArchiveError(f"archive {archive}: unsafe member refused: {e}") from e
+                files = _extract_members(tf, tmp, archive, dest)
         except tarfile.TarError as e:
             # tarfile lists one reason per compression it tried; the last is plain tar's.
             reasons = [r.strip(" -") for r in str(e).splitlines() if r.strip(" -")]
@@ -139,18 +203,21 @@ def extract_archive(
                 "`tar czf data.tar.gz -C parent folder`) or set data.root to the extracted "
                 "folder"
             ) from e
+        logger.debug("extracted %d files of %s", files, archive)
         try:
             tmp.rename(dest)
         except OSError:
             if not dest.is_dir():
                 raise
             logger.debug("another process extracted %s first; using %s", archive, dest)
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if made_base and not dest.exists():
-            try:
-                base.rmdir()  # a failed first extraction leaves no empty cache folder behind
-            except OSError:
-                pass  # not empty: another process is using it
+        if not done:
+            for folder in created:  # a refused archive leaves no empty cache folder behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty (another extraction uses it) or not ours to remove
     return dest

@@ -41,12 +41,16 @@ class DatasetInfo:
         num_classes: K; labels are in ``[0, K)``.
         shape: ``(C, H, W)`` of every image.
         class_names: K names, index = label.
+        levels: grey levels per channel; the uint8 images hold level indices ``0..levels-1``
+            (256 for 8-bit images; 17 for scikit-learn's digits, values 0..16). Dequantisation,
+            bits/dim and sample quantisation use it.
     """
 
     name: str
     num_classes: int
     shape: tuple[int, int, int]
     class_names: tuple[str, ...]
+    levels: int = 256
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -57,6 +61,8 @@ class DatasetInfo:
             raise ConfigError(
                 "class_names", self.class_names, f"exactly num_classes = {self.num_classes} names"
             )
+        if not (isinstance(self.levels, int) and 2 <= self.levels <= 256):
+            raise ConfigError("levels", self.levels, "an int in [2, 256]")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
 

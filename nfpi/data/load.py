@@ -46,6 +46,7 @@ DATA_ROOT_ENV = "NFPI_DATA_ROOT"
 # The digits split is fixed (not tied to `seed`) so that test sets are comparable across runs.
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DIGITS_LEVELS = 17  # pixel values 0..16
 
 # Datasets whose classes are not mirror-symmetric: a flipped digit is another glyph (or none),
 # and a flipped synthetic plane wave is the pattern of another orientation, i.e. another class.
@@ -78,7 +79,8 @@ def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
 def _load_digits(split: str) -> tuple[TensorImageDataset, DatasetInfo]:
     """scikit-learn's bundled 8 x 8 digits (1797 images, values 0..16), in memory.
 
-    Values map to uint8 by ``round(v * 255 / 16)`` (0 -> 0, 16 -> 255). Split: stratified
+    The 17 grey levels 0..16 are stored as they are (uint8 level indices, ``info.levels = 17``):
+    they are dequantised with 17 bins and bits/dim counts 17-level data. Split: stratified
     80 / 20 with the fixed seed :data:`DIGITS_SPLIT_SEED` -> 1437 train, 360 test images.
     """
     from sklearn.datasets import load_digits
@@ -88,12 +90,13 @@ def _load_digits(split: str) -> tuple[TensorImageDataset, DatasetInfo]:
     labels = np.asarray(bunch.target, dtype=np.int64)
     train_idx, test_idx = digits_split_indices()
     idx = train_idx if split == "train" else test_idx
-    images = torch.from_numpy(np.round(values[idx] * 255.0 / 16.0).astype(np.uint8))[:, None]
+    images = torch.from_numpy(values[idx].astype(np.uint8))[:, None]
     info = DatasetInfo(
         name="digits",
         num_classes=10,
         shape=(1, 8, 8),
         class_names=tuple(str(c) for c in bunch.target_names),
+        levels=DIGITS_LEVELS,
     )
     return TensorImageDataset(images, torch.from_numpy(labels[idx])), info
 
@@ -154,7 +157,7 @@ def load_dataset(
 
     Datasets:
         - ``digits``: scikit-learn's bundled 8 x 8 digits, ``(1, 8, 8)``, K = 10; values
-          0..16 -> uint8 ``round(v * 255 / 16)``; fixed stratified 80/20 split (seed
+          values 0..16 kept as uint8 level indices (``info.levels = 17``); fixed stratified 80/20 split (seed
           :data:`DIGITS_SPLIT_SEED`, independent of ``seed``): 1437 train / 360 test.
         - ``cifar10`` / ``cifar100``: torchvision's datasets under ``root`` (default
           :func:`default_data_root`); ``download=True`` fetches them when online.

@@ -20,7 +20,25 @@ import torch
 
 from nfpi.errors import ConfigError, ShapeError
 
-__all__ = ["bits_per_dim", "dequantization_offset", "dequantize", "to_uint8"]
+__all__ = [
+    "LEVELS_8BIT",
+    "bits_per_dim",
+    "dequantization_offset",
+    "dequantize",
+    "display_uint8",
+    "to_uint8",
+]
+
+#: Grey levels of 8-bit data; datasets with fewer levels (scikit-learn's digits: 17, values
+#: 0..16) store the level index k in 0..levels-1 as uint8 and pass ``levels`` explicitly.
+LEVELS_8BIT = 256
+
+
+def _check_levels(levels: int) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+        raise ConfigError("levels", levels, "an int in [2, 256] (grey levels per channel)")
+    return levels
+
 
 # Half precisions are excluded: bfloat16 cannot represent a point strictly inside a pixel's bin
 # near |x| = 1 (its ulp there equals the bin width 2**-7), so the noise would vanish.
@@ -33,8 +51,14 @@ def dequantize(
     *,
     dtype: torch.dtype = torch.float32,
     noise: torch.Tensor | None = None,
+    levels: int = LEVELS_8BIT,
 ) -> torch.Tensor:
     """Uniformly dequantise uint8 images to floats in ``[-1, 1)``.
+
+    With ``levels = L`` other than 256 (level index ``k`` in ``0..L-1``), ``x = 2 (k + u) / L - 1``:
+    the ``L`` bins of width ``2 / L`` tile ``[-1, 1)`` (digits: ``L = 17``). ``u`` is kept
+    ``1e-5`` away from the bin edges there so that :func:`to_uint8` with the same ``levels``
+    inverts it exactly despite rounding (a negligible change of the density).
 
     ``x = (k - 128 + u) / 128`` with ``u ~ U[0, 1)`` drawn independently per element, i.e. the
     pixel ``k`` maps to the bin ``[k/128 - 1, (k+1)/128 - 1)``; :func:`to_uint8` is the exact
@@ -78,6 +102,12 @@ def dequantize(
             raise ConfigError(
                 "noise", f"range [{u.min().item()}, {u.max().item()}]", "values in [0, 1)"
             )
+    levels = _check_levels(levels)
+    if levels != LEVELS_8BIT and x.numel() and int(x.max()) >= levels:
+        raise ConfigError("x", f"max {int(x.max())}", f"level indices < levels = {levels}")
+    if levels != LEVELS_8BIT:
+        u = u.clamp(1e-5, 1.0 - 1e-5)
+        return (k + u) * (2.0 / levels) - 1.0
     out = (k - 128.0 + u) / 128.0
     # k - 128 + u can round up to k - 127 when u is within half an ulp of 1 (possible in
     # float32), which would move the value into the next pixel's bin. Clamp to the
@@ -87,17 +117,19 @@ def dequantize(
     return torch.minimum(out, top)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
+def to_uint8(x: torch.Tensor, levels: int = LEVELS_8BIT) -> torch.Tensor:
     """Map floats in ``[-1, 1]`` (e.g. generated samples) back to uint8 pixels.
 
     ``k = floor((x + 1) / 2 * 256)`` clamped to ``[0, 255]``: the inverse of :func:`dequantize`,
     so ``x = 1`` (top of the range) gives 255, not 256. Computed as ``floor(128 x) + 128``,
     which is the same number but exact in floating point (``128 x`` only shifts the exponent),
     whereas forming ``x + 1`` first can round a value just below a bin edge up onto it.
-    NaN maps to 0.
+    NaN maps to 0. With ``levels = L`` other than 256: ``k = floor((x + 1) L / 2)`` clamped to
+    ``[0, L - 1]`` (the inverse of ``dequantize(..., levels=L)``).
 
     Args:
         x: floating tensor of any shape.
+        levels: grey levels of the data (the returned uint8 values are level indices).
 
     Returns:
         uint8 tensor of ``x.shape``.
@@ -107,6 +139,10 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
             f"to_uint8 expects a floating tensor in [-1, 1], got dtype {x.dtype}; "
             "integer images are already quantised"
         )
+    levels = _check_levels(levels)
+    if levels != LEVELS_8BIT:
+        k = torch.floor((x + 1.0) * (levels / 2.0))
+        return torch.nan_to_num(k, nan=0.0).clamp(0.0, levels - 1.0).to(torch.uint8)
     k = torch.floor(x * 128.0) + 128.0
     k = torch.nan_to_num(k, nan=0.0)
     return k.clamp(0.0, 255.0).to(torch.uint8)
@@ -118,15 +154,17 @@ def _check_dim(d: int) -> int:
     return d
 
 
-def dequantization_offset(d: int) -> float:
+def dequantization_offset(d: int, levels: int = LEVELS_8BIT) -> float:
     """Nats to add to the continuous NLL of ``x in [-1, 1]^d`` so that it bounds the NLL of
-    the discrete 8-bit data: ``d * log(128)`` (the log-Jacobian of ``x = (t - 128) / 128``
-    from pixel units ``t in [0, 256)``).
+    the discrete data: ``d * log(levels / 2)`` (the log-Jacobian of ``x = 2 t / levels - 1``
+    from level units ``t in [0, levels)``; ``d * log(128)`` for 8-bit data). A uniform density
+    then costs exactly ``log2(levels)`` bits/dim (8 for 8-bit data, 4.09 for 17-level digits).
 
     Args:
         d: number of dimensions per image, ``C * H * W``.
+        levels: grey levels of the data.
     """
-    return _check_dim(d) * math.log(128.0)
+    return _check_dim(d) * math.log(_check_levels(levels) / 2.0)
 
 
 def bits_per_dim(nll_nats: float | torch.Tensor, d: int) -> float | torch.Tensor:
@@ -142,3 +180,11 @@ def bits_per_dim(nll_nats: float | torch.Tensor, d: int) -> float | torch.Tensor
         8.0
     """
     return nll_nats / (_check_dim(d) * math.log(2.0))
+
+
+def display_uint8(k: torch.Tensor, levels: int = LEVELS_8BIT) -> torch.Tensor:
+    """Level indices ``0..levels-1`` (uint8) as 0..255 grey values for pictures (identity for
+    8-bit data)."""
+    if _check_levels(levels) == LEVELS_8BIT:
+        return k
+    return (k.float() * (255.0 / (levels - 1))).round().to(torch.uint8)

@@ -220,7 +220,7 @@ def generate_dataset(
                 )
             bad = int((~torch.isfinite(x)).sum())
             nonfinite += bad
-            data = _npy_bytes(to_uint8(x).cpu().numpy())
+            data = _npy_bytes(to_uint8(x, info.levels).cpu().numpy())
             name = SHARD.format(i)
             _write_atomic(out / name, data)
             shards.append(

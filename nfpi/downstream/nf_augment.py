@@ -22,8 +22,8 @@ Example::
 
     model = load_trained("runs/cifar10")
     train, info = load_dataset("cifar10", "train", root=...)
-    pca = ClassPCA.fit(model.flow, train, info.num_classes, n_components=16)
-    augment = NFAugment(model.flow, pca, NFAugmentConfig(probability=0.5), dataset=train)
+    pca = ClassPCA.fit(model.flow, train, info.num_classes, 16, levels=info.levels)
+    augment = NFAugment(model.flow, pca, NFAugmentConfig(probability=0.5), train, info.levels)
     x_aug = augment(x_uint8, y, generator)
 """
 
@@ -151,6 +151,7 @@ class NFAugment:
         pca: ClassPCA,
         config: NFAugmentConfig,
         dataset: Any | None = None,
+        levels: int = 256,
     ) -> None:
         if config.n_components != pca.n_components:
             raise ConfigError(
@@ -159,6 +160,7 @@ class NFAugment:
                 f"the ClassPCA's r = {pca.n_components}",
             )
         self.flow, self.pca, self.config, self.dataset = flow, pca, config, dataset
+        self.levels = levels  # grey levels of the images (the flow's dataset info)
         self.device, self.dtype = flow_device(flow), flow_dtype(flow)
         self.class_index: list[Tensor] | None = None
         if dataset is not None:
@@ -197,8 +199,9 @@ class NFAugment:
             per_class_samples=config.per_class_fit_samples,
             batch_size=config.fit_batch_size,
             seed=config.seed,
+            levels=model.info.levels,
         )
-        return cls(model.flow, pca, config, dataset)
+        return cls(model.flow, pca, config, dataset, levels=model.info.levels)
 
     def _dataset_partner(self, label: int, generator: torch.Generator | None) -> Tensor | None:
         if self.class_index is None or self.dataset is None:
@@ -281,7 +284,7 @@ class NFAugment:
         was_training = self.flow.training
         self.flow.eval()
         try:
-            z, _ = self.flow(bin_centres(images, self.dtype))
+            z, _ = self.flow(bin_centres(images, self.dtype, self.levels))
             second = torch.where(in_batch, slot[batch_partner], rows.numel() + ext_slot)
             z1, z2 = z[slot[picked].to(z.device)], z[second.to(z.device)]
             w = cfg.sample_weights(picked.numel(), self.pca.n_components, generator)
@@ -292,5 +295,7 @@ class NFAugment:
         self.stats["nonfinite"] += int((~finite).sum())
         self.stats["augmented"] += int(finite.sum())
         out = x.clone()
-        out[picked[finite].to(x.device)] = to_uint8(mixed[finite.to(mixed.device)]).to(x.device)
+        out[picked[finite].to(x.device)] = to_uint8(mixed[finite.to(mixed.device)], self.levels).to(
+            x.device
+        )
         return out

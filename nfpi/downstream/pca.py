@@ -37,7 +37,7 @@ Example::
 
     model = load_trained("runs/cifar10")
     train, info = load_dataset("cifar10", "train", root=...)
-    pca = ClassPCA.fit(model.flow, train, info.num_classes, n_components=16)
+    pca = ClassPCA.fit(model.flow, train, info.num_classes, 16, levels=info.levels)
     z = pca.mix(z1, z2, y, weights=0.5)
 """
 
@@ -201,6 +201,7 @@ class ClassPCA:
         per_class_samples: int = 500,
         batch_size: int = 256,
         seed: int = 0,
+        levels: int = 256,
     ) -> ClassPCA:
         """Fit on a training set through the flow, one class at a time.
 
@@ -214,6 +215,7 @@ class ClassPCA:
             per_class_samples: at most this many images per class (a seeded random subset).
             batch_size: images per flow call.
             seed: subset seed; the subset of class y depends on ``(seed, y)`` only.
+            levels: grey levels of the dataset (the flow's ``info.levels``; 256 for 8-bit).
 
         Raises:
             InsufficientSamplesError: a class has fewer than ``r + 1`` images.
@@ -241,7 +243,7 @@ class ClassPCA:
                 for start in range(0, members.numel(), batch_size):
                     idx = members[start : start + batch_size].tolist()
                     x = torch.stack([dataset[i][0] for i in idx]).to(device)
-                    z, _ = flow(bin_centres(x, dtype))
+                    z, _ = flow(bin_centres(x, dtype, levels))
                     zs.append(z.to(torch.float64).cpu())
                 log.debug("ClassPCA: class %d from %d latents", k, sum(len(c) for c in zs))
                 yield torch.cat(zs) if zs else torch.empty(0, 0, dtype=torch.float64)
@@ -377,6 +379,8 @@ def _fit_class(zk: Tensor, r: int, k: int) -> tuple[Tensor, Tensor, Tensor, Tens
     return mean, axes, var, total
 
 
-def bin_centres(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """uint8 -> the centre of each pixel's dequantisation bin (deterministic encoding)."""
-    return dequantize(x, dtype=dtype, noise=torch.full(x.shape, 0.5, dtype=dtype, device=x.device))
+def bin_centres(x: Tensor, dtype: torch.dtype, levels: int = 256) -> Tensor:
+    """uint8 level indices -> the centre of each pixel's dequantisation bin (deterministic
+    encoding) for data of ``levels`` grey levels."""
+    u = torch.full(x.shape, 0.5, dtype=dtype, device=x.device)
+    return dequantize(x, dtype=dtype, noise=u, levels=levels)

@@ -40,7 +40,10 @@ class FlowEMA:
         )
 
     def start(self) -> None:
-        """Start (or restart) the average from the current online weights."""
+        """Start (or restart) the average from the current online weights; nothing when the
+        config disables the EMA."""
+        if not self.config.enabled:
+            return
         self.ema = self._new()
         self.ema.update()  # the first update copies the online weights
 

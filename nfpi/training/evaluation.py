@@ -22,15 +22,23 @@ from nfpi.training.distributed import all_reduce_, world
 __all__ = ["collect_statistics", "evaluate", "keyed_inputs", "nll_nats"]
 
 
-def nll_nats(flow: nn.Module, prior: GaussianPrior, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample discrete NLL in nats (continuous NLL + d log 128) [B] and the latents [B, d]."""
+def nll_nats(
+    flow: nn.Module, prior: GaussianPrior, x: Tensor, y: Tensor, levels: int
+) -> tuple[Tensor, Tensor]:
+    """Per-sample discrete NLL in nats (continuous NLL + d log(levels / 2)) [B] and the latents
+    [B, d], for data with ``levels`` grey levels per channel."""
     z, logdet = flow(x)
-    nll = -(prior.log_prob(z, y) + logdet) + dequantization_offset(z.shape[1])
+    nll = -(prior.log_prob(z, y) + logdet) + dequantization_offset(z.shape[1], levels)
     return nll, z
 
 
 def keyed_inputs(
-    x: Tensor, index: Tensor, seed: int, augment: BatchAugment | None, device: torch.device
+    x: Tensor,
+    index: Tensor,
+    seed: int,
+    augment: BatchAugment | None,
+    device: torch.device,
+    levels: int,
 ) -> Tensor:
     """Dequantised (and augmented) images whose randomness is keyed by sample index: the same
     image gets the same noise however the data is sharded or batched."""
@@ -39,7 +47,7 @@ def keyed_inputs(
     x = x.to(device)
     if augment is not None:
         x = augment(x, uniforms=u[:, :extra])
-    return dequantize(x, noise=u[:, extra:].reshape(x.shape))
+    return dequantize(x, noise=u[:, extra:].reshape(x.shape), levels=levels)
 
 
 @torch.no_grad()
@@ -53,6 +61,7 @@ def collect_statistics(
     shift: Tensor | None = None,
     full: bool = False,
     augment: BatchAugment | None = None,
+    levels: int,
 ) -> ClassStatistics:
     """Class statistics of ``flow``'s latents over ``loader`` (``(x, y, index)`` batches of this
     rank's shard), summed over all ranks.
@@ -65,7 +74,7 @@ def collect_statistics(
     """
     stats: ClassStatistics | None = None
     for x, y, index in loader:
-        z, _ = flow(keyed_inputs(x, index, seed, augment, device))
+        z, _ = flow(keyed_inputs(x, index, seed, augment, device, levels))
         if stats is None:
             stats = ClassStatistics.empty(
                 num_classes, z.shape[1], shift=shift, full=full, device=device
@@ -85,15 +94,16 @@ def evaluate(
     loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,
     seed: int,
+    levels: int,
 ) -> dict[str, float]:
-    """Test bits/dim and NF-Acc (argmax_y log N(z; mu_y, Sigma_y), one [B, d] x [d, K] product per
+    """Test bits/dim (for data of ``levels`` grey levels) and NF-Acc (argmax_y log N(z; mu_y, Sigma_y), one [B, d] x [d, K] product per
     batch) over ``loader``, summed over ranks. Dequantisation noise is seeded: every evaluation
     of a run sees the same noise."""
     gen = torch.Generator(device=device).manual_seed(seed)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll sum, correct, count
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        nll, z = nll_nats(flow, prior, dequantize(x, gen), y)
+        nll, z = nll_nats(flow, prior, dequantize(x, gen, levels=levels), y, levels)
         totals += torch.stack(
             [
                 nll.double().sum(),

@@ -8,7 +8,11 @@ statistics of all ranks are summed before a prior update (:mod:`nfpi.training.ev
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per finished epoch, always
 the checkpoint's history), ``plots/`` and ``checkpoints/`` (:mod:`nfpi.checkpoint`). Every epoch
-ends with a checkpoint; a re-launched run resumes exactly where it stopped.
+ends with a checkpoint; a re-launched run resumes exactly where it stopped. Before each save the
+epoch is checked for divergence (non-finite or implausible metrics and weights,
+:func:`nfpi.checkpoint.implausible`): a diverged epoch raises :class:`DivergenceError` and saves
+nothing, so the last good checkpoint stays the newest one. A run directory is locked while a run
+trains in it (:func:`nfpi.checkpoint.lock_run_dir`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +35,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from nfpi.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from nfpi.checkpoint import (
+    RESUMABLE_KEYS,
+    config_differences,
+    find_checkpoint,
+    implausible,
+    last_good_note,
+    load_checkpoint,
+    lock_run_dir,
+    save_checkpoint,
+)
 from nfpi.config import ExperimentConfig
 from nfpi.data import BatchAugment, dequantize, epoch_seed, load_dataset
 from nfpi.data.load import NO_FLIP
 from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
-from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
+from nfpi.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteLossError
 from nfpi.flows import FlowModel, build_flow
 from nfpi.prior import ClassStatistics, GaussianPrior, PriorReport
 from nfpi.training.distributed import all_reduce_, barrier, resolve_device, world, wrap_ddp
@@ -85,6 +99,14 @@ class Trainer:
         device: overrides ``config.device`` (e.g. the device Ray Train assigns).
         resume_from: a checkpoint to resume from (see :func:`nfpi.checkpoint.find_checkpoint`);
             default: the run directory's own last good checkpoint, if any.
+        resume_overrides: dotted keys of :data:`nfpi.checkpoint.RESUMABLE_KEYS` (``optim.lr``,
+            ``optim.grad_clip``, ``optim.warmup_steps``, ``optim.epochs``) applied on top of
+            ``config``: a checkpoint whose config differs from it only in those keys is
+            accepted, and after loading it the new learning rate goes into the optimiser's
+            parameter groups and the scheduler (``--resume-with optim.lr=...``, what a diverged
+            run needs). Without a checkpoint they simply set those keys of a fresh run.
+        lock_run_dir: hold the run directory's lock during :meth:`fit` (rank 0). ``False`` when
+            the caller holds it already (the Ray driver does, for all workers of its run).
     """
 
     def __init__(
@@ -96,8 +118,20 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         device: torch.device | str | None = None,
         resume_from: str | Path | None = None,
+        resume_overrides: Mapping[str, Any] | None = None,
+        lock_run_dir: bool = True,
     ) -> None:
-        c = self.config = config
+        self.resume_overrides = dict(resume_overrides or {})
+        unknown = sorted(set(self.resume_overrides) - set(RESUMABLE_KEYS))
+        if unknown:
+            raise ConfigError(
+                "resume_overrides",
+                unknown,
+                f"only {', '.join(RESUMABLE_KEYS)} may change on resume; any other change "
+                "needs a fresh run directory",
+            )
+        c = self.config = config.with_overrides(self.resume_overrides)
+        self.lock_run_dir = lock_run_dir
         self.rank, self.world = world()
         self.device = torch.device(device) if device is not None else resolve_device(c.device)
         self.callbacks = list(callbacks)
@@ -122,9 +156,8 @@ class Trainer:
         )
         self.optimizer = torch.optim.Adamax(self.flow.parameters(), lr=c.optim.lr)
         warm = max(c.optim.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm)
-        )
+        self._warmup: Callable[[int], float] = lambda s: min(1.0, (s + 1) / warm)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup)
         self.ema = FlowEMA(self.flow, c.ema)
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
@@ -209,7 +242,8 @@ class Trainer:
                 seed=epoch_seed(self.config.seed, 2 * epoch + PHASE_STATS),
                 shift=self.prior.means,
                 full=self.config.prior.covariance == "full",
-                augment=self.augment,
+                augment=self.augment if self.config.prior.stats_augment else None,
+                levels=self.info.levels,
             )
         finally:
             flow.train(was_training)
@@ -234,20 +268,24 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from the checkpoint at ``path``; it must come from the same experiment (only
-        ``optim.epochs`` may differ: a resumed run may train longer)."""
+        ``optim.epochs`` and the keys of ``resume_overrides`` may differ)."""
         state = load_checkpoint(path, map_location=self.device)
         file = state["_file"]
         saved = ExperimentConfig.from_dict(state["config"]).flat()
-        mine = self.config.flat()
-        diff = {
-            k: (v, mine.get(k))
-            for k, v in saved.items()
-            if k != "optim.epochs" and mine.get(k) != v
-        }
+        allowed = ("optim.epochs", *self.resume_overrides)
+        diff = config_differences(saved, self.config.flat(), allowed)
         if diff:
+            resumable = [k for k in diff if k in RESUMABLE_KEYS]
+            hint = (
+                f"; to change {', '.join(resumable)} on resume say so explicitly: "
+                + " ".join(f"--resume-with {k}=..." for k in resumable)
+                + " (Trainer(resume_overrides=...))"
+                if resumable
+                else ""
+            )
             raise CheckpointError(
                 f"checkpoint {file} was written by a different config: {diff} (saved, now); "
-                "use a fresh run directory or the same config"
+                f"use a fresh run directory or the same config{hint}"
             )
         self.flow.load_state_dict(state["flow"])
         self.ema.load_state_dict(state["ema"])
@@ -257,7 +295,28 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         set_rng_state(state["rng"])
-        self._info("resumed from %s at epoch %d (step %d)", file, self.epoch, self.step)
+        if {"optim.lr", "optim.warmup_steps"} & set(self.resume_overrides):
+            self._restart_schedule()
+        changed = {k: (saved.get(k), v) for k, v in self.config.flat().items() if k in allowed}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        self._info(
+            "resumed from %s at epoch %d (step %d)%s",
+            file,
+            self.epoch,
+            self.step,
+            f" with {changed} (saved, now)" if changed else "",
+        )
+
+    def _restart_schedule(self) -> None:
+        """The learning-rate schedule of ``config.optim`` (new ``lr``/``warmup_steps``) at the
+        loaded step: the base rate into every parameter group, and a scheduler rebuilt at
+        ``last_epoch`` so that its next rates are the new ones (Adamax's moments are kept)."""
+        last = self.scheduler.last_epoch
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.optim.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self._warmup, last_epoch=last - 1
+        )  # its first step sets the rate of step ``last`` from the new base rate
 
     def _write_run_files(self, metrics_only: bool = False) -> None:
         """config.json and metrics.jsonl (rewritten from the history: after a resume it holds
@@ -281,7 +340,9 @@ class Trainer:
         idx = torch.randperm(len(self.train_set), generator=gen)[: min(512, len(self.train_set))]
         batch = torch.stack([self.train_set[int(i)][0] for i in idx])
         seed = epoch_seed(c.seed, PHASE_STATS)
-        self.flow.data_init(keyed_inputs(batch, idx, seed, self.augment, self.device))
+        self.flow.data_init(
+            keyed_inputs(batch, idx, seed, self.augment, self.device, self.info.levels)
+        )
         stats = self._statistics(self.flow, epoch=0)
         self.schedule.initialize(stats)
         if c.prior.method != "fpi":  # the FPI's EMA starts after its first solve (release)
@@ -306,13 +367,15 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.augment is not None:
                 x = self.augment(x, gen)
-            nll, _ = nll_nats(self.model, self.prior, dequantize(x), y)
+            x = dequantize(x, levels=self.info.levels)
+            nll, _ = nll_nats(self.model, self.prior, x, y, self.info.levels)
             loss = nll.mean() / (self.dim * math.log(2))  # bits/dim
             if not torch.isfinite(loss):
+                last, note = last_good_note(self.run_dir)
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {self.step}; the last "
-                    f"good checkpoint is in {self.run_dir / 'checkpoints'}. Lower optim.lr or set "
-                    "optim.grad_clip"
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {self.step}: the run "
+                    f"diverged; {note}",
+                    None if last is None else str(last),
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -365,6 +428,7 @@ class Trainer:
             tsne_points=c.eval.tsne_points,
             seed=c.seed,
             tag=tag,
+            levels=self.info.levels,
         )
         if last and self.schedule.initial is not None:
             # Every prior method, under one name: the data-init prior against the final one.
@@ -376,17 +440,46 @@ class Trainer:
         return paths
 
     # ---------------------------------------------------------------------------------- fit
+    def _refuse_divergence(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Raise :class:`DivergenceError` (on every rank alike: metrics are all-reduced and
+        weights identical) if this epoch's metrics or state are not finite and plausible."""
+        problems = implausible(
+            {"flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
+             "optimizer": self.optimizer.state_dict(), "prior": self.prior.state_dict()},
+            metrics,
+        )  # fmt: skip
+        if problems:
+            last, note = last_good_note(self.run_dir)
+            raise DivergenceError(
+                f"epoch {epoch} diverged ({'; '.join(problems)}); nothing of it was saved and "
+                f"{note}",
+                None if last is None else str(last),
+            )
+
     def fit(self) -> list[dict[str, float]]:
         """Train to ``optim.epochs`` (resuming if a checkpoint exists); returns the per-epoch
-        metrics history."""
+        metrics history.
+
+        Raises:
+            RunDirectoryLockedError: another live process trains in this run directory.
+            DivergenceError: an epoch diverged (nothing of it saved; see the message).
+        """
+        locked = self.lock_run_dir and self.is_main
+        with lock_run_dir(self.run_dir) if locked else nullcontext():
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, float]]:
         c = self.config
-        self._write_run_files()
         resume = self.resume_from or find_checkpoint(self.run_dir)
         if resume is not None:
             self.load_checkpoint(resume)
             self.resumed_from = Path(resume)
         else:
+            if self.resume_overrides:
+                self._info("no checkpoint to resume: %s set a fresh run", self.resume_overrides)
             self._start()
+        # After the resume: metrics.jsonl holds the checkpoint's history from the start.
+        self._write_run_files()
         self.model = wrap_ddp(self.flow, self.device)
         for epoch in range(self.epoch, c.optim.epochs):
             t0 = time.perf_counter()
@@ -403,12 +496,20 @@ class Trainer:
             last = epoch == c.optim.epochs - 1
             if (epoch + 1) % c.eval.every == 0 or last:
                 metrics.update(
-                    evaluate(self.eval_flow(), self.prior, self.test_loader, self.device, c.seed)
+                    evaluate(
+                        self.eval_flow(),
+                        self.prior,
+                        self.test_loader,
+                        self.device,
+                        c.seed,
+                        self.info.levels,
+                    )
                 )
             plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
             if self.is_main and c.eval.plots and plot_now:
                 artifacts += self._pictures(last, epoch)
             metrics["epoch_seconds"] = time.perf_counter() - t0
+            self._refuse_divergence(epoch, metrics)
             self.epoch = epoch + 1
             self.history.append(metrics)
             ckpt = save_checkpoint(self.run_dir, self.state_dict()) if self.is_main else None

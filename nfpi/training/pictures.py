@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from nfpi import plots
-from nfpi.data import dequantize, to_uint8
+from nfpi.data import dequantize, display_uint8, to_uint8
 from nfpi.prior import FPIReport, GaussianPrior, PriorReport, pairwise_kl
 
 __all__ = ["prior_update_pictures", "residual_title", "sample_and_tsne_pictures"]
@@ -29,6 +29,7 @@ def sample_and_tsne_pictures(
     tsne_points: int,
     seed: int,
     tag: str = "",
+    levels: int = 256,
 ) -> list[Path]:
     """Sample grids (one row per class) at each temperature and the t-SNE of up to
     ``tsne_points`` test latents with the prior means; returns the PNGs written."""
@@ -42,13 +43,14 @@ def sample_and_tsne_pictures(
         for t in temperatures:
             z = prior.sample(labels, temperature=t, generator=gen)
             x, _ = flow.inverse(z)
+            pixels = display_uint8(to_uint8(x, levels), levels)
             paths.append(
-                plots.sample_grid(to_uint8(x), class_names, t, out / f"samples_T{t:g}{tag}.png")
+                plots.sample_grid(pixels, class_names, t, out / f"samples_T{t:g}{tag}.png")
             )
         if tsne_points > 0:
             zs, ys, seen = [], [], 0
             for x, y in test_batches:
-                z, _ = flow(dequantize(x.to(device)))
+                z, _ = flow(dequantize(x.to(device), levels=levels))
                 zs.append(z.cpu())
                 ys.append(y)
                 seen += len(y)

@@ -1,0 +1,306 @@
+"""CIFAR-10 on CPU: data-init, GD and FPI priors at equal objective and equal budget, real images.
+
+    python benchmarks/cifar10_cpu.py [--quick | --smoke-test] [--out PATH] [--data TARBALL]
+        [--methods data-init,gd,fpi] [--seeds N] [--epochs N] [--jobs N] [--threads N]
+
+Every run is the ``cifar10_cpu`` experiment (nfpi/presets.py) through the library loop
+(``Trainer``, no Ray) on the CIFAR-10 JPEG ImageFolder tarball (all 50k training and 10k test
+images at 16 x 16): the same flow, data, steps and objective (lambda 3,333, alpha 10, pi pairwise,
+the released Table 1 cifar10 setting) for every method. What differs is the prior: ``data-init``
+keeps the class moments of the untrained flow, ``gd`` takes 100 Adam steps on the objective at the
+end of every epoch (policy sublinear_v1, lr 0.3 -> 1e-3), ``fpi`` solves the released fixed point at
+the end of every epoch. GD and the FPI pay the same statistics pass per epoch.
+
+Records: ``method``, ``seed``, ``nf_acc`` (last epoch, full test set), ``test_bpd``,
+``nf_acc_after_solve`` (right after the first prior update, end of epoch 0), ``minutes`` (wall
+time of the run), ``epochs``, ``lam``. The curves (NF-Acc and bits/dim per epoch) are printed and
+logged to MLflow with each run's sample grids, t-SNE and KL heatmaps (``--tracking-uri``, default
+the service's store ``results/mlflow.db``, experiment ``cifar10_cpu``; ``--no-mlflow`` logs nothing).
+
+``--jobs N`` runs N methods/seeds at once in separate processes of ``--threads`` threads each
+(default 1 x 1: on 2 cores, 2 jobs of 1 thread finish two runs in about the time of one).
+``--quick``: 200 training / 100 test images per class, 2 epochs, one seed (about a minute).
+``--smoke-test``: a generated 3-class JPEG ImageFolder, 1 epoch, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, benchmark_parser, mode_name, write_records  # benchmarks/ on sys.path
+
+from nfpi.presets import parse_override
+
+METHODS = ("data-init", "gd", "fpi")
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+QUICK = {"data.items_per_class": 200, "data.test_items_per_class": 100, "optim.epochs": 2}
+SMOKE = {
+    "optim.epochs": 1,
+    "optim.batch_size": 8,
+    "optim.warmup_steps": 2,
+    "flow.hidden": 8,
+    "prior.gd.steps_per_solve": 2,
+    "eval.tsne_points": 12,
+    "eval.samples_per_class": 2,
+    "eval.temperatures": (0.75,),
+}
+
+
+def smoke_imagefolder(root: Path, classes: int = 3, per_class: int = 8) -> Path:
+    """A tiny JPEG tree ``{train,test}/<class>/*.jpg`` of 16 x 16 coloured noise per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", per_class // 2)):
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, size=3)
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 40, size=(16, 16, 3)), 0, 255)
+                Image.fromarray(img.astype("uint8")).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def run_one(
+    method: str, seed: int, overrides: dict[str, Any], run_dir: str, threads: int
+) -> dict[str, Any]:
+    """One training run in this process; returns its record, curve and run directory."""
+    import torch
+
+    from nfpi.presets import experiment_config
+    from nfpi.training import Trainer
+
+    torch.set_num_threads(threads)
+    cfg = experiment_config(
+        "cifar10_cpu",
+        {
+            "prior.method": method,
+            "seed": seed,
+            "name": f"cifar10_cpu-{method}-s{seed}",
+            **overrides,
+        },
+    )
+    t0 = time.perf_counter()
+    history = Trainer(cfg, run_dir, lock_run_dir=False).fit()
+    minutes = (time.perf_counter() - t0) / 60
+    after = next(h for h in history if h["epoch"] == cfg.prior.solve_epoch)
+    record = {
+        "method": method,
+        "seed": seed,
+        "nf_acc": history[-1]["nf_acc"],
+        "test_bpd": history[-1]["test_bpd"],
+        "nf_acc_after_solve": after["nf_acc"],
+        "minutes": minutes,
+        "epochs": cfg.optim.epochs,
+        "lam": cfg.prior.objective_for().lam,
+    }
+    return {"record": record, "history": history, "config": cfg.flat(), "run_dir": run_dir}
+
+
+def log_to_mlflow(tracking: Any, parent_id: str, result: dict[str, Any]) -> None:
+    """One child run per training run: config, per-epoch metrics, final record, pictures."""
+    from ray_jobs.tracking import RunLogger, start_run
+
+    rec = result["record"]
+    name = f"{rec['method']} seed={rec['seed']}"
+    log = RunLogger(tracking, start_run(tracking, name, parent_run_id=parent_id))
+    log.params(result["config"])
+    for h in result["history"]:
+        log.metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+    log.metrics({k: rec[k] for k in ("nf_acc_after_solve", "minutes")}, step=rec["epochs"] - 1)
+    plots = Path(result["run_dir"]) / "plots"
+    if plots.is_dir():
+        log.artifacts(plots, "plots")
+    log.finish()
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per method, mean +- std over seeds."""
+    import statistics
+
+    def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+        mean = statistics.mean(values) * scale
+        sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f}" + (f" +- {sd:.{digits}f}" if len(values) > 1 else "")
+
+    rows = [
+        "| method | seeds | NF-Acc (%) | NF-Acc after 1st update (%) | test bits/dim | minutes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        recs = [r for r in records if r["method"] == method]
+        if not recs:
+            continue
+        col = {key: [r[key] for r in recs] for key in recs[0]}
+        rows.append(
+            f"| {method} | {len(recs)} | {fmt(col['nf_acc'], 100)} | "
+            f"{fmt(col['nf_acc_after_solve'], 100)} | {fmt(col['test_bpd'], 1, 3)} | "
+            f"{fmt(col['minutes'], 1, 1)} |"
+        )
+    return "\n".join(rows)
+
+
+def curves(results: list[dict[str, Any]]) -> str:
+    """Markdown: test NF-Acc / bits/dim after each epoch, one column per run."""
+    results = sorted(
+        results, key=lambda r: (METHODS.index(r["record"]["method"]), r["record"]["seed"])
+    )
+    names = [f"{r['record']['method']} s{r['record']['seed']}" for r in results]
+    rows = ["| epoch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for e in range(max(len(r["history"]) for r in results)):
+        cells = []
+        for r in results:
+            h = r["history"][e] if e < len(r["history"]) else None
+            cells.append("" if h is None else f"{100 * h['nf_acc']:.1f} / {h['test_bpd']:.3f}")
+        rows.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0], "200+100 images per class, 2 epochs (~1 min)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 JPEG tarball or tree"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's 8)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--tracking-uri", help="MLflow store (default sqlite under results/)")
+    parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    parser.add_argument("--keep", type=Path, help="keep the run directories here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. prior.resolve_every=0 (a frozen prior) or "
+        "ema.enabled=true (the ablations of benchmarks/README.md)",
+    )
+    args = parser.parse_args(argv)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    args.methods = methods
+    if args.jobs < 1 or args.threads < 1 or args.seeds < 1:
+        parser.error("--jobs, --threads and --seeds must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = tempfile.TemporaryDirectory(prefix="cifar10_cpu-")
+    if args.smoke_test:
+        data = smoke_imagefolder(Path(work.name) / "data")
+        overrides: dict[str, Any] = dict(SMOKE)
+    else:
+        data = args.data.expanduser().resolve()
+        if not data.exists():
+            print(
+                f"error: no CIFAR-10 data at {data}: pass --data with the cifar10-jpeg.tar.gz "
+                "tarball (or an extracted {train,test}/<class>/*.jpg tree)",
+                file=sys.stderr,
+            )
+            return 2
+        overrides = dict(QUICK) if args.quick else {}
+    overrides["data.root"] = str(data)
+    overrides.update(parse_override(text) for text in args.set)
+    if args.epochs:
+        overrides["optim.epochs"] = args.epochs
+    epochs = overrides.get("optim.epochs", 8)
+    # GD's policy decays over all of a run's GD steps (100 per epoch in the preset).
+    steps = overrides.get("prior.gd.steps_per_solve", 100)
+    overrides.setdefault(
+        "prior.gd.policy",
+        {
+            "name": "sublinear_v1",
+            "lr0": 0.3,
+            "lr_min": 1e-3,
+            "total_steps": max(1, steps * epochs),
+        },
+    )
+    runs_root = args.keep.resolve() if args.keep else Path(work.name) / "runs"
+
+    tracking = parent_id = None
+    if not args.no_mlflow:
+        from ray_jobs.tracking import resolve_tracking, start_run
+
+        uri = args.tracking_uri or (
+            f"sqlite:///{Path(work.name) / 'mlflow.db'}" if args.smoke_test else None
+        )
+        tracking = resolve_tracking(ROOT / "results", uri, "cifar10_cpu")
+        parent_id = start_run(
+            tracking, f"cifar10_cpu {mode_name(args)} {time.strftime('%Y%m%d-%H%M%S')}"
+        )
+
+    jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
+    print(
+        f"CIFAR-10 on CPU ({mode_name(args)}): {len(jobs)} runs, {epochs} epochs each, "
+        f"{args.jobs} at once x {args.threads} thread(s); data {data}",
+        flush=True,
+    )
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    os.environ.update(env)  # inherited by the spawned runs
+    results = []
+    t0 = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(run_one, m, s, overrides, str(runs_root / f"{m}-s{s}"), args.threads): (
+                m,
+                s,
+            )
+            for m, s in jobs
+        }
+        for future in as_completed(futures):
+            result = future.result()
+            rec = result["record"]
+            print(
+                f"  {rec['method']:<9} seed {rec['seed']}: NF-Acc {rec['nf_acc']:.4f} (after the "
+                f"first update {rec['nf_acc_after_solve']:.4f}), test bpd {rec['test_bpd']:.4f}, "
+                f"{rec['minutes']:.1f} min",
+                flush=True,
+            )
+            if tracking is not None:
+                log_to_mlflow(tracking, parent_id, result)
+            results.append(result)
+    records = [r["record"] for r in results]
+    summary = table(records)
+    print(
+        f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({time.perf_counter() - t0:.0f} s)"
+    )
+    if args.set:
+        print("every run with: " + ", ".join(args.set))
+    print(summary)
+    print("\nTest NF-Acc (%) / bits/dim after each epoch (epoch 0: right after the first update)")
+    print(curves(results))
+    if tracking is not None:
+        from ray_jobs.tracking import RunLogger
+
+        parent = RunLogger(tracking, parent_id)
+        parent.text(summary + "\n\n" + curves(results) + "\n", "results.md")
+        for method in args.methods:
+            accs = [r["nf_acc"] for r in records if r["method"] == method]
+            parent.metrics({f"nf_acc.{method}": sum(accs) / len(accs)}, step=epochs - 1)
+        parent.finish()
+    if args.out:
+        write_records(args.out, records)
+    work.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
