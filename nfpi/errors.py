@@ -117,3 +117,8 @@ class CheckpointError(NfpiError, RuntimeError):
 class RunDirectoryLockedError(NfpiError, RuntimeError):
     """Another live process is training in this run directory; the message names it (pid,
     host, command) and how to proceed. The lock goes with that process, however it ends."""
+
+
+class ClusterStartError(NfpiError, RuntimeError):
+    """A local Ray cluster did not come up (e.g. its node did not register in time on an
+    overloaded machine); the message says what to do instead."""

@@ -27,7 +27,7 @@ import torch
 
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
-from nfpi.errors import ConfigError
+from nfpi.errors import ClusterStartError, ConfigError
 from ray_jobs.tracking import Tracking, resolve_tracking
 
 __all__ = ["RaySettings", "add_common_args", "check_before_ray", "connect"]
@@ -150,16 +150,39 @@ def connect(address: str | None, verbose: bool = False) -> str:
     warnings are kept)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(
-            address=address or "local",
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        _init(address or "local", verbose)
     total = ray.cluster_resources()
     where = f"cluster {address}" if address and address != "local" else "local"
     line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
     logs = _session_logs()
     return line + (f"; worker logs in {logs}" if logs and not verbose else "")
+
+
+# What ray.init raises when the local node it started did not register with its GCS within Ray's
+# fixed 30 s (ray/_private/node.py): on a machine whose CPUs are busy with other work.
+_NODE_START_TIMEOUT = "timed out during startup"
+
+
+def _init(address: str, verbose: bool) -> None:
+    """``ray.init``; a local node that timed out during startup is reported as
+    :class:`ClusterStartError` (one line, not Ray's traceback). Its half-started processes end
+    with this process (Ray's reaper); no second attempt, which would only add to the load."""
+    try:
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except Exception as err:
+        if address != "local" or _NODE_START_TIMEOUT not in str(err):
+            raise
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        raise ClusterStartError(
+            "the local Ray did not start: its node did not register within Ray's 30 s (load "
+            f"average {load:.0f} on {_local_cpus()} CPUs: the machine is busy); retry when it "
+            "is less busy, or start Ray once with `ray start --head --block &` and pass "
+            "--address 127.0.0.1:6379"
+        ) from err
 
 
 def _session_logs() -> str | None:

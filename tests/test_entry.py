@@ -205,6 +205,23 @@ def test_use_gpu_without_a_gpu_is_one_line_before_ray_starts(tmp_path, no_ray, m
     assert code == 2 and "--use-gpu" in _one_line(err)
 
 
+def test_a_local_ray_that_times_out_during_startup_is_one_line(monkeypatch):
+    """On a busy machine ray.init's node did not register within Ray's fixed 30 s: the first
+    command printed Ray's 20-line traceback ending in "timed out during startup"."""
+    import ray
+
+    from ray_jobs.settings import connect
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen ...")  # noqa: TRY002 - what Ray raises
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    code, err = _run(lambda argv: connect(None), [])
+    line = _one_line(err)
+    assert code == 2 and "did not start" in line and "--address" in line
+
+
 SWEEP_MISTAKES = [
     ("unknown-space", ["--space", "table9"], ["table9", "invalid choice"]),
     ("bad-option", ["--space", "table2", "--set", "dataset=cifar1000", "--set", "data.root=/x"], ["dataset", "cifar1000", "cifar100"]),
