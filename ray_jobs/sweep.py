@@ -1,7 +1,7 @@
 """A Ray Tune sweep over a named search space; each trial is a Ray Train run.
 
     python ray_jobs/sweep.py                          # embedded default: digits, data-init/GD/FPI
-    python ray_jobs/sweep.py --space smoke            # 2 trials, seconds each (CI)
+    python ray_jobs/sweep.py --space smoke            # 2 trials, ~2.5 min on 2 cores (CI)
     python ray_jobs/sweep.py --space table2 --set data.root=/data/cifar100 --use-gpu
     python ray_jobs/sweep.py --space alpha_pi --num-samples 16 --asha --set data.root=...
     python ray_jobs/sweep.py --space table2 --resume  # continue an interrupted sweep
