@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -175,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's 8)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -195,8 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not methods:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     args.methods = methods
-    if args.jobs < 1 or args.threads < 1 or args.seeds < 1:
-        parser.error("--jobs, --threads and --seeds must be >= 1")
+    if args.jobs < 1 or args.threads < 1 or args.seeds < 1 or args.first_seed < 0:
+        parser.error("--jobs, --threads and --seeds must be >= 1, --first-seed >= 0")
     return args
 
 
@@ -242,11 +244,15 @@ def main(argv: list[str] | None = None) -> int:
             f"sqlite:///{Path(work.name) / 'mlflow.db'}" if args.smoke_test else None
         )
         tracking = resolve_tracking(ROOT / "results", uri, "cifar10_cpu")
+        what = " ".join([mode_name(args), *args.set])  # the run's name says what differed
         parent_id = start_run(
-            tracking, f"cifar10_cpu {mode_name(args)} {time.strftime('%Y%m%d-%H%M%S')}"
+            tracking,
+            f"cifar10_cpu {what} {time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"nfpi.overrides": ", ".join(args.set) or "none"},
         )
 
-    jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(m, s) for s in seeds for m in args.methods]
     print(
         f"CIFAR-10 on CPU ({mode_name(args)}): {len(jobs)} runs, {epochs} epochs each, "
         f"{args.jobs} at once x {args.threads} thread(s); data {data}",
@@ -254,17 +260,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     os.environ.update(env)  # inherited by the spawned runs
-    results = []
     t0 = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        futures = {
-            pool.submit(run_one, m, s, overrides, str(runs_root / f"{m}-s{s}"), args.threads): (
-                m,
-                s,
-            )
+    # A kill (SIGTERM) unwinds like an error: the runs' processes stop, the MLflow parent is
+    # marked failed instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        results = run_all(args, jobs, overrides, runs_root, tracking, parent_id)
+    except BaseException:
+        if tracking is not None:
+            from ray_jobs.tracking import RunLogger
+
+            RunLogger(tracking, parent_id).finish("FAILED")
+        raise
+    report(args, results, epochs, time.perf_counter() - t0, tracking, parent_id)
+    work.cleanup()
+    return 0
+
+
+def run_all(
+    args: argparse.Namespace,
+    jobs: list[tuple[str, int]],
+    overrides: dict[str, Any],
+    runs_root: Path,
+    tracking: Any,
+    parent_id: str | None,
+) -> list[dict[str, Any]]:
+    """Every (method, seed) run, ``args.jobs`` at a time; each logged to MLflow as it ends."""
+    results = []
+    pool = ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")
+    )
+    try:
+        futures = [
+            pool.submit(run_one, m, s, overrides, str(runs_root / f"{m}-s{s}"), args.threads)
             for m, s in jobs
-        }
+        ]
         for future in as_completed(futures):
             result = future.result()
             rec = result["record"]
@@ -277,11 +307,29 @@ def main(argv: list[str] | None = None) -> int:
             if tracking is not None:
                 log_to_mlflow(tracking, parent_id, result)
             results.append(result)
+    except BaseException:
+        # Stop the runs now (shutting down waits for running ones): a failed run or a kill
+        # leaves no orphaned training processes behind.
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+def report(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    epochs: int,
+    seconds: float,
+    tracking: Any,
+    parent_id: str | None,
+) -> None:
+    """Print the table and the curves, log them to the MLflow parent, write ``--out``."""
     records = [r["record"] for r in results]
     summary = table(records)
-    print(
-        f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({time.perf_counter() - t0:.0f} s)"
-    )
+    print(f"\nCIFAR-10 on CPU, 16 x 16, equal objective and budget ({seconds:.0f} s)")
     if args.set:
         print("every run with: " + ", ".join(args.set))
     print(summary)
@@ -298,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
         parent.finish()
     if args.out:
         write_records(args.out, records)
-    work.cleanup()
-    return 0
 
 
 if __name__ == "__main__":
