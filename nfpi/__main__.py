@@ -2,7 +2,7 @@
 
 import sys
 
-from nfpi.cli import main
+from nfpi.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import socket
 import sys
@@ -212,6 +213,11 @@ def checkpoint_epoch(path: str | Path) -> int | None:
         return None
 
 
+# What torch's weights-only unpickler says when it refuses an object (a global, a class, a call)
+# rather than failing to parse the bytes (a corrupt or truncated file: "Unsupported operand").
+_BLOCKED_OBJECT = re.compile(r"GLOBAL|global|allowlisted|safe_globals|Unsupported class|reduce")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The state dict of the checkpoint at ``path`` (see :func:`find_checkpoint`), loaded with
     ``weights_only=True``. Raises :class:`CheckpointError` naming the file and the fix."""
@@ -223,18 +229,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {file}: it holds objects other than tensors and plain values, and "
-            "unpickling them could run code (torch.load(weights_only=True) stopped at: "
-            f"{str(err).splitlines()[0][:300]}). nfpi checkpoints never contain such objects: "
-            "use a checkpoint written by nfpi from a source you trust"
-        ) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing error
+        # torch's weights-only unpickler wraps the real failure in advice about weights_only,
+        # which does not apply (a checkpoint never needs code to load): report the inner error.
+        inner = err.__context__ if err.__context__ is not None else err
+        reason = (str(inner).strip().splitlines() or [""])[0]
+        if isinstance(err, pickle.UnpicklingError) and _BLOCKED_OBJECT.search(reason):
+            raise CheckpointError(
+                f"refused to load {file}: it holds objects other than tensors and plain values, "
+                "and unpickling them could run code (torch.load(weights_only=True) stopped at: "
+                f"{reason[:300]}). nfpi checkpoints never contain such objects: use a checkpoint "
+                "written by nfpi from a source you trust"
+            ) from None
+        reason = reason[:120]
         raise CheckpointError(
-            f"cannot read checkpoint {file} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "it is corrupt, truncated or not an nfpi checkpoint: resume from an earlier "
-            "epoch-NNNN folder or start a fresh run directory"
+            f"cannot read checkpoint {file}: it is corrupt, truncated or not an nfpi checkpoint "
+            f"({type(inner).__name__}: {reason}); resume from an earlier epoch-NNNN folder or "
+            "start a fresh run directory"
         ) from None
     if not isinstance(state, dict) or "config" not in state or "flow" not in state:
         raise CheckpointError(f"{file} is not an nfpi checkpoint (no config/flow entries)")

@@ -4,24 +4,110 @@ Examples::
 
     python -m nfpi train                                   # digits, tiny flow, CPU
     python -m nfpi train --experiment digits --set prior.method=gd --set optim.epochs=10
-    python -m nfpi train --experiment cifar10 --set data.root=/data/cifar10 --run-dir runs/c10
+    python -m nfpi train --experiment cifar10-quick --set data.root=/data/cifar10 --run-dir runs/c10
     python -m nfpi train --run-dir runs/c10 --experiment cifar10 --set data.root=/data/cifar10 \
         --resume-with optim.lr=1e-3 --resume-with optim.grad_clip=1.0   # resume a diverged run
-    python -m nfpi config --experiment digits              # print the resolved config
+    python -m nfpi config --experiment cifar10             # print the resolved config
+    python -m nfpi config --keys                           # every key: type, default, allowed
     python -m nfpi downstream results/digits --set downstream.kind=cnn \\
         --set cnn.epochs=10 --output-dir results/digits-cnn    # CNN-Acc of a trained flow
     python -m nfpi figures --out results/figures --checkpoint results/digits  # Figures 1-2
+
+A mistake (a bad ``--set``, a missing dataset, a corrupt checkpoint) is one line on stderr
+naming the field or path and the fix, exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import pkgutil
+import sys
+from typing import Any
 
+from nfpi.checks import preflight
+from nfpi.config import ExperimentConfig
+from nfpi.entry import Parser, run_cli, setup_logging
+from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 
-__all__ = ["main"]
+__all__ = ["DATA_ROOT_PLACEHOLDER", "catalogue", "describe_keys", "main", "run"]
+
+log = logging.getLogger("nfpi.cli")
+
+# What `python -m nfpi config` shows for a dataset path the experiment needs and was not given.
+DATA_ROOT_PLACEHOLDER = "<required: --set data.root=/abs/path>"
+
+
+def _space_names() -> list[str]:
+    """The search spaces (modules of ``search_spaces/``), listed without importing them (they
+    import Ray, which the library does not)."""
+    spec = importlib.util.find_spec("search_spaces")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    locations = list(spec.submodule_search_locations)
+    return sorted(m.name for m in pkgutil.iter_modules(locations) if not m.name.startswith("_"))
+
+
+def catalogue() -> str:
+    """The named experiments, flow presets and search spaces (the ``--help`` epilogs)."""
+    from nfpi.flows import PRESETS
+
+    spaces = _space_names()
+    lines = [
+        f"experiments (--experiment): {', '.join(EXPERIMENTS)}",
+        f"flow presets (--set flow.preset=...): {', '.join(PRESETS)}",
+    ]
+    if spaces:
+        lines.append(f"search spaces (ray_jobs/sweep.py --space): {', '.join(spaces)}")
+    lines.append(
+        "every config key, its type, default and allowed values: python -m nfpi config --keys"
+    )
+    return "\n".join(lines)
+
+
+def describe_keys() -> list[tuple[str, str, Any, tuple[Any, ...]]]:
+    """Every ``--set`` key of an experiment and of a downstream run: ``(key, type, default,
+    allowed values)``."""
+    from nfpi.downstream import DownstreamConfig
+
+    rows = ExperimentConfig.describe()
+    for key, hint, default, allowed in DownstreamConfig.describe():
+        dotted = (
+            f"cnn.{key[len('classifier.') :]}"
+            if key.startswith("classifier.")
+            else f"downstream.{key}"
+        )
+        rows.append((dotted, hint, default, allowed))
+    return rows
+
+
+def _keys_table() -> str:
+    rows = [("key", "type", "default", "allowed")]
+    for key, hint, default, allowed in describe_keys():
+        shown = json.dumps(default, default=str)
+        if allowed:  # the Literal's values are the next column
+            hint = "choice" + (" | None" if "None" in hint else "")
+        rows.append((key, hint, shown, " | ".join(map(str, allowed)) if allowed else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+        for r in rows
+    )
+
+
+def _config_or_placeholder(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
+    """The resolved config; an experiment that needs ``data.root`` and was not given one is
+    shown with :data:`DATA_ROOT_PLACEHOLDER` instead of failing."""
+    try:
+        return resolve_config(args.experiment, args.set, args.config_file), False
+    except ConfigError as err:
+        if err.field != "data.root" or err.value is not None:
+            raise
+    sets = [*args.set, f"data.root={DATA_ROOT_PLACEHOLDER}"]
+    return resolve_config(args.experiment, sets, args.config_file), True
 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -29,14 +115,14 @@ def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nfpi", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m nfpi", description=__doc__.split("\n\n")[0], epilog=catalogue())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "train one experiment"),
-        ("config", "print the resolved config"),
+        ("config", "print the resolved config (or, with --keys, every key)"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--experiment", default="digits", choices=sorted(EXPERIMENTS))
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=catalogue())
+        p.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
         p.add_argument(
             "--config", dest="config_file", help="a JSON config (e.g. a run's config.json)"
         )
@@ -51,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 help="resume the run directory's checkpoint with a new optim.lr, optim.grad_clip, "
                 "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
             )
+        else:
+            p.add_argument(
+                "--keys",
+                action="store_true",
+                help="list every key with its type, default and allowed values",
+            )
     p = sub.add_parser("downstream", help="CNN-Acc or NF augmentation of a trained flow")
     p.add_argument("checkpoint", help="a run directory or one of its checkpoints")
     _add_set(p, "downstream.* / cnn.* settings, e.g. downstream.kind=augment (repeatable)")
@@ -60,23 +152,26 @@ def main(argv: list[str] | None = None) -> int:
 
     figures.add_arguments(sub.add_parser("figures", help="the paper's Figures 1 and 2 as PNGs"))
     args = parser.parse_args(argv)
+    setup_logging(args.debug)
     if args.command == "downstream":
         return _downstream(args)
     if args.command == "figures":
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
         written, _ = figures.run_from_args(args)
         for path in written:
             print(path)
         return 0
-    config = resolve_config(args.experiment, args.set, args.config_file)
     if args.command == "config":
+        if args.keys:
+            print(_keys_table())
+            return 0
+        config, placeholder = _config_or_placeholder(args)
         print(json.dumps(config.to_dict(), indent=2, default=str))
+        if placeholder:
+            log.info("data.root: required for %s (--set data.root=/abs/path)", config.data.name)
         return 0
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    config = resolve_config(args.experiment, args.set, args.config_file)
+    for warning in preflight(config):
+        log.warning(warning)
     from nfpi.training import Trainer
 
     run_dir = args.run_dir or f"results/{config.name}"
@@ -89,14 +184,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _downstream(args: argparse.Namespace) -> int:
+    from nfpi.checkpoint import find_checkpoint
     from nfpi.downstream import DownstreamConfig, run_downstream
+    from nfpi.errors import CheckpointError
+    from nfpi.training.distributed import resolve_device
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     config = DownstreamConfig.from_overrides(dict(parse_override(s) for s in args.set))
+    resolve_device(args.device)  # --device cuda without a GPU: a named error, before any work
+    if find_checkpoint(args.checkpoint) is None:
+        raise CheckpointError(
+            f"no checkpoint at {args.checkpoint}: pass a run directory (e.g. results/digits), "
+            "its checkpoints/ folder, an epoch-NNNN folder or a state.pt"
+        )
     result = run_downstream(args.checkpoint, config, args.output_dir, device=args.device)
     shown = {k: round(v, 5) for k, v in result.metrics.items() if "_class_" not in k}
     print(json.dumps(shown))
     print(f"output: {args.output_dir}")
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``main`` with one-line errors (:func:`nfpi.entry.run_cli`): what ``python -m nfpi``
+    runs."""
+    return run_cli(main, argv, prog="python -m nfpi")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -39,6 +39,10 @@ class ConfigError(NfpiError, ValueError):
         return ConfigError(f"{path}.{self.field}", self.value, self.allowed)
 
 
+class UsageError(NfpiError, ValueError):
+    """A command line is malformed (unknown flag, bad choice, missing argument)."""
+
+
 class ShapeError(NfpiError, ValueError):
     """A tensor has the wrong shape, dtype or layout for the operation."""
 
@@ -113,3 +117,8 @@ class CheckpointError(NfpiError, RuntimeError):
 class RunDirectoryLockedError(NfpiError, RuntimeError):
     """Another live process is training in this run directory; the message names it (pid,
     host, command) and how to proceed. The lock goes with that process, however it ends."""
+
+
+class ClusterStartError(NfpiError, RuntimeError):
+    """A local Ray cluster did not come up (e.g. its node did not register in time on an
+    overloaded machine); the message says what to do instead."""

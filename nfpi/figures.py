@@ -338,15 +338,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The figure options' own mistakes, before any work (a missing checkpoint for Figure 2)."""
+    if 2 in set(args.figures) and not args.checkpoint:
+        raise ConfigError("--checkpoint", None, "a trained flow's run directory for Figure 2")
+
+
 def run_from_args(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:
     """Draw the figures ``args`` asks for; returns the files written (PNGs and
     ``figures.json``) and the summary."""
     from nfpi.presets import parse_override
 
+    check_args(args)
     out = Path(args.out).expanduser().resolve()
     figures = sorted(set(args.figures))
-    if 2 in figures and not args.checkpoint:
-        raise ConfigError("--checkpoint", None, "a trained flow's run directory for Figure 2")
     written: list[Path] = []
     summary: dict[str, Any] = {}
     if 1 in figures:

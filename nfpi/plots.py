@@ -20,6 +20,7 @@ from torch import Tensor
 from nfpi.errors import ShapeError
 
 __all__ = [
+    "comparison_curves",
     "confusion_png",
     "image_grid",
     "kl_heatmaps",
@@ -116,30 +117,67 @@ def tsne_plot(
 
 
 def residual_curve(residuals: Sequence[float], path: Path, title: str = "FPI residual") -> Path:
-    """The solver's residual per iteration on a log scale."""
+    """The solver's residual at each iterate (one point per entry of ``residuals``), log scale."""
     fig, ax = _figure(figsize=(5.5, 3.5))
     ax.semilogy(
         np.arange(1, len(residuals) + 1), np.maximum(np.asarray(residuals, dtype=float), 1e-300)
     )
-    ax.set_xlabel("iteration")
+    ax.set_xlabel("iterate")
     ax.set_ylabel("max class L2 change")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
 
 
-def kl_heatmaps(before: Tensor, after: Tensor, class_names: Sequence[str], path: Path) -> Path:
-    """Pairwise KL(N_y || N_y') before and after a solve, on a shared log colour scale."""
+def comparison_curves(
+    runs: dict[str, Sequence[dict[str, float]]],
+    path: Path,
+    keys: Sequence[tuple[str, str]] = (("nf_acc", "NF-Acc"), ("test_bpd", "test bits/dim")),
+    title: str = "",
+) -> Path:
+    """One panel per metric of ``keys`` against the epoch, one line per run: ``runs`` maps a
+    run's label to its per-epoch metrics (dicts with ``epoch`` and the keys; missing or
+    non-finite values are skipped)."""
+    fig, axes = _figure(1, len(keys), figsize=(5.5 * len(keys), 4))
+    axes = np.atleast_1d(axes)
+    for ax, (key, name) in zip(axes, keys, strict=True):
+        for label, history in runs.items():
+            points = [
+                (float(m["epoch"]) + 1, float(m[key]))
+                for m in history
+                if "epoch" in m and key in m and math.isfinite(float(m[key]))
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) == 1 else None, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def kl_heatmaps(
+    before: Tensor,
+    after: Tensor,
+    class_names: Sequence[str],
+    path: Path,
+    titles: tuple[str, str] = ("before", "after"),
+) -> Path:
+    """Pairwise KL(N_y || N_y') of two priors (before and after a solve, or the data-init and
+    the final prior: ``titles``), on a shared log colour scale."""
     fig, axes = _figure(1, 2, figsize=(10, 4.5))
     mats = [before.double().cpu().numpy(), after.double().cpu().numpy()]
     off = [m[~np.eye(m.shape[0], dtype=bool)] for m in mats]
     lo = max(min(float(o.min()) for o in off), 1e-6)
     hi = max(float(o.max()) for o in off)
     norm = matplotlib.colors.LogNorm(vmin=lo, vmax=max(hi, lo * 10))
-    for ax, mat, title in zip(axes, mats, ("before", "after"), strict=True):
+    for i, (ax, mat, title) in enumerate(zip(axes, mats, titles, strict=True)):
         shown = np.where(np.eye(mat.shape[0], dtype=bool), np.nan, np.maximum(mat, lo))
         im = ax.imshow(shown, norm=norm, cmap="viridis")
-        ax.set_title(f"pairwise KL {title} (min {np.min(off[0 if title == 'before' else 1]):.3g})")
+        ax.set_title(f"pairwise KL, {title} (min {np.min(off[i]):.3g})")
         if len(class_names) <= 20:
             ax.set_xticks(
                 range(len(class_names)), labels=list(class_names), rotation=90, fontsize=7

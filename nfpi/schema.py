@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, Self
@@ -124,7 +125,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    if isinstance(hint, type):
+        return hint.__name__  # "int", not "<class 'int'>"
+    # "nfpi.prior.objective.Objective | None" -> "Objective | None"
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])", "", str(hint))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,19 +12,18 @@ No Ray is started: drawing the figures takes seconds on one process.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 from nfpi import figures
+from nfpi.entry import Parser, run_cli, setup_logging
 from ray_jobs.tracking import RunLogger, resolve_tracking, start_run
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     figures.add_arguments(parser)
     parser.set_defaults(out=None)
     parser.add_argument("--results-dir", default="results", help="the MLflow store's folder")
@@ -32,9 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-experiment", default="nfpi", help="MLflow experiment name")
     parser.add_argument("--run-name", default="figures", help="the MLflow run's name")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.debug)
+    figures.check_args(args)  # before an MLflow run is opened
     results = Path(args.results_dir).expanduser().resolve()
     if args.out is None:
         args.out = str(results / "runs" / args.run_name)
@@ -66,4 +64,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="ray_jobs/figures.py"))

@@ -16,14 +16,19 @@ Layout of a results directory::
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import ray
+import torch
 
-from nfpi.errors import ConfigError
+from nfpi.checks import preflight
+from nfpi.config import ExperimentConfig
+from nfpi.errors import ClusterStartError, ConfigError
 from ray_jobs.tracking import Tracking, resolve_tracking
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "PriorActorNode",
     "RaySettings",
     "add_common_args",
+    "check_before_ray",
     "connect",
 ]
 
@@ -66,6 +72,8 @@ class RaySettings:
         prior_actor_node: ``driver`` pins the prior actor to the driver's node (on a cluster the
             head, where ``ray job submit`` runs the entrypoint; the Train controller lives
             there too); ``any`` lets Ray place it.
+        registered_model: register each run's final flow and prior (an MLflow model) under
+            this name (None: logged with the run, not registered).
     """
 
     results_dir: Path
@@ -77,6 +85,7 @@ class RaySettings:
     actor_timeout: float = 600.0
     placement_strategy: PlacementStrategy = "PACK"
     prior_actor_node: PriorActorNode = "driver"
+    registered_model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "results_dir", Path(self.results_dir).expanduser().resolve())
@@ -111,16 +120,117 @@ class RaySettings:
             actor_timeout=args.actor_timeout,
             placement_strategy=args.placement_strategy,
             prior_actor_node=args.prior_actor_node,
+            registered_model=args.register_model,
         )
 
 
-def connect(address: str | None) -> None:
+def check_before_ray(
+    configs: Iterable[ExperimentConfig],
+    settings: RaySettings,
+    address: str | None,
+    driver_cpu: float = 0.0,
+) -> list[str]:
+    """The cheap checks of a Ray run or sweep, before Ray starts: every config's
+    (:func:`nfpi.checks.preflight`: data paths, the global batch against the workers and the
+    training set) and, on a local Ray, the workers against this machine (a GPU for
+    ``--use-gpu``, CPUs for the workers and ``driver_cpu``). Returns the schedule warnings
+    (each once).
+
+    Raises:
+        ConfigError / DatasetNotFoundError: naming the field or path and the fix.
+    """
+    warnings: dict[str, None] = {}
+    seen: set[str] = set()
+    for config in configs:
+        key = repr(sorted(config.flat().items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        warnings.update(dict.fromkeys(preflight(config, settings.num_workers)))
+    if address or os.environ.get("RAY_ADDRESS"):
+        return list(warnings)  # a cluster's resources are its own (and may autoscale)
+    if settings.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(
+            "--use-gpu",
+            True,
+            "a machine with a CUDA GPU (none is visible here): drop --use-gpu, or pass "
+            "--address of a cluster with GPUs",
+        )
+    cpus = _local_cpus()
+    need = max(settings.num_workers, 1) * settings.cpus_per_worker + driver_cpu
+    if need > cpus + 1e-9:
+        raise ConfigError(
+            "--num-workers",
+            settings.num_workers,
+            f"at most what this machine's {cpus} CPUs hold: {settings.num_workers} workers x "
+            f"{settings.cpus_per_worker:g} CPUs (--cpus-per-worker)"
+            + (f" + {driver_cpu:g} for the trial's driver" if driver_cpu else "")
+            + f" = {need:g}; lower --num-workers or --cpus-per-worker",
+        )
+    return list(warnings)
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
+    try:
+        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):
+        return len(os.sched_getaffinity(0))
+
+
+def connect(address: str | None, verbose: bool = False) -> str:
     """Attach to ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local
-    Ray; never both."""
-    if ray.is_initialized():
-        return
+    Ray; never both. Returns one line naming the cluster's resources and its log folder.
+
+    Quiet unless ``verbose``: the workers' output stays in the Ray session's log files instead
+    of being copied to this console (``log_to_driver``), and Ray's own INFO lines are off (its
+    warnings are kept)."""
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", log_to_driver=True)
+    if not ray.is_initialized():
+        _init(address or "local", verbose)
+    total = ray.cluster_resources()
+    where = f"cluster {address}" if address and address != "local" else "local"
+    line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    logs = _session_logs()
+    return line + (f"; worker logs in {logs}" if logs and not verbose else "")
+
+
+# What ray.init raises when the local node it started did not register with its GCS within Ray's
+# fixed 30 s (ray/_private/node.py): on a machine whose CPUs are busy with other work.
+_NODE_START_TIMEOUT = "timed out during startup"
+
+
+def _init(address: str, verbose: bool) -> None:
+    """``ray.init``; a local node that timed out during startup is reported as
+    :class:`ClusterStartError` (one line, not Ray's traceback). Its half-started processes end
+    with this process (Ray's reaper); no second attempt, which would only add to the load."""
+    try:
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except Exception as err:
+        if address != "local" or _NODE_START_TIMEOUT not in str(err):
+            raise
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        raise ClusterStartError(
+            "the local Ray did not start: its node did not register within Ray's 30 s (load "
+            f"average {load:.0f} on {_local_cpus()} CPUs: the machine is busy); retry when it "
+            "is less busy, or start Ray once with `ray start --head --block &` and pass "
+            "--address 127.0.0.1:6379"
+        ) from err
+
+
+def _session_logs() -> str | None:
+    """The Ray session's log folder on this node (a hint for the console)."""
+    node = getattr(ray._private.worker, "_global_node", None)  # private: no public accessor
+    try:
+        return str(Path(node.get_session_dir_path()) / "logs") if node is not None else None
+    except Exception:  # noqa: BLE001 - only a hint in a log line
+        return None
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -169,4 +279,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--smoke-test", action="store_true", help="a tiny run in seconds (what CI runs)"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's own console output (every worker's log lines, Tune's status tables)",
+    )
+    parser.add_argument(
+        "--register-model",
+        metavar="NAME",
+        help="register each run's final flow and prior (an MLflow model) under NAME in the "
+        "tracking store's model registry",
     )

@@ -1,7 +1,7 @@
 """A Ray Tune sweep over a named search space; each trial is a Ray Train run.
 
     python ray_jobs/sweep.py                          # embedded default: digits, data-init/GD/FPI
-    python ray_jobs/sweep.py --space smoke            # 2 trials, seconds each (CI)
+    python ray_jobs/sweep.py --space smoke            # 2 trials, ~2.5 min on 2 cores (CI)
     python ray_jobs/sweep.py --space table2 --set data.root=/data/cifar100 --use-gpu
     python ray_jobs/sweep.py --space alpha_pi --num-samples 16 --asha --set data.root=...
     python ray_jobs/sweep.py --space table2 --resume  # continue an interrupted sweep
@@ -19,10 +19,13 @@ child MLflow run of the sweep's parent run.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
+import re
 import signal
 import sys
 import threading
@@ -39,38 +42,58 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nfpi.config import ExperimentConfig
+from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError
-from nfpi.presets import parse_override
+from nfpi.presets import EXPERIMENTS, parse_override
 from ray_jobs.augment_pool import build_pool, train_set_of
-from ray_jobs.settings import RaySettings, add_common_args, connect
-from ray_jobs.tracking import RunLogger, param_value, start_run
+from ray_jobs.mlflow_logging import log_sweep_summary, save_sweep_view
+from ray_jobs.progress import SweepProgress, trial_label
+from ray_jobs.resources import (
+    ClusterConcurrency,
+    TrialFootprint,
+    alive_node_resources,
+    release_capacity,
+    request_capacity,
+    trials_that_fit,
+)
+from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
+from ray_jobs.tracking import RunLogger, param_value, start_run, ui_url
 from ray_jobs.train import final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
 __all__ = ["SweepSpec", "flow_digest", "main", "results_table", "run_trial"]
 
 log = logging.getLogger("nfpi.sweep")
-_DRIVER_CPU = 0.01
 
 
 @dataclass(frozen=True)
 class SweepSpec:
     """What every trial of a sweep shares: the space, the sweep's name, the command line's
-    overrides, the cluster settings and the parent MLflow run."""
+    overrides, the cluster settings and the parent MLflow run; ``repeats`` (Tune's
+    ``num_samples``) > 1 numbers the trials' labels."""
 
     space: str
     sweep: str
     overrides: dict[str, Any]
     settings: RaySettings
     parent_run_id: str | None = None
+    repeats: int = 1
+
+    def label(self, space: SearchSpace, sample: dict[str, Any], trial_id: str) -> str:
+        """A trial's name in the console and in MLflow: what it varies (``fpi lam=300``),
+        numbered (``#3``, Tune's trial index) when the sweep repeats its samples."""
+        label = trial_label(space, sample, self.overrides)
+        return f"{label} #{int(trial_id.rsplit('_', 1)[-1])}" if self.repeats > 1 else label
 
 
 def run_trial(tune_config: dict[str, Any], spec: SweepSpec) -> dict[str, float]:
     """One Tune trial: the space's flow config for this sample as a Ray Train run (reporting
     every epoch to Tune), or, for a downstream space, that flow (trained once per distinct
     config and shared) followed by its downstream evaluation."""
-    space = load_space(spec.space)
-    run_name = f"{spec.sweep}-{tune.get_context().get_trial_id()}"
+    space, _ = load_space(spec.space).with_options(spec.overrides)
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{spec.sweep}-{trial_id}"
+    label = spec.label(space, tune_config, trial_id)
     config = space.config_for(tune_config, spec.overrides)
     if space.kind == "flow":
         result = run_experiment(
@@ -80,9 +103,10 @@ def run_trial(tune_config: dict[str, Any], spec: SweepSpec) -> dict[str, float]:
             parent_run_id=spec.parent_run_id,
             storage=spec.settings.storage / spec.sweep / "train",
             train_callbacks=[TuneReportCallback()],
+            display_name=label,
         )
         return final_metrics(result)
-    return _downstream_trial(space, tune_config, config, run_name, spec)
+    return _downstream_trial(space, tune_config, config, run_name, spec, label)
 
 
 def flow_digest(config: ExperimentConfig) -> str:
@@ -98,6 +122,7 @@ def _downstream_trial(
     config: ExperimentConfig,
     run_name: str,
     spec: SweepSpec,
+    label: str | None = None,
 ) -> dict[str, float]:
     settings = spec.settings
     down = space.downstream_for(tune_config, spec.overrides)
@@ -105,7 +130,13 @@ def _downstream_trial(
     run_id = None
     if tracking is not None:
         # A resumed trial keeps its run.
-        run_id = start_run(tracking, run_name, parent_run_id=spec.parent_run_id, resume=True)
+        run_id = start_run(
+            tracking,
+            run_name,
+            parent_run_id=spec.parent_run_id,
+            resume=True,
+            display_name=label,
+        )
         RunLogger(tracking, run_id).params(
             {f"downstream.{k}": v for k, v in down.to_dict().items()}
         )
@@ -176,6 +207,12 @@ def _run_downstream_task(
     return result.metrics
 
 
+def group_of(space: SearchSpace, row: dict[str, Any]) -> tuple:
+    """The results-table row a trial belongs to: its values of the space's ``group_by`` keys."""
+    overrides = space.overrides_of(row["config"])
+    return tuple(_lookup(overrides, row["full_config"], k) for k in space.group_by)
+
+
 def _raise_on_sigterm() -> Callable[[], None]:
     """Make SIGTERM (``ray job stop``, a scheduler's kill) raise SystemExit in the main thread,
     so that ``finally`` blocks run; returns what restores the previous handler."""
@@ -190,11 +227,11 @@ def _raise_on_sigterm() -> Callable[[], None]:
 
 
 def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
-    """Per group (e.g. method): the best trial's sampled config and its metrics."""
+    """Per group (e.g. method): the best trial (its label, or its sampled config) and its
+    metrics."""
     groups: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        overrides = space.overrides_of(row["config"])
-        key = tuple(_lookup(overrides, row["full_config"], k) for k in space.group_by)
+        key = group_of(space, row)
         score = row["metrics"].get(space.metric, math.nan)
         best = groups.get(key)
         better = (
@@ -217,7 +254,7 @@ def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
     ]
     cols = [
         "objective",
-        "best config",
+        "best trial",
         "NF-Acc",
         *[t for _, t in extra],
         "test bits/dim",
@@ -227,7 +264,7 @@ def results_table(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
     lines = [f"| {head} | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
     for key, row in sorted(groups.items(), key=lambda kv: str(kv[0])):
         m = row["metrics"]
-        cfg = json.dumps(space.overrides_of(row["config"]), default=str)
+        cfg = row.get("label") or json.dumps(space.overrides_of(row["config"]), default=str)
         cells = [
             _objective_cell(row["full_config"]),
             f"`{cfg}`",
@@ -270,11 +307,74 @@ def _fmt(value: Any, digits: int = 4, plus: int = 0) -> str:
     return f"{float(value) + plus:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="spaces: " + ", ".join(SPACE_NAMES),
+def _label_of(spec: SweepSpec, trial_config: dict[str, Any], trial_id: str) -> str:
+    space, _ = load_space(spec.space).with_options(spec.overrides)
+    return spec.label(space, trial_config, trial_id)
+
+
+def _epochs_of(spec: SweepSpec, trial_config: dict[str, Any]) -> int:
+    return load_space(spec.space).config_for(trial_config, spec.overrides).optim.epochs
+
+
+def _curves(res: Any) -> list[dict[str, float]]:
+    """A trial's per-epoch metrics as Tune recorded them (empty for a downstream trial's single
+    report)."""
+    frame = getattr(res, "metrics_dataframe", None)
+    if frame is None or "epoch" not in frame:
+        return []
+    return [
+        {k: float(v) for k, v in rec.items() if isinstance(v, (int, float))}
+        for rec in frame.to_dict("records")
+    ]
+
+
+# Tune logs a failed trial's full traceback and a list of failed trials here; SweepProgress
+# writes each failure as one line with the path of its error file instead.
+TUNE_ERROR_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+
+
+def _drop_trial_failures(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    return not text.startswith(("Trial task failed", "Trials did not complete"))
+
+
+# The metrics the sweep's saved runs view shows as columns (those the trials have).
+VIEW_METRICS = ("nf_acc", "test_bpd", "train_bpd", "cnn_acc", "real_acc", "aug_acc", "aug_top5")
+
+
+def _varied_params(rows: list[dict[str, Any]], space: SearchSpace) -> list[str]:
+    """The config keys whose values differ between the sweep's trials (its group keys first)."""
+    flats = [ExperimentConfig.from_dict(r["full_config"]).flat() for r in rows if r["full_config"]]
+    keys = ["prior.method"] + [k for k in space.group_by if flats and k in flats[0]]
+    keys = list(dict.fromkeys(keys))
+    for key in flats[0] if flats else ():
+        values = {json.dumps(f.get(key), default=str) for f in flats}
+        if len(values) > 1 and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _trial_id(res: Any) -> str:
+    """A Tune result's trial id (``d2b87_00002``), from its metrics or its folder's name."""
+    found = (res.metrics or {}).get("trial_id")
+    if found:
+        return str(found)
+    match = re.search(r"([0-9a-f]{5}_\d{5})", Path(str(res.path or "")).name)
+    return match.group(1) if match else "x_0"
+
+
+def _epilog() -> str:
+    return (
+        "spaces: "
+        + ", ".join(SPACE_NAMES)
+        + "\nexperiments (the spaces' bases): "
+        + ", ".join(EXPERIMENTS)
+        + "\nevery config key: python -m nfpi config --keys"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(description=__doc__.split("\n\n")[0], epilog=_epilog())
     parser.add_argument(
         "--space",
         default="digits",
@@ -283,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", help="sweep name (default: the space's name)")
     parser.add_argument("--num-samples", type=int, help="Tune samples (default: the space's)")
-    parser.add_argument("--max-concurrent", type=int, help="parallel trials (default: what fits)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="at most this many trials at once (default: as many as fit the cluster, "
+        "recomputed as it scales)",
+    )
     parser.add_argument(
         "--asha", action="store_true", help="early-stop weak trials (ASHA on the metric)"
     )
@@ -292,9 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.debug)
     if args.smoke_test:
         args.space = "smoke"
     overrides = dict(parse_override(s) for s in args.set)
@@ -306,7 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--num-workers must be >= 1 in a sweep (Train's local mode cannot run in a Tune trial)"
         )
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        parser.error("--max-concurrent must be >= 1")
     settings = RaySettings.from_args(args)
+    footprint = TrialFootprint.of(settings)
+    # Cheap checks before Ray starts (data paths, batch vs workers, this machine's resources).
+    for warning in check_before_ray(configs, settings, args.address, footprint.driver["CPU"]):
+        log.warning(warning)
     tracking = settings.tracking
     assert tracking is not None
     parent_file = settings.storage / sweep / "mlflow_parent_run_id"
@@ -341,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
 
     restore_sigterm = _raise_on_sigterm()
     try:
-        return _run_sweep(args, space, sweep, overrides, configs, settings, parent_id, parent)
+        return _run_sweep(
+            args, space, sweep, overrides, configs, settings, parent_id, parent, footprint
+        )
     except BaseException as err:  # the parent run ends FAILED or KILLED, never RUNNING forever
         interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
         parent.finish("KILLED" if interrupted else "FAILED")
@@ -359,84 +470,135 @@ def _run_sweep(
     settings: RaySettings,
     parent_id: str,
     parent: RunLogger,
+    footprint: TrialFootprint,
 ) -> int:
     tracking = settings.tracking
     assert tracking is not None
-    connect(args.address)
-    per_trial_cpu = settings.num_workers * settings.cpus_per_worker
-    max_concurrent = args.max_concurrent or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpu)
-    )
-    spec = SweepSpec(space.name, sweep, overrides, settings, parent_id)
+    log.info(connect(args.address, verbose=args.verbose))
+    repeats = args.num_samples or space.num_samples
+    spec = SweepSpec(space.name, sweep, overrides, settings, parent_id, repeats)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec), {"cpu": _DRIVER_CPU}
+        tune.with_parameters(run_trial, spec=spec),
+        tune.PlacementGroupFactory([dict(footprint.driver)]),
     )
+    limiter = ClusterConcurrency(footprint, cap=args.max_concurrent)
+    trials = repeats * math.prod(
+        len(v["grid_search"])
+        for v in space.params.values()
+        if isinstance(v, dict) and "grid_search" in v
+    )
+    fits = trials_that_fit(alive_node_resources(), footprint)
+    log.info(
+        "%s: %s; %d trial(s), each %s; %d at once on this cluster now",
+        sweep,
+        space.reproduces,
+        trials,
+        footprint.describe(),
+        max(1, min(fits, args.max_concurrent or fits)),
+    )
+    progress = SweepProgress(
+        label=functools.partial(_label_of, spec), epochs=functools.partial(_epochs_of, spec)
+    )
+    if not args.verbose:
+        # Tune's new output engine prints its header even when silent; the legacy one at
+        # verbosity 0 prints nothing (SweepProgress speaks instead, a failed trial included).
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        for name in TUNE_ERROR_LOGGERS:
+            logging.getLogger(name).addFilter(_drop_trial_failures)
+    asked = request_capacity(footprint, trials)  # an autoscaling cluster adds nodes up front
     storage = settings.storage
-    if args.resume and tune.Tuner.can_restore(str(storage / sweep)):
-        tuner = tune.Tuner.restore(
-            str(storage / sweep), trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        if args.resume:
-            log.warning(
-                "sweep %r died before Tune saved its state: starting it afresh under the same "
-                "name and parent run %s",
-                sweep,
-                parent_id,
+    try:
+        if args.resume and tune.Tuner.can_restore(str(storage / sweep)):
+            tuner = tune.Tuner.restore(
+                str(storage / sweep),
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=True,
             )
-        scheduler = None
-        if args.asha:
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                grace_period=max(1, configs[0].optim.epochs // 8),
-                max_t=max(c.optim.epochs for c in configs),
+        else:
+            if args.resume:
+                log.warning(
+                    "sweep %r died before Tune saved its state: starting it afresh under the "
+                    "same name and parent run %s",
+                    sweep,
+                    parent_id,
+                )
+            scheduler = None
+            if args.asha:
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration",
+                    grace_period=max(1, configs[0].optim.epochs // 8),
+                    max_t=max(c.optim.epochs for c in configs),
+                )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space.param_space(),
+                tune_config=tune.TuneConfig(
+                    metric=space.metric,
+                    mode=space.mode,
+                    num_samples=repeats,
+                    search_alg=limiter,
+                    scheduler=scheduler,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep,
+                    storage_path=str(storage),
+                    verbose=None if args.verbose else 0,
+                    callbacks=[] if args.verbose else [progress],
+                ),
             )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
-                num_samples=args.num_samples or space.num_samples,
-                max_concurrent_trials=max_concurrent,
-                scheduler=scheduler,
-            ),
-            run_config=tune.RunConfig(name=sweep, storage_path=str(storage)),
-        )
-    grid = tuner.fit()
+        grid = tuner.fit()
+    finally:
+        if asked:
+            release_capacity()
 
-    rows, failed = [], 0
+    rows, failed, curves = [], 0, {}
     for res in grid:
         status = "error" if res.error else "ok"
         failed += res.error is not None
         config = res.config or {}
         full = space.config_for(config, overrides).to_dict() if config else {}
-        rows.append(
-            {
-                "config": config,
-                "full_config": full,
-                "metrics": dict(res.metrics or {}),
-                "status": status,
-            }
-        )
+        label = spec.label(space, config, _trial_id(res)) if config else "-"
+        row = {
+            "config": config,
+            "full_config": full,
+            "metrics": dict(res.metrics or {}),
+            "status": status,
+            "label": label,
+        }
+        row["group"] = " / ".join(str(k) for k in group_of(space, row))
+        rows.append(row)
+        curves[label] = _curves(res)
     table = results_table(space, rows)
     print(f"\n{space.name}: {space.reproduces}\n\n{table}\n")
-    print(
-        f"MLflow: {tracking.uri} (experiment {tracking.experiment!r}, parent run {parent_id}); "
-        f"open it with: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1"
+    experiment_id = tracking.experiment_id()
+    varied = _varied_params(rows, space)
+    view = save_sweep_view(
+        tracking,
+        sweep=sweep,
+        parent_run_id=parent_id,
+        group_by=varied[0] if varied else "prior.method",
+        params=varied,
+        metrics=[k for k in VIEW_METRICS if any(k in r["metrics"] for r in rows)],
     )
-    parent.text(table + "\n", "results.md")
-    best = [
-        r["metrics"].get(space.metric) for r in rows if r["metrics"].get(space.metric) is not None
-    ]
-    if best:
-        parent.metrics(
-            {f"best_{space.metric}": max(best) if space.mode == "max" else min(best)}, step=0
-        )
+    print(
+        f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000\n"
+        f"  the trials: {ui_url(experiment_id, view=view)}\n"
+        f"  the comparison: {ui_url(experiment_id, parent_id)}"
+    )
+    log_sweep_summary(
+        parent,
+        title=f"{space.name}: {space.reproduces}",
+        table=table,
+        rows=rows,
+        curves=curves,
+        metric=space.metric,
+        mode=space.mode,
+    )
     parent.finish("FAILED" if failed else "FINISHED")
     if failed:
         print(
-            f"{failed} of {len(rows)} trials failed; see their errors above and in {storage / sweep}"
+            f"{failed} of {len(rows)} trials failed; their errors are above and in {storage / sweep}"
         )
     return 1 if failed else 0
 
@@ -444,4 +606,4 @@ def _run_sweep(
 if __name__ == "__main__":
     from ray_jobs.sweep import main as _main  # run as the module, so trials import it by name
 
-    sys.exit(_main())
+    sys.exit(run_cli(_main, prog="ray_jobs/sweep.py"))

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from nfpi.errors import ConfigError
 
 __all__ = [
+    "EXPERIMENT_TAGS",
     "NETWORK_FILESYSTEMS",
     "RUN_NAME_TAG",
     "RunLogger",
@@ -42,6 +43,7 @@ __all__ = [
     "param_value",
     "resolve_tracking",
     "start_run",
+    "ui_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,23 @@ NETWORK_FILESYSTEMS = frozenset(
      "lustre", "gpfs", "beegfs", "ocfs2", "gfs2", "fuse", "fuseblk"}
 )  # fmt: skip
 _LOCAL_FUSE = frozenset({"fuse.fuse-overlayfs", "fuse.lxcfs"})
+# The experiment kind "model training" (runs with params, metrics and artifacts), which MLflow 3
+# UIs read to open an experiment in their training view rather than the GenAI one (traces).
+# MLflow 3.17.2's UI decides by its workflow type instead (the "GenAI | Model training" switch,
+# remembered by the browser, or the URL's ``workflowType`` parameter): ui_url() links to the
+# training view with that parameter.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_url(
+    experiment_id: str, run_id: str | None = None, view: str | None = None, base: str = UI
+) -> str:
+    """A link into the MLflow UI's training view: the experiment's runs (in the saved ``view``,
+    see :func:`ray_jobs.mlflow_logging.save_sweep_view`), or one run."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view}" if view else "")
+    return f"{base}/#/experiments/{experiment_id}/{page}?{query}"
 
 
 @dataclass(frozen=True)
@@ -70,12 +89,17 @@ class Tracking:
 
     def experiment_id(self) -> str:
         """The experiment's id, created on first use (create it once, in the driver: concurrent
-        first-time creation on SQLite races)."""
+        first-time creation on SQLite races), tagged to open in the UI's training view."""
         client = self.client()
         found = client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        if found is None:
+            return client.create_experiment(
+                self.experiment, artifact_location=self.artifact_root, tags=EXPERIMENT_TAGS
+            )
+        for key, value in EXPERIMENT_TAGS.items():
+            if found.tags.get(key) != value:  # an experiment made before the tag existed
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
 
 def filesystem_of(path: str | Path) -> tuple[str, str]:
@@ -154,8 +178,11 @@ def start_run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     resume: bool = False,
+    display_name: str | None = None,
 ) -> str:
     """Create a run (a child of ``parent_run_id`` if given: the UI nests it) and return its id.
+    ``name`` identifies the run (tag ``nfpi.run_name``); the UI shows ``display_name`` (e.g.
+    what a sweep's trial varies: ``fpi lam=300``), default ``name``.
 
     With ``resume`` an existing run of the same ``name`` (and parent) is reopened instead, so
     that a re-launched Train run or a resumed Tune trial, which continue from their last
@@ -180,7 +207,7 @@ def start_run(
     all_tags = {RUN_NAME_TAG: name, **(tags or {})}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=display_name or name, tags=all_tags)
     return run.info.run_id
 
 

@@ -28,7 +28,6 @@ run may resume on another number of workers.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import shutil
@@ -52,14 +51,18 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
 from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint, lock_run_dir
+from nfpi.checks import train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
+from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer
+from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
-from ray_jobs.settings import RaySettings, add_common_args, connect
-from ray_jobs.tracking import RunLogger, Tracking, start_run
+from ray_jobs.progress import TrainProgress
+from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
+from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_url
 
 __all__ = [
     "StopOnDeterministicError",
@@ -256,17 +259,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return history[-1] if history else {}
 
 
-def _actor_for(config: ExperimentConfig, settings: RaySettings) -> tuple[Any, Any]:
-    """The prior actor for ``config``, sized (K, d) from the dataset's test split, and the
-    factory of a replacement; both on the driver's node unless ``settings.prior_actor_node``
-    says ``any``."""
-    _, info = load_dataset(config.data.name, "test", **config.data.dataset_kwargs())
+def _actor_for(config: ExperimentConfig, settings: RaySettings) -> tuple[Any, Any, Any, int]:
+    """The prior actor for ``config``, sized (K, d) from the dataset's test split, the factory
+    of a replacement (both on the driver's node unless ``settings.prior_actor_node`` says
+    ``any``), and the split's info and size."""
+    test, info = load_dataset(
+        config.data.name, "test", seed=config.seed, **config.data.split_kwargs("test")
+    )
     dim = info.shape[0] * info.shape[1] * info.shape[2]
     node = (
         ray.get_runtime_context().get_node_id() if settings.prior_actor_node == "driver" else None
     )
     factory = prior_actor_factory(config.prior, info.num_classes, dim, node_id=node)
-    return factory(), factory
+    return factory(), factory, info, len(test)
 
 
 def run_experiment(
@@ -279,6 +284,7 @@ def run_experiment(
     storage: Path | None = None,
     train_callbacks: Sequence[Any] = (),
     worker_callbacks: Sequence[Callback] = (),
+    display_name: str | None = None,
     resume_overrides: Mapping[str, Any] | None = None,
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
@@ -291,6 +297,9 @@ def run_experiment(
     MLflow run (a child of ``parent_run_id``; the earlier run of the same name and parent when
     re-launched), or to ``mlflow_run_id`` if given (left open for the caller to finish).
     ``storage`` overrides where Ray Train keeps the run (default ``settings.storage``).
+    A run it owns ends with its final flow and prior logged as an MLflow model
+    (:func:`ray_jobs.mlflow_logging.log_flow_model`; registered under
+    ``settings.registered_model`` when set); ``display_name`` names the MLflow run in the UI.
     ``resume_overrides`` (``--resume-with``) change optimiser knobs of a resumed run (see
     :class:`nfpi.training.Trainer`).
 
@@ -316,6 +325,7 @@ def run_experiment(
             train_callbacks=train_callbacks,
             worker_callbacks=worker_callbacks,
             resume_overrides=dict(resume_overrides or {}),
+            display_name=display_name,
         )
 
 
@@ -330,13 +340,20 @@ def _run_locked(
     train_callbacks: Sequence[Any],
     worker_callbacks: Sequence[Callback],
     resume_overrides: dict[str, Any],
+    display_name: str | None,
 ) -> ray.train.Result:
     tracking = settings.tracking
     owns_run = mlflow_run_id is None
     if tracking is not None:
         if owns_run:
             # A re-launched run resumes from its last checkpoint, and logs to its earlier run.
-            mlflow_run_id = start_run(tracking, run_name, parent_run_id=parent_run_id, resume=True)
+            mlflow_run_id = start_run(
+                tracking,
+                run_name,
+                parent_run_id=parent_run_id,
+                resume=True,
+                display_name=display_name,
+            )
         logger = RunLogger(tracking, mlflow_run_id)
         # Params keep the first launch's values (a changed one becomes a nfpi.changed.* tag);
         # what may differ per launch or attempt is a tag.
@@ -346,7 +363,17 @@ def _run_locked(
         if resume_overrides:
             logger.tag("nfpi.resume_with", str(resume_overrides))
     remove_unregistered_checkpoints(storage / run_name)
-    actor, factory = _actor_for(config, settings)
+    actor, factory, info, test_size = _actor_for(config, settings)
+    if tracking is not None:
+        log_datasets(
+            tracking,
+            mlflow_run_id,
+            config,
+            shape=info.shape,
+            num_classes=info.num_classes,
+            train_size=train_set_size(config),
+            test_size=test_size,
+        )
     spec = WorkerSpec(
         run_name=run_name,
         run_dir=settings.run_dir(run_name),
@@ -403,6 +430,11 @@ def _run_locked(
             logger.tag("final_checkpoint", result.checkpoint.path)
             logger.text(f"{result.checkpoint.path}\n", "final_checkpoint.txt")
         if owns_run:
+            final = find_checkpoint(settings.run_dir(run_name)) or (
+                result.checkpoint.path if result.checkpoint is not None else None
+            )
+            if final is not None:
+                log_flow_model(tracking, mlflow_run_id, final, settings.registered_model)
             logger.finish()
     return result
 
@@ -419,11 +451,11 @@ def final_metrics(result: ray.train.Result) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__.split("\n\n")[0],
-        epilog="experiments: " + ", ".join(sorted(EXPERIMENTS)),
+        epilog="experiments: " + ", ".join(EXPERIMENTS),
     )
-    parser.add_argument("--experiment", default="digits", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
     parser.add_argument("--config", dest="config_file", help="a JSON experiment config")
     parser.add_argument("--run-name", help="Ray/MLflow run name (default: the experiment name)")
     parser.add_argument(
@@ -436,26 +468,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.debug)
     experiment = "smoke" if args.smoke_test else args.experiment
     config = resolve_config(experiment, args.set, args.config_file)
     settings = RaySettings.from_args(args)
+    for warning in check_before_ray([config], settings, args.address):  # before Ray starts
+        log.warning(warning)
     run_name = args.run_name or config.name
     resume_with = dict(parse_override(s) for s in args.resume_with)
-    connect(args.address)
-    result = run_experiment(config, settings, run_name, resume_overrides=resume_with)
+    log.info(connect(args.address, verbose=args.verbose))
+    progress = TrainProgress(run_name, config.optim.epochs)
+    progress.listen()
+    try:
+        result = run_experiment(
+            config, settings, run_name, train_callbacks=[progress], resume_overrides=resume_with
+        )
+    except BaseException:
+        progress.close(failed=True)
+        raise
     final = result.metrics or {}
+    progress.close(final)
     keys = ("epoch", "train_bpd", "test_bpd", "nf_acc", "prior_version")
     print("final:", {k: round(float(final[k]), 4) for k in keys if k in final})
     print(f"run directory: {settings.run_dir(run_name)}")
-    if settings.tracking is not None:
-        print(f"MLflow: {settings.tracking.uri} (experiment {settings.tracking.experiment!r})")
+    tracking = settings.tracking
+    if tracking is not None:
+        run = tracking.client().search_runs(
+            [tracking.experiment_id()],
+            f"tags.`nfpi.run_name` = '{run_name}'",
+            order_by=["start_time DESC"],
+            max_results=1,
+        )
+        link = ui_url(tracking.experiment_id(), run[0].info.run_id if run else None)
+        print(
+            f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 "
+            f"--port 5000, then open {link}"
+        )
     return 0
 
 
 if __name__ == "__main__":
     from ray_jobs.train import main as _main  # run as the module, so workers import it by name
 
-    sys.exit(_main())
+    sys.exit(run_cli(_main, prog="ray_jobs/train.py"))

@@ -1,5 +1,6 @@
-"""The downstream pipeline's end-to-end check (seconds): a tiny digits flow per prior, a small
-labelled set drawn from it, a tiny classifier trained on it and tested on real digits."""
+"""The downstream pipeline's end-to-end check (a few minutes on 2 cores): a tiny digits flow per
+prior, a small labelled set drawn from it, a tiny classifier trained on it and tested on real
+digits."""
 
 from ray import tune
 

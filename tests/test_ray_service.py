@@ -234,7 +234,27 @@ def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, trackin
         assert any(p.endswith(".png") for p in plots)
     fpi = next(c for c in children if c.data.params["prior.method"] == "fpi")
     assert "fpi_iterations" in fpi.data.metrics
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {"results.md"}
+    # Child runs named after what they vary; the parent compares them (issue 12).
+    assert {c.info.run_name for c in children} == {"data-init", "fpi"}
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} == {
+        "results.md",
+        "results.csv",
+        "comparison.png",
+    }
+    assert {"best_nf_acc", "best_nf_acc.fpi", "best_nf_acc.data-init"} <= set(
+        parents[0].data.metrics
+    )
+    experiment = client.get_experiment(tracking.experiment_id())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert any(k.startswith("mlflow.sharedViewState.nfpi-smoke-") for k in experiment.tags)
+    for child in children:  # the same pictures, datasets and a loadable model for every method
+        assert {"kl_heatmap_final.png", "tsne.png"} <= {
+            a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(child.info.run_id, "plots")
+        }
+        assert {d.dataset.name for d in child.inputs.dataset_inputs} == {
+            "digits-train",
+            "digits-test",
+        }
 
     # --resume on a finished sweep restores it: same parent run, no trial re-run, same table.
     _sweep("smoke", tmp_path, tracking, "eval.plots=true", resume=True)

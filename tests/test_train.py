@@ -64,6 +64,33 @@ def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     assert ExperimentConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
 
 
+def test_every_prior_method_leaves_the_same_pictures(tmp_path):
+    """Samples, t-SNE and the data-init-vs-final KL heatmap under one name for every method;
+    only the FPI adds its per-solve heatmap and residual curve (the GD run used to leave one
+    heatmap per epoch under its prior version's name, the data-init run one under v1)."""
+    common = {}
+    for method in ("data-init", "gd", "fpi"):
+        cfg = _cfg(tmp_path, **{"eval.plots": True, "optim.epochs": 2, "prior.method": method,
+                                "prior.gd.steps_per_solve": 2})  # fmt: skip
+        Trainer(cfg, tmp_path / method).fit()
+        pngs = {p.name for p in (tmp_path / method / "plots").glob("*.png")}
+        per_solve = {p for p in pngs if p.startswith(("kl_heatmap_v", "fpi_residual_v"))}
+        assert bool(per_solve) == (method == "fpi"), (method, pngs)
+        common[method] = pngs - per_solve
+    assert common["data-init"] == common["gd"] == common["fpi"]
+    assert {"kl_heatmap_final.png", "samples_T0.7.png", "tsne.png"} <= common["fpi"]
+
+
+def test_residual_plot_title_counts_the_points_of_its_curve():
+    from nfpi.prior import FPIReport
+    from nfpi.training.pictures import residual_title
+
+    report = FPIReport(iterations=75, stop_reason="converged", residuals=[1.0] * 65)
+    assert residual_title(report) == "FPI residual (converged: 65 iterates, 75 map evaluations)"
+    report.iterations = 65
+    assert residual_title(report) == "FPI residual (converged: 65 iterates)"
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     cfg = _cfg(tmp_path, **{"optim.epochs": 3})
     straight = Trainer(cfg, tmp_path / "a").fit()

@@ -195,7 +195,14 @@ def extract_archive(
             with tarfile.open(archive) as tf:
                 files = _extract_members(tf, tmp, archive, dest)
         except tarfile.TarError as e:
-            raise DatasetNotFoundError(f"cannot read {archive} as a tar archive: {e}") from e
+            # tarfile lists one reason per compression it tried; the last is plain tar's.
+            reasons = [r.strip(" -") for r in str(e).splitlines() if r.strip(" -")]
+            raise DatasetNotFoundError(
+                f"cannot read {archive} as a tar archive ({reasons[-1] if reasons else e}): "
+                "it is corrupt, truncated or another format; re-create it (e.g. "
+                "`tar czf data.tar.gz -C parent folder`) or set data.root to the extracted "
+                "folder"
+            ) from e
         logger.debug("extracted %d files of %s", files, archive)
         try:
             tmp.rename(dest)

@@ -212,8 +212,8 @@ def run_downstream(
             "checkpoint", None, "a trained flow's checkpoint directory (it names the dataset too)"
         )
     out = Path(out_dir).expanduser().resolve()
+    model = load_trained(checkpoint, device=device)  # a bad checkpoint fails before any output
     out.mkdir(parents=True, exist_ok=True)
-    model = load_trained(checkpoint, device=device)
     data = model.config.data
     seed = model.config.seed
     train, info = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))

@@ -477,10 +477,11 @@ class Trainer:
             levels=self.info.levels,
         )
         if last and self.schedule.initial is not None:
-            # Every prior method: the data-init prior against the final one.
+            # Every prior method, under one name: the data-init prior against the final one.
             paths += prior_update_pictures(
                 self.schedule.initial, self.prior, None, self.schedule.version,
-                self.info.class_names, self.run_dir / "plots",
+                self.info.class_names, self.run_dir / "plots", name="final",
+                titles=("data-init prior", "final prior"),
             )  # fmt: skip
         return paths
 

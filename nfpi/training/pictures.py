@@ -13,7 +13,13 @@ from nfpi import plots
 from nfpi.data import dequantize, display_uint8, to_uint8
 from nfpi.prior import FPIReport, GaussianPrior, PriorReport, pairwise_kl
 
-__all__ = ["MAX_GRID_CLASSES", "grid_classes", "prior_update_pictures", "sample_and_tsne_pictures"]
+__all__ = [
+    "MAX_GRID_CLASSES",
+    "grid_classes",
+    "prior_update_pictures",
+    "residual_title",
+    "sample_and_tsne_pictures",
+]
 
 # Rows of a sample grid: one per class up to this many; ImageNet's 1000 rows would make a PNG
 # 9,000 pixels tall that takes longer to draw than an epoch of a toy run.
@@ -78,6 +84,17 @@ def sample_and_tsne_pictures(
     return paths
 
 
+def residual_title(report: FPIReport) -> str:
+    """The residual curve's title: how the solve stopped and how many iterates the curve shows
+    (one point each); map evaluations (``report.iterations``) also count the Anderson candidates
+    that were evaluated and rejected, so they can be more."""
+    iterates = len(report.residuals)
+    title = f"FPI residual ({report.stop_reason}: {iterates} iterates"
+    if report.iterations != iterates:
+        title += f", {report.iterations} map evaluations"
+    return title + ")"
+
+
 def prior_update_pictures(
     before: GaussianPrior,
     after: GaussianPrior,
@@ -85,18 +102,26 @@ def prior_update_pictures(
     version: int,
     class_names: Sequence[str],
     out: Path,
+    *,
+    name: str | None = None,
+    titles: tuple[str, str] = ("before", "after"),
 ) -> list[Path]:
-    """The pairwise KL before and after an update and, for an FPI solve, its residual curve."""
+    """The pairwise KL of two priors (``kl_heatmap_<name>.png``, default name ``v<version>``)
+    and, for an FPI solve, its residual curve (``fpi_residual_v<version>.png``)."""
     kl_before = pairwise_kl(before.means, before.scale_param)
     kl_after = pairwise_kl(after.means, after.scale_param)
+    tag = name or f"v{version}"
     paths = [
-        plots.kl_heatmaps(kl_before, kl_after, class_names, out / f"kl_heatmap_v{version}.png")
+        plots.kl_heatmaps(
+            kl_before, kl_after, class_names, out / f"kl_heatmap_{tag}.png", titles=titles
+        )
     ]
     if isinstance(report, FPIReport) and report.residuals:
-        title = f"FPI residual ({report.stop_reason}, {len(report.residuals)} iterations)"
         paths.append(
             plots.residual_curve(
-                report.residuals, out / f"fpi_residual_v{version}.png", title=title
+                report.residuals,
+                out / f"fpi_residual_v{version}.png",
+                title=residual_title(report),
             )
         )
     return paths

@@ -1,0 +1,140 @@
+"""What every command line of the project shares: one-line errors, ``--debug``, a quiet log.
+
+Every entry point (``python -m nfpi``, ``ray_jobs/train.py``, ``ray_jobs/sweep.py``,
+``ray_jobs/figures.py``) builds its parser with :class:`Parser` and runs its ``main`` through
+:func:`run_cli`:
+
+- a user mistake, i.e. an :class:`~nfpi.errors.NfpiError` (a bad config value or ``--set``, a
+  missing dataset, a corrupt checkpoint or archive, a malformed command line), is written as ONE
+  line on stderr naming the field or path and the fix, and the exit code is 2;
+- ``--debug`` (accepted by every parser) shows the full traceback instead;
+- an error raised inside Ray (a Train worker, a Tune trial) is unwrapped to the library error
+  that caused it (:func:`user_error`), without importing Ray;
+- anything else is a bug and keeps its traceback.
+
+:func:`setup_logging` gives the console one short line per message (``HH:MM:SS message``,
+warnings marked) and quiets the INFO chatter of MLflow's store migrations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+
+from nfpi.errors import NfpiError, UsageError
+
+__all__ = ["Parser", "one_line", "run_cli", "setup_logging", "user_error"]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+# Loggers of dependencies whose INFO lines say nothing a user acts on (MLflow's database
+# migrations on first use of a store).
+QUIET_LOGGERS = ("mlflow", "alembic", "urllib3", "filelock")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one :class:`UsageError` line (not the usage
+    block and ``sys.exit``), and which accepts ``--debug`` (read by :func:`run_cli`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug", action="store_true", help="show the full traceback of an error"
+        )
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def user_error(exc: BaseException) -> NfpiError | None:
+    """The :class:`NfpiError` that ``exc`` is or wraps, or ``None`` (a bug, not a mistake).
+
+    Looks through exception chains (``__cause__``, ``__context__``) and the attributes with which
+    Ray wraps a remote failure (``cause`` of a task error, ``worker_failures`` of a Train
+    worker-group error, ``controller_failure``), breadth first.
+    """
+    queue: list[Any] = [exc]
+    seen: set[int] = set()
+    while queue:
+        err = queue.pop(0)
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(err, NfpiError):
+            # Ray's task errors derive from the remote error's class as well; the plain remote
+            # error (its ``cause``) carries the message without the remote traceback.
+            return cause if isinstance(cause, NfpiError) else err
+        queue += [cause, err.__cause__, err.__context__, getattr(err, "controller_failure", None)]
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            queue += list(failures.values())
+        queue += [a for a in getattr(err, "args", ()) if isinstance(a, BaseException)]
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (later lines folded in, whitespace collapsed)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def run_cli(
+    main: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "nfpi",
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run ``main(argv)`` and return the process's exit code: ``main``'s, 2 for a user mistake
+    (one line on ``stderr``), 130 when interrupted. With ``--debug`` in ``argv`` errors propagate
+    with their traceback. ``argparse``'s own exits (``--help``) pass through."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    out = stderr if stderr is not None else sys.stderr
+    try:
+        return int(main(args) or 0)
+    except BrokenPipeError:  # the output was piped into a command that stopped reading (head)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        out.write(f"{prog}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # sorted into mistakes (one line) and bugs (re-raised)
+        err = user_error(exc)
+        if err is None or debug:
+            raise
+        out.write(f"{prog}: error: {one_line(err)} (--debug for the traceback)\n")
+        return EXIT_USER_ERROR
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS message``; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{self.formatTime(record, '%H:%M:%S')} {record.levelname}: {message}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {message}"
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Console logging of the entry points: INFO and up (DEBUG with ``--debug``) in one short
+    line each, the dependencies in :data:`QUIET_LOGGERS` at WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -1,0 +1,294 @@
+"""What a run leaves in MLflow besides its params, metrics and pictures: the datasets it read
+(``mlflow.log_input``), its final flow and prior as a loadable model, and, for a sweep's parent
+run, what compares the trials (results table as markdown and CSV, a plot of every trial's
+curves, the best value per group as metrics).
+
+The model is an MLflow ``pyfunc`` "model from code" (:mod:`ray_jobs.pyfunc_flow`) carrying a
+slim checkpoint (the EMA flow's weights and the prior, no optimiser state) and the ``nfpi``
+package itself, so ``mlflow.pyfunc.load_model(...)`` classifies images and samples classes in
+any environment with the listed requirements; with a model name it is registered in the
+tracking store's model registry.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag
+
+import nfpi
+from nfpi import plots
+from nfpi.checkpoint import load_checkpoint
+from nfpi.config import ExperimentConfig
+from ray_jobs.tracking import RunLogger, Tracking
+
+__all__ = [
+    "MODEL_NAME",
+    "VIEW_TAG_PREFIX",
+    "log_datasets",
+    "log_flow_model",
+    "log_sweep_summary",
+    "metric_key",
+    "save_sweep_view",
+]
+
+log = logging.getLogger("nfpi.mlflow")
+
+MODEL_NAME = "model"  # the artifact folder (and logged-model name) of a run's flow
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_flow.py")
+# What loading the model imports (nfpi.checkpoint and its imports), pinned to this environment.
+MODEL_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "scikit-learn",
+    "ema-pytorch",
+    "matplotlib",
+    "tqdm",
+    "mlflow",
+)
+
+
+def metric_key(text: str) -> str:
+    """``gd / linear`` -> ``gd_linear``: a group's name as part of an MLflow metric key."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "all"
+
+
+# ------------------------------------------------------------------------------------ datasets
+def _dataset(config: ExperimentConfig, split: str, size: int | None, shape: Any, k: int) -> Dataset:
+    data = config.data
+    if data.root is not None:
+        source_type, source = "local", {"uri": str(Path(data.root).expanduser().resolve())}
+    else:
+        origin = {"digits": "sklearn.datasets.load_digits"}.get(data.name, f"nfpi.data:{data.name}")
+        source_type, source = "code", {"tags": {"mlflow.source.name": origin}}
+    selection = {
+        "name": data.name,
+        "split": split,
+        "items_per_class": data.items_per_class if split == "train" else data.test_items_per_class,
+        "image_size": data.image_size,
+        **source,
+    }
+    digest = hashlib.sha1(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:8]
+    profile = {"num_rows": size, "num_classes": k, "image_shape": list(shape)}
+    return Dataset(
+        name=f"{data.name}-{split}",
+        digest=digest,
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({k: v for k, v in profile.items() if v is not None}),
+    )
+
+
+def log_datasets(
+    tracking: Tracking,
+    run_id: str,
+    config: ExperimentConfig,
+    *,
+    shape: Any,
+    num_classes: int,
+    train_size: int | None,
+    test_size: int | None,
+) -> None:
+    """The run's training and test sets as dataset inputs (contexts ``training`` and
+    ``testing``); a re-launched run does not log them twice."""
+    client = tracking.client()
+    have = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+    inputs = [
+        DatasetInput(
+            _dataset(config, split, size, shape, num_classes),
+            tags=[InputTag("mlflow.data.context", context)],
+        )
+        for split, size, context in (
+            ("train", train_size, "training"),
+            ("test", test_size, "testing"),
+        )
+        if f"{config.data.name}-{split}" not in have
+    ]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+# --------------------------------------------------------------------------------------- model
+def _slim_checkpoint(checkpoint: str | Path, out: Path) -> Path:
+    """The parts of a checkpoint that :func:`nfpi.checkpoint.load_trained` reads (the EMA
+    flow's weights as the flow, the prior, the config, the data info), as ``out/state.pt``."""
+    state = load_checkpoint(checkpoint)
+    flow = state["flow"]
+    if state.get("ema") is not None:
+        prefix = "ema_model."
+        flow = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+    slim = {
+        "config": state["config"],
+        "epoch": state["epoch"],
+        "flow": flow,
+        "ema": None,
+        "prior": state["prior"],
+        "data_info": state["data_info"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out / "state.pt")
+    return out / "state.pt"
+
+
+def _requirements() -> list[str]:
+    out = []
+    for name in MODEL_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def log_flow_model(
+    tracking: Tracking,
+    run_id: str,
+    checkpoint: str | Path,
+    registered_model: str | None = None,
+) -> str:
+    """Log the checkpoint's flow and prior as the run's MLflow model (``runs:/<run>/model``),
+    registered as ``registered_model`` when given; returns the model's URI."""
+    mlflow.set_tracking_uri(tracking.uri)  # the fluent API's log_model logs to the active run
+    # No download progress bars on the console (log_model reads its artifacts back).
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    with tempfile.TemporaryDirectory() as tmp:
+        slim = _slim_checkpoint(checkpoint, Path(tmp) / "checkpoint")
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow asks for type hints on predict(): ours takes images or a sampling request,
+            # which one hint cannot describe (and a hint makes MLflow convert the input).
+            warnings.filterwarnings("ignore", message=".*[Tt]ype hint", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"checkpoint": str(slim)},
+                code_paths=[str(Path(nfpi.__file__).parent)],
+                pip_requirements=_requirements(),
+                registered_model_name=registered_model,
+            )
+    return info.model_uri
+
+
+# ---------------------------------------------------------------------------------- the sweep
+def log_sweep_summary(
+    parent: RunLogger,
+    *,
+    title: str,
+    table: str,
+    rows: list[dict[str, Any]],
+    curves: dict[str, list[dict[str, float]]],
+    metric: str,
+    mode: str,
+) -> None:
+    """On the sweep's parent run: ``results.md`` (the table), ``results.csv`` (one row per
+    trial), ``comparison.png`` (every trial's NF-Acc and test bits/dim per epoch), and the best
+    ``metric`` per group (``best_<metric>.<group>``) and overall (``best_<metric>``)."""
+    parent.text(f"# {title}\n\n{table}\n", "results.md")
+    keys = sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["trial", "group", "status", *keys])
+    for r in rows:
+        writer.writerow(
+            [r["label"], r["group"], r["status"], *[r["metrics"].get(k, "") for k in keys]]
+        )
+    parent.text(buf.getvalue(), "results.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(curves.values()):
+            png = plots.comparison_curves(curves, Path(tmp) / "comparison.png", title=title)
+            parent.artifact(png)
+    best: dict[str, float] = {}
+    for r in rows:
+        value = r["metrics"].get(metric)
+        if not isinstance(value, (int, float)):
+            continue
+        for key in (f"best_{metric}", f"best_{metric}.{metric_key(r['group'])}"):
+            old = best.get(key)
+            if old is None or (value > old if mode == "max" else value < old):
+                best[key] = float(value)
+    parent.metrics(best, step=0)
+
+
+# ------------------------------------------------------------------------ the sweep's runs view
+# MLflow 3's UI keeps saved and shared views of the runs table as experiment tags with this
+# prefix (a JSON envelope whose ``state`` is the table's state); a link with
+# ``viewStateShareKey=<key>`` opens one, and the UI's "Views" menu lists them.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+# The runs table's state the UI expects (its defaults, mlflow/server/js experiment-page state).
+_VIEW_DEFAULTS: dict[str, Any] = {
+    "columnOrder": [],
+    "columnWidths": {},
+    "runsHiddenMode": "FIRST_10_RUNS",
+    "viewMaximized": False,
+    "runListHidden": False,
+    "isAccordionReordered": False,
+    "useGroupedValuesInCharts": True,
+    "hideEmptyCharts": True,
+    "groupsExpanded": {},
+    "autoRefreshEnabled": True,
+    "globalLineChartConfig": {
+        "xAxisKey": "step",
+        "lineSmoothness": 0,
+        "selectedXAxisMetricKey": "",
+    },
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+    "startTime": "ALL",
+    "lifecycleFilter": "Active",
+    "modelVersionFilter": "All Runs",
+    "datasetsFilter": [],
+}
+
+
+def save_sweep_view(
+    tracking: Tracking,
+    *,
+    sweep: str,
+    parent_run_id: str,
+    group_by: str,
+    params: list[str],
+    metrics: list[str],
+) -> str:
+    """A saved view of the runs table showing a sweep's trials (the parent run's children),
+    grouped by the param ``group_by`` (e.g. the prior method; the UI shows a sweep's child runs
+    folded under their parent otherwise), with ``params`` and ``metrics`` as columns. Returns
+    its key, for :func:`ray_jobs.tracking.ui_url`."""
+    key = f"nfpi-{metric_key(sweep)}-{parent_run_id[:8]}"
+    state = {
+        **_VIEW_DEFAULTS,
+        "selectedColumns": [
+            *(f"params.`{p}`" for p in params),
+            *(f"metrics.`{m}`" for m in metrics),
+            "attributes.`Models`",
+        ],
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        "groupBy": {
+            "aggregateFunction": "max",
+            "groupByKeys": [{"mode": "param", "groupByData": group_by}],
+        },
+    }
+    now = int(time.time() * 1000)
+    envelope = {
+        "name": f"sweep {sweep} ({parent_run_id[:8]})",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(state),
+    }
+    tracking.client().set_experiment_tag(
+        tracking.experiment_id(), VIEW_TAG_PREFIX + key, json.dumps(envelope)
+    )
+    return key
