@@ -49,7 +49,7 @@ from unittest import mock
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-from ray_jobs.rehearse_multinode import end_processes
+from ray_jobs.rehearse_multinode import end_processes, report_checks
 
 __all__ = ["check_commands", "fake_config", "main", "rehearse"]
 
@@ -307,12 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=args.timeout,
     )
     print(json.dumps(record, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"record": record, "errors": errors}, indent=1))
-    for e in errors:
-        print(f"FAIL: {e}")
-    print("PASS" if not errors else f"{len(errors)} check(s) failed")
-    return 1 if errors else 0
+    return report_checks(args.out, {"record": record}, errors)
 
 
 if __name__ == "__main__":

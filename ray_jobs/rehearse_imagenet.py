@@ -40,6 +40,7 @@ from nfpi.config import ExperimentConfig
 from nfpi.data import write_imagefolder
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
+from ray_jobs.rehearse_multinode import report_checks
 
 __all__ = ["MIN_PER_CLASS", "RefreshProbe", "data_overrides", "main", "rehearse"]
 
@@ -327,12 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['loadavg_1min']:>6.1f}"
         )
     print(f"final {record['final']}; the Tune trial took {record['tune_trial_s']:.0f} s")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"record": record, "errors": errors}, indent=1))
-    for e in errors:
-        print(f"FAIL: {e}")
-    print("PASS" if not errors else f"{len(errors)} check(s) failed")
-    return 1 if errors else 0
+    return report_checks(args.out, {"record": record}, errors)
 
 
 if __name__ == "__main__":

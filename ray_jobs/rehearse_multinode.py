@@ -56,7 +56,15 @@ from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from nfpi.config import ExperimentConfig
 from nfpi.presets import experiment_config
 
-__all__ = ["Probe", "diff_states", "end_processes", "main", "read_probes", "session_pids"]
+__all__ = [
+    "Probe",
+    "diff_states",
+    "end_processes",
+    "main",
+    "read_probes",
+    "report_checks",
+    "session_pids",
+]
 
 log = logging.getLogger("nfpi.rehearsal")
 
@@ -504,8 +512,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['state_equal_to_one_node']!s:>8}{r['statistics_equal_to_one_node']!s:>8}"
             f"{r['wall_s']:>8.1f}"
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps({"records": records, "errors": errors}, indent=1))
+    return report_checks(args.out, {"records": records}, errors)
+
+
+def report_checks(out: str | None, payload: dict[str, Any], errors: list[str]) -> int:
+    """A rehearsal's ending: ``payload`` plus the failed checks written to ``out`` (if given),
+    each failed check printed, PASS or the count; the exit status (1 if any check failed)."""
+    if out:
+        Path(out).write_text(json.dumps({**payload, "errors": errors}, indent=1))
     for e in errors:
         print(f"FAIL: {e}")
     print("PASS" if not errors else f"{len(errors)} check(s) failed")
