@@ -28,13 +28,13 @@ def _is_number(token: str) -> bool:
 
 
 def _has_table(text: str) -> bool:
-    """A header (>= 3 columns, none a number) followed, after an optional rule of dashes, by a
-    row of >= 3 columns with numbers in it."""
+    """A header (>= 3 columns, none a number) followed, after an optional rule of dashes (plain
+    or markdown's ``|---|``), by a row of >= 3 columns with numbers in it."""
     lines = [line.split() for line in text.splitlines()]
     for i, head in enumerate(lines[:-1]):
         if len(head) < 3 or any(_is_number(t) for t in head):
             continue
-        rows = [row for row in lines[i + 1 : i + 3] if row and set("".join(row)) != {"-"}]
+        rows = [row for row in lines[i + 1 : i + 3] if row and not set("".join(row)) <= set("-|:")]
         if rows and len(rows[0]) >= 3 and sum(_is_number(t) for t in rows[0]) >= 2:
             return True
     return False
