@@ -22,6 +22,8 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,24 @@ def _requirements() -> list[str]:
     return out
 
 
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model`` logs to the active run) pointed at ``uri`` for the
+    block only: ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which would
+    otherwise redirect every later run of this process (and its children) to this store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def log_flow_model(
     tracking: Tracking,
     run_id: str,
@@ -163,10 +183,9 @@ def log_flow_model(
 ) -> str:
     """Log the checkpoint's flow and prior as the run's MLflow model (``runs:/<run>/model``),
     registered as ``registered_model`` when given; returns the model's URI."""
-    mlflow.set_tracking_uri(tracking.uri)  # the fluent API's log_model logs to the active run
     # No download progress bars on the console (log_model reads its artifacts back).
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    with tempfile.TemporaryDirectory() as tmp:
+    with _fluent_tracking_uri(tracking.uri), tempfile.TemporaryDirectory() as tmp:
         slim = _slim_checkpoint(checkpoint, Path(tmp) / "checkpoint")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # MLflow asks for type hints on predict(): ours takes images or a sampling request,

@@ -421,7 +421,7 @@ def _check(
         path = find_checkpoint(results_dir / "runs" / r["run"])
         states[r["run"]] = None if path is None else load_checkpoint(path)
     stats = {
-        r["run"]: torch.load(results_dir / "probes" / r["run"] / "statistics.pt")
+        r["run"]: torch.load(results_dir / "probes" / r["run"] / "statistics.pt", weights_only=True)
         for r in records
         if (results_dir / "probes" / r["run"] / "statistics.pt").exists()
     }

@@ -86,7 +86,7 @@ def _ddp_grads(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_timed_allreduce_hook_leaves_gradients_unchanged(tmp_path):
     mp.spawn(_ddp_grads, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        out = torch.load(tmp_path / f"grads{rank}.pt")
+        out = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
         assert all(torch.equal(a, b) for a, b in zip(out["default"], out["timed"], strict=True))
         seconds, calls = out["timer"]
         assert calls >= 1 and seconds > 0

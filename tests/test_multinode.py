@@ -71,11 +71,13 @@ def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path):
         assert record["actor_nodes"] == ["head"] and record["epochs"] == 3
     # Bit-identical final states and statistics, re-checked here from the files.
     reference = load_checkpoint(find_checkpoint(results / "runs" / "one-node"))
-    stats = torch.load(results / "probes" / "one-node" / "statistics.pt")
+    stats = torch.load(results / "probes" / "one-node" / "statistics.pt", weights_only=True)
     for name in ("two-node", "node-loss"):
         state = load_checkpoint(find_checkpoint(results / "runs" / name))
         assert diff_states(state, reference) == [], name
-        assert torch.equal(torch.load(results / "probes" / name / "statistics.pt"), stats), name
+        assert torch.equal(
+            torch.load(results / "probes" / name / "statistics.pt", weights_only=True), stats
+        ), name
     assert len(reference["history"]) == 3 and stats.dtype == torch.float64
     # MLflow (the SQLite store every node wrote to): each epoch logged once per run.
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")

@@ -398,7 +398,7 @@ def test_sweep_that_died_before_tune_saved_state_resumes_afresh_under_its_parent
     args = ["--space", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", tracking.uri]
     args += ["--mlflow-experiment", tracking.experiment, "--set", "optim.epochs=1"]
 
-    def killed(address):
+    def killed(address, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C while connecting, before the Tuner exists
 
     monkeypatch.setattr(sweep, "connect", killed)
