@@ -68,8 +68,10 @@ __all__ = [
 
 log = logging.getLogger("nfpi.rehearsal")
 
-# Not compared: wall-clock timings, and where load_checkpoint read the state from.
+# Not compared: wall-clock timings (these and the Trainer's per-phase ``time_*``), and where
+# load_checkpoint read the state from.
 IGNORED_KEYS = frozenset({"epoch_seconds", "prior_stats_s", "prior_refresh_s", "_file"})
+IGNORED_PREFIX = "time_"
 RUNS = (("one-node", "PACK"), ("two-node", "SPREAD"), ("node-loss", "SPREAD"))
 
 
@@ -77,7 +79,7 @@ RUNS = (("one-node", "PACK"), ("two-node", "SPREAD"), ("node-loss", "SPREAD"))
 def diff_states(a: Any, b: Any, path: str = "", ignore: frozenset[str] = IGNORED_KEYS) -> list[str]:
     """Paths where two checkpoint states differ: tensors compared with ``torch.equal`` (dtype
     and every bit of every element), other values with ``==``; keys in ``ignore`` (wall-clock
-    timings, the file a state was read from) are skipped at any depth."""
+    timings, the file a state was read from) and ``time_*`` keys are skipped at any depth."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = (
             isinstance(a, torch.Tensor)
@@ -87,9 +89,13 @@ def diff_states(a: Any, b: Any, path: str = "", ignore: frozenset[str] = IGNORED
         )
         return [] if same else [path or "<root>"]
     if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}.{k}" for k in sorted(set(a) ^ set(b), key=str) if k not in ignore]
+
+        def skip(key: Any) -> bool:
+            return key in ignore or str(key).startswith(IGNORED_PREFIX)
+
+        out = [f"{path}.{k}" for k in sorted(set(a) ^ set(b), key=str) if not skip(k)]
         for key in sorted(set(a) & set(b), key=str):
-            if key not in ignore:
+            if not skip(key):
                 out += diff_states(a[key], b[key], f"{path}.{key}", ignore)
         return out
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):

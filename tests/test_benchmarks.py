@@ -49,6 +49,7 @@ def test_benchmark_smoke_test(script, tmp_path):
     out = tmp_path / "r.json"
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # ray_overhead starts its own local Ray
+    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     proc = subprocess.run(

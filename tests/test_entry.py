@@ -262,6 +262,7 @@ def test_sweep_mistakes_are_one_line_before_ray_starts(argv, words, tmp_path, no
 def test_every_entry_point_prints_one_line_and_exits_2(command, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
     out = subprocess.run(
         [*command, "--results-dir", str(tmp_path)] if "ray_jobs" in command[1] else command,
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
     x = torch.linspace(0, 1, 5, dtype=torch.float64)
-    state = {"flow": {"w": x}, "history": [{"nf_acc": 0.5, "epoch_seconds": 1.0}], "_file": "a"}
-    same = {"flow": {"w": x.clone()}, "history": [{"nf_acc": 0.5, "epoch_seconds": 9.0}]}
+    state = {
+        "flow": {"w": x},
+        "history": [{"nf_acc": 0.5, "epoch_seconds": 1.0, "time_train_s": 0.5}],
+        "_file": "a",
+    }
+    same = {
+        "flow": {"w": x.clone()},
+        "history": [{"nf_acc": 0.5, "epoch_seconds": 9.0, "time_train_s": 4.0}],
+    }
     assert diff_states(state, {**same, "_file": "b"}) == []
     bumped = x.clone()
     bumped[3] = torch.nextafter(bumped[3], torch.tensor(2.0, dtype=torch.float64))
@@ -41,6 +48,7 @@ def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path):
     results, out = tmp_path / "results", tmp_path / "rehearsal.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
     proc = subprocess.run(
         [
             sys.executable,
