@@ -216,6 +216,7 @@ def test_a_local_ray_that_times_out_during_startup_is_one_line(monkeypatch):
         raise Exception("The current node timed out during startup. This could happen ...")  # noqa: TRY002 - what Ray raises
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the suite's Ray may be up
     monkeypatch.setattr(ray, "init", timed_out)
     code, err = _run(lambda argv: connect(None), [])
     line = _one_line(err)
