@@ -4,6 +4,7 @@ and prior as a pyfunc model, and the sweep's comparison (ray_jobs.mlflow_logging
 import csv
 import io
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -58,8 +59,18 @@ def test_datasets_are_logged_once_as_inputs(tracking):
 
 def test_the_final_flow_is_a_pyfunc_model_that_classifies_and_samples(tracking, checkpoint):
     run_id = start_run(tracking, "r")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     uri = log_flow_model(tracking, run_id, checkpoint, registered_model="nfpi-smoke")
-    model = mlflow.pyfunc.load_model(uri)
+    # Logging leaves the process's tracking URI as it found it (a later run logs where it
+    # was told to); a reader names the store.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    mlflow.set_tracking_uri(tracking.uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
     trained = load_trained(checkpoint)
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     with torch.no_grad():
