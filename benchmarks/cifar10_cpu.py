@@ -38,7 +38,7 @@ from typing import Any
 
 from _common import ROOT, benchmark_parser, mode_name, write_records  # benchmarks/ on sys.path
 
-from nfpi.presets import parse_override
+from nfpi.presets import experiment_config, parse_override
 
 METHODS = ("data-init", "gd", "fpi")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -78,7 +78,6 @@ def run_one(
     """One training run in this process; returns its record, curve and run directory."""
     import torch
 
-    from nfpi.presets import experiment_config
     from nfpi.training import Trainer
 
     torch.set_num_threads(threads)
@@ -222,18 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_override(text) for text in args.set)
     if args.epochs:
         overrides["optim.epochs"] = args.epochs
-    epochs = overrides.get("optim.epochs", 8)
-    # GD's policy decays over all of a run's GD steps (100 per epoch in the preset).
-    steps = overrides.get("prior.gd.steps_per_solve", 100)
-    overrides.setdefault(
-        "prior.gd.policy",
-        {
-            "name": "sublinear_v1",
-            "lr0": 0.3,
-            "lr_min": 1e-3,
-            "total_steps": max(1, steps * epochs),
-        },
-    )
+    base = experiment_config("cifar10_cpu", overrides)
+    epochs = base.optim.epochs
+    if "prior.gd.policy" not in overrides:  # the preset's policy, decaying over this run's steps
+        overrides["prior.gd.policy.total_steps"] = max(1, base.prior.gd.steps_per_solve * epochs)
     runs_root = args.keep.resolve() if args.keep else Path(work.name) / "runs"
 
     tracking = parent_id = None
@@ -334,12 +325,13 @@ def report(
         print("every run with: " + ", ".join(args.set))
     print(summary)
     print("\nTest NF-Acc (%) / bits/dim after each epoch (epoch 0: right after the first update)")
-    print(curves(results))
+    curve_table = curves(results)
+    print(curve_table)
     if tracking is not None:
         from ray_jobs.tracking import RunLogger
 
         parent = RunLogger(tracking, parent_id)
-        parent.text(summary + "\n\n" + curves(results) + "\n", "results.md")
+        parent.text(summary + "\n\n" + curve_table + "\n", "results.md")
         for method in args.methods:
             accs = [r["nf_acc"] for r in records if r["method"] == method]
             parent.metrics({f"nf_acc.{method}": sum(accs) / len(accs)}, step=epochs - 1)
