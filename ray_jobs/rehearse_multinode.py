@@ -55,6 +55,7 @@ import torch
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from nfpi.config import ExperimentConfig
 from nfpi.presets import experiment_config
+from nfpi.training import is_wall_clock
 
 __all__ = [
     "Probe",
@@ -68,10 +69,9 @@ __all__ = [
 
 log = logging.getLogger("nfpi.rehearsal")
 
-# Not compared: wall-clock timings (these and the Trainer's per-phase ``time_*``), and where
-# load_checkpoint read the state from.
-IGNORED_KEYS = frozenset({"epoch_seconds", "prior_stats_s", "prior_refresh_s", "_file"})
-IGNORED_PREFIX = "time_"
+# Not compared: wall-clock timings (``nfpi.training.is_wall_clock``), and where load_checkpoint
+# read the state from.
+IGNORED_KEYS = frozenset({"_file"})
 RUNS = (("one-node", "PACK"), ("two-node", "SPREAD"), ("node-loss", "SPREAD"))
 
 
@@ -91,7 +91,7 @@ def diff_states(a: Any, b: Any, path: str = "", ignore: frozenset[str] = IGNORED
     if isinstance(a, dict) and isinstance(b, dict):
 
         def skip(key: Any) -> bool:
-            return key in ignore or str(key).startswith(IGNORED_PREFIX)
+            return key in ignore or is_wall_clock(str(key))
 
         out = [f"{path}.{k}" for k in sorted(set(a) ^ set(b), key=str) if not skip(k)]
         for key in sorted(set(a) & set(b), key=str):

@@ -31,7 +31,7 @@ from nfpi.errors import (
     RunDirectoryLockedError,
 )
 from nfpi.presets import experiment_config
-from nfpi.training import Trainer
+from nfpi.training import Trainer, is_wall_clock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,14 +116,9 @@ def test_resume_with_the_saved_rate_is_bit_identical_to_a_plain_resume(tmp_path)
     same.fit()
     for name, tensor in plain.flow.state_dict().items():
         assert torch.equal(tensor, same.flow.state_dict()[name]), name
-    timings = {"epoch_seconds", "prior_stats_s", "prior_refresh_s"}
-
-    def timed(k: str) -> bool:  # wall-clock fields (the Trainer's time_* phases included)
-        return k in timings or k.startswith("time_")
-
     for a, b in zip(plain.history, same.history, strict=True):
-        assert {k: v for k, v in a.items() if not timed(k)} == {
-            k: v for k, v in b.items() if not timed(k)
+        assert {k: v for k, v in a.items() if not is_wall_clock(k)} == {
+            k: v for k, v in b.items() if not is_wall_clock(k)
         }
 
 

@@ -27,7 +27,7 @@ from nfpi.data.cache import block
 from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
 from nfpi.errors import ConfigError, DatasetNotFoundError
 from nfpi.presets import experiment_config
-from nfpi.training import Trainer
+from nfpi.training import Trainer, is_wall_clock
 
 
 def _pixels(dataset):
@@ -149,11 +149,7 @@ def test_training_from_the_cache_is_bit_identical_to_training_from_files(jpeg_tr
     cached.fit()
 
     def untimed(history):  # wall-clock fields differ between any two runs
-        timing = {"epoch_seconds", "prior_stats_s", "prior_refresh_s"}
-        return [
-            {k: v for k, v in h.items() if k not in timing and not k.startswith("time_")}
-            for h in history
-        ]
+        return [{k: v for k, v in h.items() if not is_wall_clock(k)} for h in history]
 
     assert untimed(cached.history) == untimed(files.history)
     for key, value in files.flow.state_dict().items():

@@ -10,10 +10,11 @@ by :mod:`nfpi.checkpoint`; nothing here imports Ray or MLflow.
 """
 
 from nfpi.training.evaluation import collect_statistics, evaluate
-from nfpi.training.loop import Callback, EpochResult, Trainer
+from nfpi.training.loop import WALL_CLOCK_KEYS, Callback, EpochResult, Trainer, is_wall_clock
 from nfpi.training.schedule import PriorClient, PriorSchedule, report_metrics
 
 __all__ = [
+    "WALL_CLOCK_KEYS",
     "Callback",
     "EpochResult",
     "PriorClient",
@@ -21,5 +22,6 @@ __all__ = [
     "Trainer",
     "collect_statistics",
     "evaluate",
+    "is_wall_clock",
     "report_metrics",
 ]

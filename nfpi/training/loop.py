@@ -83,7 +83,16 @@ from nfpi.training.randomness import (
 )
 from nfpi.training.schedule import PriorClient, PriorSchedule, report_metrics
 
-__all__ = ["Callback", "EpochResult", "Trainer"]
+__all__ = ["WALL_CLOCK_KEYS", "Callback", "EpochResult", "Trainer", "is_wall_clock"]
+
+#: Metrics that measure time, not the run: they differ between two runs of the same state.
+WALL_CLOCK_KEYS = frozenset({"epoch_seconds", "prior_stats_s", "prior_refresh_s"})
+
+
+def is_wall_clock(key: str) -> bool:
+    """Whether a metrics key is a wall-clock time (the above, or a per-phase ``time_*``)."""
+    return key in WALL_CLOCK_KEYS or key.startswith("time_")
+
 
 log = logging.getLogger(__name__)
 
