@@ -31,6 +31,7 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 
 import nfpi
 from nfpi import plots
@@ -107,22 +108,43 @@ def log_datasets(
     test_size: int | None,
 ) -> None:
     """The run's training and test sets as dataset inputs (contexts ``training`` and
-    ``testing``); a re-launched run does not log them twice."""
+    ``testing``); a re-launched run does not log them twice.
+
+    A sweep's trials start together and log the same dataset into one experiment. MLflow looks
+    for the dataset, then inserts it, so of two trials doing that at once one fails on the
+    store's uniqueness constraint; that trial tries again and finds the other's dataset.
+    """
     client = tracking.client()
-    have = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
-    inputs = [
-        DatasetInput(
-            _dataset(config, split, size, shape, num_classes),
-            tags=[InputTag("mlflow.data.context", context)],
-        )
-        for split, size, context in (
-            ("train", train_size, "training"),
-            ("test", test_size, "testing"),
-        )
-        if f"{config.data.name}-{split}" not in have
-    ]
-    if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(1, _DATASET_ATTEMPTS + 1):
+        have = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+        inputs = [
+            DatasetInput(
+                _dataset(config, split, size, shape, num_classes),
+                tags=[InputTag("mlflow.data.context", context)],
+            )
+            for split, size, context in (
+                ("train", train_size, "training"),
+                ("test", test_size, "testing"),
+            )
+            if f"{config.data.name}-{split}" not in have
+        ]
+        if not inputs:
+            return
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            if attempt == _DATASET_ATTEMPTS or not _is_conflict(error):
+                raise
+
+
+_DATASET_ATTEMPTS = 3
+
+
+def _is_conflict(error: MlflowException) -> bool:
+    """A uniqueness violation, as SQLite, PostgreSQL and MySQL word it through SQLAlchemy."""
+    text = str(error).lower()
+    return "unique constraint" in text or "duplicate" in text or "integrityerror" in text
 
 
 # --------------------------------------------------------------------------------------- model

@@ -57,6 +57,54 @@ def test_datasets_are_logged_once_as_inputs(tracking):
     }
 
 
+def _log_datasets_in_step(tracking, run_ids, barrier, errors):
+    """One trial's start per run: all processes log a new selection at the same moment."""
+    import dataclasses
+
+    config = experiment_config("smoke")
+    for i, run_id in enumerate(run_ids):
+        data = dataclasses.replace(config.data, items_per_class=10 + i, test_items_per_class=5 + i)
+        barrier.wait()
+        try:
+            log_datasets(tracking, run_id, dataclasses.replace(config, data=data),
+                         shape=(1, 8, 8), num_classes=10, train_size=200, test_size=100)  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - reported to the test, which fails on it
+            errors.put(f"round {i}: {type(error).__name__}: {str(error)[:200]}")
+
+
+def test_trials_starting_together_log_the_same_dataset_without_a_conflict(tracking):
+    """Regression (CI, stop 16): a sweep's trials start at once and log the same dataset into
+    one experiment; MLflow checks for it, then inserts it, so the slower trial died of
+    ``UNIQUE constraint failed: datasets...``. Here 4 processes do it 8 times in step; before
+    the fix nearly every round failed."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes, rounds = 4, 8
+    runs = [[start_run(tracking, f"t{p}-r{r}") for r in range(rounds)] for p in range(processes)]
+    barrier, errors = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(target=_log_datasets_in_step, args=(tracking, ids, barrier, errors))
+        for ids in runs
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == []
+    client = tracking.client()
+    for ids in runs:  # every trial has its round's two datasets
+        for run in ids:
+            assert len(client.get_run(run).inputs.dataset_inputs) == 2
+    digests = {d.dataset.digest for ids in runs for run in ids
+               for d in client.get_run(run).inputs.dataset_inputs}  # fmt: skip
+    assert len(digests) == 2 * rounds  # and trials of one round share them
+
+
 def test_the_final_flow_is_a_pyfunc_model_that_classifies_and_samples(tracking, checkpoint):
     run_id = start_run(tracking, "r")
     before = os.environ.get("MLFLOW_TRACKING_URI")
