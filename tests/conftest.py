@@ -8,6 +8,10 @@ import socket
 # Sleeping, not spinning, OpenMP threads: the suite runs Ray workers and gloo processes next to
 # the pytest process on few cores, where spin-waiting threads slow every step down many-fold.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray Train's controller polls its workers every 2 s by default, so every run (and every
+# detection of a killed worker) waits up to 2 s for the next poll; the suite runs dozens of
+# short runs. Inherited by the suite's Ray and by the clusters that tests start in subprocesses.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 

@@ -34,6 +34,22 @@ def test_every_library_module_imports_with_ray_and_mlflow_blocked():
     assert len(MODULES) > 30  # the walk found the package (a broken walk would pass vacuously)
 
 
+def test_a_train_worker_does_not_import_torchvision_timm_or_sklearn():
+    """Every Ray Train worker, trial and controller process imports ``ray_jobs.train``; the image
+    libraries are imported where images are read, augmented or classified (torchvision alone
+    took ~1.5 s of each worker's start-up, torch._dynamo through torchvision.ops)."""
+    code = (
+        "import sys, ray_jobs.train\n"
+        "heavy = {'torchvision', 'timm', 'sklearn', 'torch._dynamo'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()

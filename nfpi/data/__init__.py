@@ -25,7 +25,6 @@ from nfpi.data.datasets import (
     read_image,
     subsample_per_class,
 )
-from nfpi.data.imagefolder import LAYOUT as IMAGEFOLDER_LAYOUT
 from nfpi.data.imagefolder import find_tree, load_imagefolder
 from nfpi.data.load import (
     DATASET_NAMES,
@@ -53,7 +52,6 @@ __all__ = [
     "DATASET_NAMES",
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
-    "IMAGEFOLDER_LAYOUT",
     "LEVELS_8BIT",
     "SPLITS",
     "BatchAugment",

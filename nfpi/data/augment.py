@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torchvision.transforms import v2
 
 from nfpi.errors import ConfigError
 
@@ -77,6 +76,8 @@ def paper_augmentation(
         raise ConfigError("pad", pad, "an int >= 0")
     if max_shift < 0 or max_shift > pad:
         raise ConfigError("max_shift", max_shift, f"an int in [0, pad = {pad}]")
+
+    from torchvision.transforms import v2  # on use: importing torchvision costs ~1.5 s
 
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     if flip:

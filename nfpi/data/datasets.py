@@ -12,12 +12,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as F
-
-try:
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # a torchvision without its image decoders: PIL decodes everything
-    ImageReadMode, decode_image = None, None  # type: ignore[assignment,misc]
 
 from nfpi.errors import (
     ConfigError,
@@ -169,7 +163,9 @@ def _decode_native(path: str | Path) -> torch.Tensor | None:
     images, where PIL's header parsing in Python dominates); ``None`` if it cannot (the caller
     falls back to PIL). torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a
     dependency here): the warning is silenced, and once they are gone PIL reads everything."""
-    if decode_image is None:
+    try:  # torchvision is imported where images are read (it costs ~1.5 s per process)
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # a torchvision without its image decoders: PIL decodes everything
         return None
     try:
         with open(path, "rb") as f:
@@ -205,6 +201,8 @@ def read_image(path: str | Path, image_size: int | None = None) -> torch.Tensor:
         raise OSError(f"cannot read image {path}: {e}") from e
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if image_size is not None:
+        from torchvision.transforms.v2 import functional as F
+
         x = F.resize(x, [image_size], antialias=True)
         x = F.center_crop(x, [image_size, image_size])
     return x

@@ -7,21 +7,33 @@ import os
 from pathlib import Path
 
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from nfpi.data.archive import ARCHIVE_SUFFIXES, extract_archive, is_archive
 from nfpi.data.datasets import DatasetInfo, ImageFileDataset
 from nfpi.errors import ConfigError, DatasetNotFoundError, ShapeError
 
-__all__ = ["LAYOUT", "find_tree", "load_imagefolder"]
+__all__ = ["find_tree", "layout", "load_imagefolder"]
 
 logger = logging.getLogger(__name__)
 
-LAYOUT = (
-    "root/{train,test}/<class name>/<image files> (the test split may be named 'val', as in "
-    f"ImageNet; image extensions {', '.join(IMG_EXTENSIONS)}; root may also be a "
-    f"{'/'.join(ARCHIVE_SUFFIXES)} archive of such a tree)"
-)
+
+def _extensions() -> tuple[str, ...]:
+    """The image extensions torchvision's ImageFolder reads (imported on use: importing
+    torchvision costs every Ray worker ~1.5 s, and digits runs never read a file)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return tuple(IMG_EXTENSIONS)
+
+
+def layout() -> str:
+    """The tree this loader reads, as error messages and the docs state it."""
+    return (
+        "root/{train,test}/<class name>/<image files> (the test split may be named 'val', as "
+        f"in ImageNet; image extensions {', '.join(_extensions())}; root may also be a "
+        f"{'/'.join(ARCHIVE_SUFFIXES)} archive of such a tree)"
+    )
+
+
 _SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 
 
@@ -44,12 +56,12 @@ def find_tree(
     """
     path = Path(root).expanduser()
     if not path.exists():
-        raise DatasetNotFoundError(f"imagefolder root {path} does not exist; expected {LAYOUT}")
+        raise DatasetNotFoundError(f"imagefolder root {path} does not exist; expected {layout()}")
     if path.is_file():
         if not is_archive(path):
             raise DatasetNotFoundError(
                 f"imagefolder root {path} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} "
-                f"archive; expected {LAYOUT}"
+                f"archive; expected {layout()}"
             )
         path = extract_archive(path, extract_to)
     if _has_split(path):
@@ -64,7 +76,7 @@ def find_tree(
     found = ", ".join(d.name for d in _visible_dirs(path)[:10]) or "no folders"
     raise DatasetNotFoundError(
         f"no train/test/val folders in {path} nor in a single sub-folder of it (found: {found}); "
-        f"expected {LAYOUT}"
+        f"expected {layout()}"
     )
 
 
@@ -74,25 +86,25 @@ def _split_dir(tree: Path, split: str) -> Path:
             return tree / name
     raise DatasetNotFoundError(
         f"split {split!r} not found in {tree}: no folder {' or '.join(_SPLIT_DIRS[split])}; "
-        f"expected {LAYOUT}"
+        f"expected {layout()}"
     )
 
 
 def _classes(split_dir: Path) -> list[str]:
     classes = [d.name for d in _visible_dirs(split_dir)]
     if not classes:
-        raise DatasetNotFoundError(f"no class folders in {split_dir}; expected {LAYOUT}")
+        raise DatasetNotFoundError(f"no class folders in {split_dir}; expected {layout()}")
     return classes
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    files = []
+    files, extensions = [], _extensions()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(
             Path(dirpath) / f
             for f in filenames
-            if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
+            if not f.startswith(".") and f.lower().endswith(extensions)
         )
     return sorted(files)
 
@@ -133,7 +145,7 @@ def load_imagefolder(
     the same thing in both splits.
 
     Args:
-        root: tree, folder holding one tree, or tar archive of either (see :data:`LAYOUT`).
+        root: tree, folder holding one tree, or tar archive of either (see :func:`layout`).
         split: ``"train"`` or ``"test"`` (``test/``, else ``val/``).
         image_size: side S of an optional resize (shorter side) + centre crop, for trees whose
             images differ in size; without it all images must have one size.
@@ -175,7 +187,7 @@ def load_imagefolder(
         files = _image_files(split_dir / name)
         if not files:
             raise DatasetNotFoundError(
-                f"class folder {split_dir / name} holds no image files; expected {LAYOUT}"
+                f"class folder {split_dir / name} holds no image files; expected {layout()}"
             )
         first_files.append(files[0])
         paths.extend(files)
