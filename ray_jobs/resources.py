@@ -1,11 +1,13 @@
 """What a sweep's trial reserves, and how many trials run at once on the cluster as it is now.
 
 A Tune trial of this project is a driver (the Tune function that owns the prior actor and starts
-the Train run; a token CPU share) plus the Train run's workers, which Ray Train V2 places in a
+the Train run; it reserves memory, no CPU) plus the Train run's workers, which Ray Train V2 places in a
 placement group of its own (``resources_per_worker`` x ``num_workers``), outside the trial's.
 Tune therefore only sees the driver: left alone it would start every trial at once, and the
 Train runs that do not fit wait for their workers, failing with Train's startup timeout every
-60 s (on 2 CPUs two 1-worker trials need 2 x (1 + 0.01) = 2.02 CPUs).
+60 s. The driver sleeps in ``trainer.fit()``, so it reserves memory, not CPU: with a token CPU
+share two 1-worker trials needed 2 x (1 + 0.01) = 2.02 CPUs, and a 2-core machine ran one trial
+at a time with one core idle.
 
 :class:`ClusterConcurrency` starts a trial only when its whole :class:`TrialFootprint` fits on
 the cluster's alive nodes next to the trials already running (driver and worker bundles packed
@@ -28,7 +30,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray_jobs.settings import RaySettings
 
 __all__ = [
-    "DRIVER_CPU",
+    "DRIVER_MEMORY",
     "ClusterConcurrency",
     "TrialFootprint",
     "alive_node_resources",
@@ -38,8 +40,10 @@ __all__ = [
 
 log = logging.getLogger("nfpi.sweep")
 
-# The trial driver's CPU share: it sleeps in ``trainer.fit()`` while the workers compute.
-DRIVER_CPU = 0.01
+# What the trial driver reserves: no CPU (it sleeps in ``trainer.fit()`` while the workers
+# compute), some memory (a Ray placement-group bundle cannot be empty; the driver process does
+# hold torch, MLflow and the run's bookkeeping).
+DRIVER_MEMORY = 256 * 1024**2
 # Resources a placement-group bundle may request that Ray reports per node.
 _KEYS = ("CPU", "GPU", "memory")
 
@@ -56,7 +60,7 @@ class TrialFootprint:
     @classmethod
     def of(cls, settings: RaySettings) -> TrialFootprint:
         worker = {"CPU": settings.cpus_per_worker, **({"GPU": 1.0} if settings.use_gpu else {})}
-        return cls({"CPU": DRIVER_CPU}, worker, max(settings.num_workers, 1))
+        return cls({"memory": DRIVER_MEMORY}, worker, max(settings.num_workers, 1))
 
     def bundles(self) -> list[dict[str, float]]:
         """The driver's bundle, then one per worker."""
@@ -64,7 +68,11 @@ class TrialFootprint:
 
     def describe(self) -> str:
         per = ", ".join(f"{v:g} {k}" for k, v in self.worker.items())
-        return f"{self.num_workers} worker(s) x ({per}) + driver {self.driver['CPU']:g} CPU"
+        driver = ", ".join(
+            f"{v / 1024**2:g} MiB memory" if k == "memory" else f"{v:g} {k}"
+            for k, v in self.driver.items()
+        )
+        return f"{self.num_workers} worker(s) x ({per}) + driver ({driver})"
 
 
 def _fits(free: dict[str, float], bundle: Mapping[str, float]) -> bool:

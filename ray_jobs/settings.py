@@ -206,14 +206,19 @@ def _init(address: str, verbose: bool) -> None:
     """``ray.init``; a local node that timed out during startup is reported as
     :class:`ClusterStartError` (one line, not Ray's traceback). Its half-started processes end
     with this process (Ray's reaper); no second attempt, which would only add to the load."""
+    local = address == "local"
     try:
         ray.init(
             address=address,
             log_to_driver=verbose,
             logging_level=logging.INFO if verbose else logging.WARNING,
+            # A trial is ~9 processes (driver, prior actor, Train controller, workers and Train's
+            # helper actors); Ray warns once a node has started 4 x its startup concurrency
+            # (= its CPUs) of them: 2 trials on 2 CPUs printed that warning in the first command.
+            **({"_system_config": {"worker_maximum_startup_concurrency": 8}} if local else {}),
         )
     except Exception as err:
-        if address != "local" or _NODE_START_TIMEOUT not in str(err):
+        if not local or _NODE_START_TIMEOUT not in str(err):
             raise
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         raise ClusterStartError(
