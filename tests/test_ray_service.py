@@ -154,34 +154,31 @@ def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
 
 @pytest.mark.parametrize(
     ("crash_epoch", "lose_local", "path"),
-    [(1, False, "run-dir"), (1, True, "ray"), (0, True, "scratch")],
-    ids=["from-the-run-directory", "from-the-ray-checkpoint", "from-scratch"],
+    [(1, False, "run-dir"), (0, True, "scratch")],
+    ids=["from-the-run-directory", "from-scratch"],
 )
 def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
     ray_session, tmp_path, crash_epoch, lose_local, path
 ):
     """A worker dies at the end of epoch ``crash_epoch``, before reporting it. The restarted
-    group resumes from the run directory's last good checkpoint; when that disk is lost too,
-    from the checkpoint Ray Train registered; with neither, from scratch (prior actor reset)."""
+    group resumes from the run directory's last good checkpoint; with no checkpoint at all, from
+    scratch (prior actor reset). When the run directory is lost but Ray Train registered a
+    checkpoint, the group resumes from that one: tests/test_recovery.py::
+    test_killed_worker_in_a_two_worker_group_logs_each_step_once_and_ends_bit_identical (two
+    workers, bit-identical to an uninterrupted run)."""
     config = _smoke(**{"prior.method": "fpi"})
     settings = _settings(tmp_path, max_failures=1)
     marker, resumed_log = tmp_path / "crashed", tmp_path / "resumed_from"
-    snapshot = settings.storage / "crash" / "checkpoint_manager_snapshot.json"
 
     def crash_once(trainer, result):  # runs in the worker: no globals of this test module
         import os
         import shutil
-        import time
 
         if marker.exists():
             resumed_log.write_text(str(trainer.resumed_from))
             return
         if result.epoch != crash_epoch:
             return
-        deadline = time.monotonic() + 120
-        while path == "ray" and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-            assert time.monotonic() < deadline, "Ray Train never registered the checkpoint"
-            time.sleep(0.1)  # polled: wait until the controller registered epoch 0's checkpoint
         marker.write_text(str(os.getpid()))
         if lose_local:
             shutil.rmtree(trainer.run_dir / "checkpoints")
@@ -191,11 +188,7 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
     reference = Trainer(config, tmp_path / "reference").fit()
     assert marker.exists() and result.metrics["epoch"] == 2.0
     resumed = resumed_log.read_text()
-    assert {
-        "run-dir": "checkpoints/epoch-0002",
-        "ray": "checkpoints/from-ray",
-        "scratch": "None",
-    }[path] in resumed, resumed
+    assert {"run-dir": "checkpoints/epoch-0002", "scratch": "None"}[path] in resumed, resumed
     for key in ("nf_acc", "test_bpd", "train_bpd", "prior_version"):
         assert result.metrics[key] == pytest.approx(reference[-1][key], rel=1e-4), key
 
