@@ -82,3 +82,35 @@ def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     Trainer(experiment_config("smoke", {"eval.plots": False, "optim.epochs": 1}), run_dir).fit()
     return run_dir
+
+
+@pytest.fixture
+def run_rehearsal():
+    """``run(script, out, *args)``: a ``ray_jobs/rehearse_*.py`` script in a subprocess (it starts
+    and ends its own Ray cluster, away from the suite's Ray), its exit status checked; returns
+    the report it wrote to ``out``, whose failed checks must be none."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script: str, out: Path, *args: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (ray_session)
+        proc = subprocess.run(
+            [sys.executable, str(root / "ray_jobs" / script), *args, "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        report = json.loads(out.read_text())
+        assert report["errors"] == []
+        return report
+
+    return run

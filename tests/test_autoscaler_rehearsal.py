@@ -2,10 +2,6 @@
 multi-node config made from cluster.yaml, the syntax of every setup and start command, and the
 scale-up / scale-down cycle end to end."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,26 +40,12 @@ def test_every_cluster_command_parses_and_a_broken_one_is_named():
 
 
 @pytest.mark.cluster
-def test_the_autoscaler_adds_gpu_workers_for_a_spread_run_and_removes_them(tmp_path):
+def test_the_autoscaler_adds_gpu_workers_for_a_spread_run_and_removes_them(tmp_path, run_rehearsal):
     """The whole cycle on Ray's fake multi-node provider: a private head alone, a demand shaped
     like ``--use-gpu --num-workers 2 --placement-strategy SPREAD`` makes the autoscaler launch
     ``gpu_worker`` nodes, one bundle lands on each, and once the demand is gone the idle nodes
     are terminated. In a subprocess: the rehearsal starts and ends its own cluster."""
-    out = tmp_path / "autoscaler.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "ray_jobs" / "rehearse_autoscaler.py"), "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(out.read_text())
-    assert report["errors"] == []
+    report = run_rehearsal("rehearse_autoscaler.py", tmp_path / "autoscaler.json")
     record = report["record"]
     assert record["workers_before"] == 0 and record["workers_after"] == 0
     assert record["workers_launched"] == 2 == record["max_workers"]

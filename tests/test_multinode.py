@@ -6,20 +6,12 @@ The rehearsal starts its own Ray cluster, so it runs in a subprocess: the suite'
 (``ray_session``) is left alone and nothing of the cluster outlives the test.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from ray_jobs.rehearse_multinode import diff_states
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
@@ -44,30 +36,12 @@ def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
 
 
 @pytest.mark.cluster
-def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path):
-    results, out = tmp_path / "results", tmp_path / "rehearsal.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "ray_jobs" / "rehearse_multinode.py"),
-            "--smoke-test",
-            "--results-dir",
-            str(results),
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(out.read_text())
-    assert report["errors"] == []
+def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path, run_rehearsal):
+    results = tmp_path / "results"
+    report = run_rehearsal(
+        "rehearse_multinode.py", tmp_path / "rehearsal.json", "--smoke-test", "--results-dir",
+        str(results),
+    )  # fmt: skip
     one, two, loss = report["records"]
     # Placement: PACK on one node, SPREAD on both; after the loss, the group is on the head.
     assert len(one["nodes_per_attempt"]) == 1 and len(one["nodes_per_attempt"][0]) == 1
