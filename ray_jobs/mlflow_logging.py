@@ -97,6 +97,9 @@ def _dataset(config: ExperimentConfig, split: str, size: int | None, shape: Any,
     )
 
 
+_DATASET_ATTEMPTS = 3  # log_datasets: tries of one dataset log under concurrent trials
+
+
 def log_datasets(
     tracking: Tracking,
     run_id: str,
@@ -136,9 +139,6 @@ def log_datasets(
         except MlflowException as error:
             if attempt == _DATASET_ATTEMPTS or not _is_conflict(error):
                 raise
-
-
-_DATASET_ATTEMPTS = 3
 
 
 def _is_conflict(error: MlflowException) -> bool:

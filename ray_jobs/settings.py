@@ -128,13 +128,12 @@ def check_before_ray(
     configs: Iterable[ExperimentConfig],
     settings: RaySettings,
     address: str | None,
-    driver_cpu: float = 0.0,
 ) -> list[str]:
     """The cheap checks of a Ray run or sweep, before Ray starts: every config's
     (:func:`nfpi.checks.preflight`: data paths, the global batch against the workers and the
     training set) and, on a local Ray, the workers against this machine (a GPU for
-    ``--use-gpu``, CPUs for the workers and ``driver_cpu``). Returns the schedule warnings
-    (each once).
+    ``--use-gpu``, CPUs for the workers; a trial's driver holds none). Returns the schedule
+    warnings (each once).
 
     Raises:
         ConfigError / DatasetNotFoundError: naming the field or path and the fix.
@@ -157,14 +156,13 @@ def check_before_ray(
             "--address of a cluster with GPUs",
         )
     cpus = _local_cpus()
-    need = max(settings.num_workers, 1) * settings.cpus_per_worker + driver_cpu
+    need = max(settings.num_workers, 1) * settings.cpus_per_worker
     if need > cpus + 1e-9:
         raise ConfigError(
             "--num-workers",
             settings.num_workers,
             f"at most what this machine's {cpus} CPUs hold: {settings.num_workers} workers x "
             f"{settings.cpus_per_worker:g} CPUs (--cpus-per-worker)"
-            + (f" + {driver_cpu:g} for the trial's driver" if driver_cpu else "")
             + f" = {need:g}; lower --num-workers or --cpus-per-worker",
         )
     return list(warnings)

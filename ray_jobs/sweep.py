@@ -414,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = RaySettings.from_args(args)
     footprint = TrialFootprint.of(settings)
     # Cheap checks before Ray starts (data paths, batch vs workers, this machine's resources).
-    for warning in check_before_ray(
-        configs, settings, args.address, footprint.driver.get("CPU", 0.0)
-    ):
+    for warning in check_before_ray(configs, settings, args.address):
         log.warning(warning)
     tracking = settings.tracking
     assert tracking is not None
