@@ -210,6 +210,16 @@ class PriorConfig(Config):
             return self.gd_objective
         return self.objective
 
+    def solve_epochs(self, epochs: int) -> list[int]:
+        """The epochs (0-based) after which this prior is updated in a run of ``epochs``."""
+        return [e for e in range(epochs) if self.solves_after(e)]
+
+    def gd_steps(self, epochs: int) -> int:
+        """The GD steps a run of ``epochs`` takes (0 unless ``method`` is ``gd``)."""
+        if self.method != "gd":
+            return 0
+        return len(self.solve_epochs(epochs)) * self.gd.steps_per_solve
+
     def solves_after(self, epoch: int) -> bool:
         """Whether a prior update is scheduled at the end of ``epoch`` (0-based)."""
         if self.method == "data-init" or (
@@ -228,16 +238,25 @@ class PriorConfig(Config):
 @dataclass(frozen=True)
 class OptimConfig(Config):
     """Flow optimisation: Adamax with linear warm-up (paper: lr 1e-2, 1000 warm-up steps, batch 512,
-    500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers."""
+    500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers.
+    ``init_batch``: how many training images the data-dependent ActNorm init sees (the release:
+    1024)."""
 
     epochs: int = 10
     batch_size: int = 512
     lr: float = 1e-2
     warmup_steps: int = 1000
     grad_clip: float | None = None
+    init_batch: int = 512
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an int >= 1")
+        check(
+            self.init_batch >= 1,
+            "init_batch",
+            self.init_batch,
+            "an int >= 1 (training images of the flow's data-dependent ActNorm init)",
+        )
         check(self.batch_size >= 2, "batch_size", self.batch_size, "an int >= 2")
         check(is_number(self.lr) and self.lr > 0, "lr", self.lr, "a finite float > 0")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an int >= 0")
@@ -252,7 +271,8 @@ class OptimConfig(Config):
 @dataclass(frozen=True)
 class EMAConfig(Config):
     """EMA of the flow (ema-pytorch; paper: beta 0.9999, power 0.75). It starts after the first
-    FPI solve (from the start for the other methods). ``enabled=False``: no EMA, evaluation and
+    FPI solve (from the start for the other methods), or at the first step of epoch
+    ``start_epoch`` when that is set (the release: epoch 1, for every method). ``enabled=False``: no EMA, evaluation and
     pictures use the online flow, the flow the prior's statistics come from (short runs that
     re-solve the prior every epoch: an EMA then lags behind the flow the prior was solved for)."""
 
@@ -261,9 +281,17 @@ class EMAConfig(Config):
     power: float = 0.75
     update_every: int = 10
     update_after_step: int = 100
+    start_epoch: int | None = None
 
     def validate(self) -> None:
         check(0 <= self.beta < 1, "beta", self.beta, "a float in [0, 1)")
+        check(
+            self.start_epoch is None or self.start_epoch >= 0,
+            "start_epoch",
+            self.start_epoch,
+            "None (after the FPI's first solve; from the start for the other methods) or the "
+            "epoch (0-based) whose first step starts the EMA",
+        )
         check(self.power > 0, "power", self.power, "a float > 0")
         check(self.update_every >= 1, "update_every", self.update_every, "an int >= 1")
         check(
@@ -318,6 +346,16 @@ class ExperimentConfig(Config):
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def resolved(self) -> ExperimentConfig:
+        """This config with the values that derive from others filled in: the GD policy's
+        horizon (``prior.gd.policy.total_steps`` None -> the GD steps this run takes, so that a
+        decaying policy ends at its ``lr_min`` on the run's last GD step). What runs, and what
+        is logged, is the resolved config; resolving twice changes nothing."""
+        if self.prior.method != "gd" or self.prior.gd.policy.total_steps is not None:
+            return self
+        steps = max(1, self.prior.gd_steps(self.optim.epochs))
+        return self.with_overrides({"prior.gd.policy.total_steps": steps})
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an int >= 0")

@@ -11,8 +11,8 @@ line when it ends or fails (the error on one line). On a terminal each running t
 :class:`SweepProgress` feeds it from Tune (a Tune callback, in the sweep's driver);
 :class:`TrainProgress` from a single Ray Train run (a Train callback, in Train's controller,
 forwarding each report through a Ray queue to a thread of the driver).
-:func:`trial_label` names a trial after what it varies (``fpi lam=300``, ``gd linear``): the
-console and the MLflow child runs use it.
+:func:`search_spaces.trial_label` names a trial after what it varies (``fpi lam=300``,
+``gd linear``): the console and the MLflow child runs use it.
 """
 
 from __future__ import annotations
@@ -32,50 +32,13 @@ from tqdm import tqdm
 
 from nfpi.entry import one_line, user_error
 
-__all__ = ["Progress", "SweepProgress", "TrainProgress", "trial_label"]
+__all__ = ["Progress", "SweepProgress", "TrainProgress"]
 
 log = logging.getLogger("nfpi.progress")
 
 LINES_PER_RUN = 5  # progress lines per run when not on a terminal (plus start and end)
 SHOWN = (("nf_acc", "nf_acc", 3), ("test_bpd", "test_bpd", 3), ("train_bpd", "train_bpd", 3))
 FINAL = (*SHOWN, ("cnn_acc", "cnn_acc", 3), ("aug_acc", "aug_acc", 3))
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, dict):
-        return "on"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def trial_label(space: Any, sample: dict[str, Any], overrides: dict[str, Any] | None = None) -> str:
-    """What a trial of ``space`` (a :class:`search_spaces.SearchSpace`) varies, in a few words:
-    its prior method, then the values of the ``group_by`` keys it sets, then the other scalar
-    values it draws (``fpi lam=300``, ``gd linear``, ``fpi alpha=0.53 pi=mean``)."""
-    config = space.config_for(sample, overrides)
-    varied = space.overrides_of(sample)
-    parts = [config.prior.method]
-    keys = [k for k in space.group_by if k != "prior.method"]
-    keys += [
-        k
-        for k, v in varied.items()
-        if k not in keys and k != "prior.method" and not isinstance(v, dict)
-        and k in space.params  # drawn by Tune itself, not part of a whole-variant dict
-    ]  # fmt: skip
-    flat = config.flat()
-    for key in keys:
-        if key in varied:
-            value = varied[key]
-        elif any(key.startswith(f"{v}.") for v in varied):
-            value = flat.get(key)
-        else:
-            continue  # this trial does not set it (e.g. the GD policy of the FPI row)
-        name = key.rsplit(".", 1)[-1]
-        parts.append(_value(value) if name == "name" else f"{name}={_value(value)}")
-    return " ".join(parts)
 
 
 def _metrics_text(metrics: dict[str, Any], keys: tuple = SHOWN) -> str:

@@ -39,15 +39,17 @@ from filelock import FileLock
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.sample import Domain
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nfpi.config import ExperimentConfig
 from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError
+from nfpi.plan import H100_EFFECTIVE_FLOPS, format_plans
 from nfpi.presets import EXPERIMENTS, parse_override
 from ray_jobs.augment_pool import build_pool, train_set_of
 from ray_jobs.mlflow_logging import log_sweep_summary, save_sweep_view
-from ray_jobs.progress import SweepProgress, trial_label
+from ray_jobs.progress import SweepProgress
 from ray_jobs.resources import (
     ClusterConcurrency,
     TrialFootprint,
@@ -59,7 +61,7 @@ from ray_jobs.resources import (
 from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
 from ray_jobs.tracking import RunLogger, param_value, start_run, ui_url
 from ray_jobs.train import final_metrics, run_experiment
-from search_spaces import SPACE_NAMES, SearchSpace, load_space
+from search_spaces import SPACE_NAMES, SearchSpace, Trial, load_space
 
 __all__ = ["SweepSpec", "flow_digest", "main", "results_table", "run_trial"]
 
@@ -79,10 +81,16 @@ class SweepSpec:
     parent_run_id: str | None = None
     repeats: int = 1
 
-    def label(self, space: SearchSpace, sample: dict[str, Any], trial_id: str) -> str:
+    def trial(self, sample: dict[str, Any]) -> tuple[SearchSpace, Trial]:
+        """The space (for the chosen options) and the trial of ``sample``: the one builder
+        (:meth:`search_spaces.SearchSpace.trial`) every user of a trial's config goes through."""
+        space, _ = load_space(self.space).with_options(self.overrides)
+        return space, space.trial(sample, self.overrides)
+
+    def label(self, trial: Trial, trial_id: str) -> str:
         """A trial's name in the console and in MLflow: what it varies (``fpi lam=300``),
         numbered (``#3``, Tune's trial index) when the sweep repeats its samples."""
-        label = trial_label(space, sample, self.overrides)
+        label = trial.label
         return f"{label} #{int(trial_id.rsplit('_', 1)[-1])}" if self.repeats > 1 else label
 
 
@@ -90,11 +98,11 @@ def run_trial(tune_config: dict[str, Any], spec: SweepSpec) -> dict[str, float]:
     """One Tune trial: the space's flow config for this sample as a Ray Train run (reporting
     every epoch to Tune), or, for a downstream space, that flow (trained once per distinct
     config and shared) followed by its downstream evaluation."""
-    space, _ = load_space(spec.space).with_options(spec.overrides)
+    space, trial = spec.trial(tune_config)
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{spec.sweep}-{trial_id}"
-    label = spec.label(space, tune_config, trial_id)
-    config = space.config_for(tune_config, spec.overrides)
+    label = spec.label(trial, trial_id)
+    config = trial.config
     if space.kind == "flow":
         result = run_experiment(
             config,
@@ -106,7 +114,7 @@ def run_trial(tune_config: dict[str, Any], spec: SweepSpec) -> dict[str, float]:
             display_name=label,
         )
         return final_metrics(result)
-    return _downstream_trial(space, tune_config, config, run_name, spec, label)
+    return _downstream_trial(trial, run_name, spec, label)
 
 
 def flow_digest(config: ExperimentConfig) -> str:
@@ -117,15 +125,10 @@ def flow_digest(config: ExperimentConfig) -> str:
 
 
 def _downstream_trial(
-    space: SearchSpace,
-    tune_config: dict[str, Any],
-    config: ExperimentConfig,
-    run_name: str,
-    spec: SweepSpec,
-    label: str | None = None,
+    trial: Trial, run_name: str, spec: SweepSpec, label: str | None = None
 ) -> dict[str, float]:
     settings = spec.settings
-    down = space.downstream_for(tune_config, spec.overrides)
+    config, down = trial.config, trial.downstream
     tracking = settings.tracking
     run_id = None
     if tracking is not None:
@@ -308,12 +311,11 @@ def _fmt(value: Any, digits: int = 4, plus: int = 0) -> str:
 
 
 def _label_of(spec: SweepSpec, trial_config: dict[str, Any], trial_id: str) -> str:
-    space, _ = load_space(spec.space).with_options(spec.overrides)
-    return spec.label(space, trial_config, trial_id)
+    return spec.label(spec.trial(trial_config)[1], trial_id)
 
 
 def _epochs_of(spec: SweepSpec, trial_config: dict[str, Any]) -> int:
-    return load_space(spec.space).config_for(trial_config, spec.overrides).optim.epochs
+    return spec.trial(trial_config)[1].config.optim.epochs
 
 
 def _curves(res: Any) -> list[dict[str, float]]:
@@ -373,6 +375,42 @@ def _epilog() -> str:
     )
 
 
+def print_plan(
+    space: SearchSpace,
+    overrides: dict[str, Any],
+    num_samples: int | None,
+    out: str | None,
+    tflops: float,
+) -> int:
+    """``--plan``: one row per trial of ``space`` (each built by the trial's own builder, so a
+    row shows the config its trial runs), printed as a table, and written to ``out`` as JSON
+    records (:data:`nfpi.plan.PLAN_FIELDS`). Starts no Ray."""
+    notes = []
+    try:
+        trials = space.trials(overrides, n_random=1)
+    except ConfigError as err:
+        if err.field != "data.root" or err.value is not None:
+            raise
+        # A plan needs no data: plan with a stand-in path, and say the run will need one.
+        notes.append("data.root is not set; the run needs --set data.root=/abs/path")
+        trials = space.trials({**overrides, "data.root": "/data-root-not-set"}, n_random=1)
+    plans = [t.plan(tflops) for t in trials]
+    repeats = num_samples or space.num_samples
+    if repeats > 1:
+        notes.append(f"each row runs {repeats} times (--num-samples): multiply the cost by that")
+    if any(isinstance(v, Domain) for v in space.params.values()):
+        notes.append("values drawn at random by Tune are shown for one draw")
+    print(f"{space.name}: {space.reproduces}\n\n{format_plans(plans, tflops)}")
+    for note in notes:
+        print(f"Note: {note}.")
+    if out:
+        path = Path(out).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([p.record() for p in plans], indent=1) + "\n")
+        print(f"Plan records: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0], epilog=_epilog())
     parser.add_argument(
@@ -395,6 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="resume an interrupted sweep of this name"
     )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what every trial will run (schedule, GD learning rates, EMA, objective, "
+        "training images, flow size, estimated H100-hours) and exit without starting Ray",
+    )
+    parser.add_argument(
+        "--out", metavar="PATH", help="with --plan: also write the rows as a JSON list of records"
+    )
+    parser.add_argument(
+        "--plan-tflops",
+        type=float,
+        default=H100_EFFECTIVE_FLOPS / 1e12,
+        metavar="T",
+        help="with --plan: sustained TFLOP/s of one GPU for the cost (default: an assumption, "
+        "see nfpi/plan.py; measure with benchmarks/gpu_rows.sh)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
@@ -404,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     # Option keys (--set variant=paper, dataset=...) select the space's grid; trials re-select it.
     space, _ = load_space(args.space).with_options(overrides)
     sweep = args.name or space.name
+    if args.plan or args.out:
+        return print_plan(space, overrides, args.num_samples, args.out, args.plan_tflops)
     configs = space.validate(overrides)  # fail fast, naming the bad field, before any trial runs
     if args.num_workers < 1:
         parser.error(
@@ -557,8 +614,9 @@ def _run_sweep(
         status = "error" if res.error else "ok"
         failed += res.error is not None
         config = res.config or {}
-        full = space.config_for(config, overrides).to_dict() if config else {}
-        label = spec.label(space, config, _trial_id(res)) if config else "-"
+        trial = spec.trial(config)[1] if config else None
+        full = trial.config.to_dict() if trial is not None else {}
+        label = spec.label(trial, _trial_id(res)) if trial is not None else "-"
         row = {
             "config": config,
             "full_config": full,

@@ -314,6 +314,7 @@ def run_experiment(
             config.optim.batch_size,
             f"a multiple of --num-workers ({settings.num_workers})",
         )
+    config = config.resolved()  # the config that runs is the one logged (GD horizon filled)
     with lock_run_dir(settings.run_dir(run_name)):
         return _run_locked(
             config,

@@ -35,13 +35,75 @@ from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
 
-__all__ = ["SPACE_NAMES", "SearchSpace", "load_space", "prior_comparison"]
+__all__ = ["SPACE_NAMES", "SearchSpace", "Trial", "load_space", "prior_comparison", "trial_label"]
 
 # Every module of this package is a space: adding a file adds a space (no hand-kept list).
 SPACE_NAMES: tuple[str, ...] = tuple(
     sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 )
 DOWNSTREAM_PREFIXES = ("downstream.", "cnn.")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial of a sweep, built once by :meth:`SearchSpace.trial` and read by everything that
+    needs it: the Tune trial that runs it, the progress lines, the results table, the parent
+    run's comparison and ``--plan``.
+
+    Attributes:
+        sample: the values Tune drew for it (dict-valued entries are whole variants).
+        config: the flow experiment it runs, resolved (derived values such as the GD policy's
+            horizon filled in: :meth:`~nfpi.config.ExperimentConfig.resolved`).
+        downstream: its :class:`~nfpi.downstream.DownstreamConfig` (downstream spaces), or None.
+        label: its name in the console and in MLflow (:func:`trial_label`).
+    """
+
+    sample: dict[str, Any]
+    config: ExperimentConfig
+    downstream: Any
+    label: str
+
+    def plan(self, tflops: float | None = None) -> Any:
+        """Its :class:`nfpi.plan.RunPlan` (what it will run and what that costs)."""
+        from nfpi.plan import H100_EFFECTIVE_FLOPS, plan_of
+
+        return plan_of(self.config, self.label, tflops or H100_EFFECTIVE_FLOPS / 1e12)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "on"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def trial_label(space: SearchSpace, sample: dict[str, Any], config: ExperimentConfig) -> str:
+    """What a trial of ``space`` varies, in a few words: its prior method, then the values of the
+    ``group_by`` keys it sets, then the other scalar values it draws (``fpi lam=300``,
+    ``gd linear``, ``fpi alpha=0.53 pi=mean``); ``config`` is the trial's config."""
+    varied = space.overrides_of(sample)
+    parts = [config.prior.method]
+    keys = [k for k in space.group_by if k != "prior.method"]
+    keys += [
+        k
+        for k, v in varied.items()
+        if k not in keys and k != "prior.method" and not isinstance(v, dict)
+        and k in space.params  # drawn by Tune itself, not part of a whole-variant dict
+    ]  # fmt: skip
+    flat = config.flat()
+    for key in keys:
+        if key in varied:
+            value = varied[key]
+        elif any(key.startswith(f"{v}.") for v in varied):
+            value = flat.get(key)
+        else:
+            continue  # this trial does not set it (e.g. the GD policy of the FPI row)
+        name = key.rsplit(".", 1)[-1]
+        parts.append(_value_text(value) if name == "name" else f"{name}={_value_text(value)}")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -143,23 +205,38 @@ class SearchSpace:
             )
         return flow, down
 
+    def trial(self, sample: dict[str, Any], overrides: dict[str, Any] | None = None) -> Trial:
+        """The one builder of a trial (:class:`Trial`): base experiment, then the space's base,
+        then the sampled values, then command-line overrides, resolved. Invalid values raise
+        ConfigError naming the dotted field. Option keys among ``overrides`` select the space
+        first."""
+        space, rest = self.with_options(overrides)
+        flow, down = space._merged(sample, rest)
+        config = experiment_config(space.experiment, flow).resolved()
+        downstream = None
+        if space.kind == "downstream":
+            from nfpi.downstream import DownstreamConfig
+
+            downstream = DownstreamConfig.from_overrides(down)
+        return Trial(dict(sample), config, downstream, trial_label(space, sample, config))
+
     def config_for(
         self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
     ) -> ExperimentConfig:
-        """The flow experiment of one trial: base experiment, then the space's base, then the
-        sampled values, then command-line overrides. Invalid values raise ConfigError naming the
-        dotted field. Option keys among ``overrides`` select the space first."""
-        space, rest = self.with_options(overrides)
-        return experiment_config(space.experiment, space._merged(sample, rest)[0])
+        """The flow experiment of one trial (:meth:`trial`'s config)."""
+        return self.trial(sample, overrides).config
 
     def downstream_for(
         self, sample: dict[str, Any], overrides: dict[str, Any] | None = None
     ) -> Any:
-        """The :class:`nfpi.downstream.DownstreamConfig` of one trial of a downstream space."""
+        """The :class:`nfpi.downstream.DownstreamConfig` of one trial of a downstream space
+        (:meth:`trial`'s downstream)."""
         from nfpi.downstream import DownstreamConfig
 
-        space, rest = self.with_options(overrides)
-        return DownstreamConfig.from_overrides(space._merged(sample, rest)[1])
+        trial = self.trial(sample, overrides)
+        if trial.downstream is None:  # a flow space: its (empty) downstream settings
+            return DownstreamConfig.from_overrides({})
+        return trial.downstream
 
     def samples(self, n_random: int = 3, seed: int = 0) -> list[dict[str, Any]]:
         """Every grid point, each with random domains drawn ``n_random`` times (for validation)."""
@@ -184,16 +261,15 @@ class SearchSpace:
                 out.append(sample)
         return out
 
-    def validate(self, overrides: dict[str, Any] | None = None) -> list[ExperimentConfig]:
-        """Build the config of every sample (of the space the option keys among ``overrides``
+    def trials(self, overrides: dict[str, Any] | None = None, n_random: int = 3) -> list[Trial]:
+        """Every trial of :meth:`samples` (of the space the option keys among ``overrides``
         select); raises the first ConfigError (naming the field)."""
         space, _ = self.with_options(overrides)
-        configs = []
-        for sample in space.samples():
-            configs.append(space.config_for(sample, overrides))
-            if space.kind == "downstream":
-                space.downstream_for(sample, overrides)
-        return configs
+        return [space.trial(sample, overrides) for sample in space.samples(n_random)]
+
+    def validate(self, overrides: dict[str, Any] | None = None) -> list[ExperimentConfig]:
+        """Build the config of every sample; raises the first ConfigError (naming the field)."""
+        return [t.config for t in self.trials(overrides)]
 
 
 def prior_comparison(name: str, reproduces: str, experiment: str) -> SearchSpace:

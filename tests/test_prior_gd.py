@@ -33,7 +33,8 @@ def _stats(k=4, d=3, n=300, seed=0):
 # --------------------------------------------------------------------------------- policies
 @pytest.mark.parametrize("name", list(POLICY_POWERS))
 def test_polynomial_policy_shapes(name):
-    pol = LRPolicy(name=name, lr0=0.1, lr_min=0.001, total_steps=100)
+    # 101 steps: step 0 at lr0, step 50 mid-way, step 100 (the last one taken) at lr_min.
+    pol = LRPolicy(name=name, lr0=0.1, lr_min=0.001, total_steps=101)
     lrs = [pol.lr(t) for t in range(151)]
     assert (
         lrs[0] == pytest.approx(0.1) and lrs[100] == pytest.approx(0.001) and lrs[150] == lrs[100]
@@ -52,8 +53,24 @@ def test_polynomial_policy_shapes(name):
 
 
 def test_v2_policies_are_more_extreme_than_v1():
-    mk = lambda n: LRPolicy(name=n, total_steps=100).lr(50)
+    mk = lambda n: LRPolicy(name=n, total_steps=101).lr(50)
     assert mk("sublinear_v2") > mk("sublinear_v1") and mk("superlinear_v2") < mk("superlinear_v1")
+
+
+@pytest.mark.parametrize("name", list(POLICY_POWERS))
+@pytest.mark.parametrize("steps", [1, 2, 200, 50_000])
+def test_decaying_policy_reaches_lr_min_at_the_last_step_taken(name, steps):
+    pol = LRPolicy(name=name, lr0=0.1, lr_min=1e-3, total_steps=steps)
+    assert pol.lr(steps - 1) == (1e-3 if steps > 1 else 0.1)
+    assert pol.lr(0) == 0.1 or steps == 1
+
+
+def test_decaying_policy_without_a_horizon_names_the_key():
+    from nfpi.errors import ConfigError
+
+    assert LRPolicy(name="geometric_knots").lr(5) > 0  # knots need no horizon
+    with pytest.raises(ConfigError, match="total_steps"):
+        LRPolicy(name="linear").lr(0)
 
 
 def test_release_geometric_knots_and_constant():

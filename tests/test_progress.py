@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from ray_jobs.progress import Progress, SweepProgress, trial_label
+from ray_jobs.progress import Progress, SweepProgress
 from search_spaces import load_space
 
 
@@ -23,7 +23,7 @@ from search_spaces import load_space
 )  # fmt: skip
 def test_trials_are_named_after_what_they_vary(space, options, labels):
     s, rest = load_space(space).with_options(options)
-    assert [trial_label(s, sample, rest) for sample in s.samples()] == labels
+    assert [s.trial(sample, rest).label for sample in s.samples()] == labels
 
 
 def test_a_run_prints_a_few_lines_whatever_its_length(caplog):

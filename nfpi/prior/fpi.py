@@ -108,6 +108,11 @@ class FPIConfig(Config):
         require_convergence: raise FPINotConvergedError when max_iter is hit unconverged.
         divergence_factor: growth of means/variances (relative to the data scale) that, with a
             residual no longer decreasing, counts as unbounded.
+        start: where an in-training solve starts (:class:`~nfpi.prior.PriorService`):
+            ``statistics`` (the class moments of the statistics it solves for; identity
+            variances with ``variance_init="identity"``) or ``current`` (the gaussians the run
+            holds now: the release, whose first solve starts from the untrained flow's data-init,
+            so that a variances-only solve keeps the untrained flow's class means).
         auto_bounds: factors f of the automatic variance bounds (see the module docstring;
             ``()`` = off). Tried only when ``var_bounds`` is None and the variances move, each
             box (v_lo / f, v_hi * f) in the order given, after an unbounded attempt fails;
@@ -129,6 +134,7 @@ class FPIConfig(Config):
     require_convergence: bool = True
     divergence_factor: float = 1e6
     auto_bounds: tuple[float, ...] = ()
+    start: Literal["statistics", "current"] = "statistics"
 
     def validate(self) -> None:
         check(is_number(self.tol) and self.tol > 0, "tol", self.tol, "a tolerance > 0")

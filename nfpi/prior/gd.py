@@ -9,16 +9,21 @@ Learning-rate policies (the paper names five without defining them; these are ou
 
 =================  ===========================================================================
 ``constant``        lr0
-``sublinear_v1``    lr_min + (lr0 - lr_min) (1 - t/T)^(1/2)   concave: stays high, drops late
-``sublinear_v2``    lr_min + (lr0 - lr_min) (1 - t/T)^(1/4)
-``linear``          lr_min + (lr0 - lr_min) (1 - t/T)
-``superlinear_v1``  lr_min + (lr0 - lr_min) (1 - t/T)^2       convex: drops early, tails off
-``superlinear_v2``  lr_min + (lr0 - lr_min) (1 - t/T)^4
+``sublinear_v1``    lr_min + (lr0 - lr_min) (1 - t/(T-1))^(1/2)   concave: stays high, drops late
+``sublinear_v2``    lr_min + (lr0 - lr_min) (1 - t/(T-1))^(1/4)
+``linear``          lr_min + (lr0 - lr_min) (1 - t/(T-1))
+``superlinear_v1``  lr_min + (lr0 - lr_min) (1 - t/(T-1))^2       convex: drops early, tails off
+``superlinear_v2``  lr_min + (lr0 - lr_min) (1 - t/(T-1))^4
 ``geometric_knots`` the release's default: log-linear interpolation between knots
                     (0, 0.1), (10, 0.1), (11, 0.01), (100, 0.001), constant after the last
 =================  ===========================================================================
 
-t is the GD step count (over the whole run), T = ``total_steps`` (t > T keeps lr_min).
+t is the GD step count (0-based, over the whole run) and T = ``total_steps`` the number of GD steps
+the run takes, so step 0 runs at lr0 and the last step (T - 1) at exactly lr_min; steps past
+the horizon keep lr_min. ``total_steps=None`` (the default) means "the steps this run takes":
+:meth:`nfpi.config.ExperimentConfig.resolved` fills it from the run's schedule (epochs, solve
+epochs, steps per solve), so a policy's horizon is never a constant that the run outlives or never
+reaches.
 
 Weight schedule (``GDConfig.lam_end``): the released GD configs do not keep lambda fixed, they
 move it linearly from 50 to 25 over the first 100 GD steps (method notes section 10). With
@@ -37,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from nfpi.errors import NonFiniteError, ShapeError
+from nfpi.errors import ConfigError, NonFiniteError, ShapeError
 from nfpi.prior.gaussian import GaussianPrior
 from nfpi.prior.objective import Objective, pairwise_potential, prior_objective
 from nfpi.prior.stats import ClassStatistics
@@ -71,7 +76,7 @@ class LRPolicy(Config):
     name: PolicyName = "geometric_knots"
     lr0: float = 0.1
     lr_min: float = 1e-3
-    total_steps: int = 1000
+    total_steps: int | None = None
     knots: tuple[tuple[int, float], ...] = _RELEASE_KNOTS
 
     def validate(self) -> None:
@@ -79,7 +84,12 @@ class LRPolicy(Config):
         check(
             0 <= self.lr_min <= self.lr0, "lr_min", self.lr_min, f"0 <= lr_min <= lr0 = {self.lr0}"
         )
-        check(self.total_steps >= 1, "total_steps", self.total_steps, "an integer >= 1")
+        check(
+            self.total_steps is None or self.total_steps >= 1,
+            "total_steps",
+            self.total_steps,
+            "None (the GD steps the run takes) or an integer >= 1",
+        )
         steps = [k for k, _ in self.knots]
         check(
             bool(self.knots)
@@ -100,7 +110,14 @@ class LRPolicy(Config):
                     frac = (step - t0) / (t1 - t0)
                     return math.exp((1 - frac) * math.log(lr0) + frac * math.log(lr1))
             return self.knots[-1][1]
-        frac = 1.0 - min(step, self.total_steps) / self.total_steps
+        if self.total_steps is None:
+            raise ConfigError(
+                "prior.gd.policy.total_steps",
+                None,
+                f"the number of GD steps of the run for policy {self.name!r}: resolve the "
+                "experiment config (ExperimentConfig.resolved()) or set it",
+            )
+        frac = 1.0 - min(step, self.total_steps - 1) / max(self.total_steps - 1, 1)
         return self.lr_min + (self.lr0 - self.lr_min) * frac ** POLICY_POWERS[self.name]
 
 

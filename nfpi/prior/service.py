@@ -178,7 +178,8 @@ class PriorService:
                 "prior.method", self.method, "data-init priors are frozen; no update is scheduled"
             )
         if self.method == "fpi":
-            return self._publish(*solve_fpi(stats, self.objective, self.fpi))
+            init = self.prior if self.fpi.start == "current" else None
+            return self._publish(*solve_fpi(stats, self.objective, self.fpi, init=init))
         if self._gd is None:
             self._gd = self._gd_solver(self.prior)
         return self._publish(*self._gd.run(stats))

@@ -157,7 +157,7 @@ class Trainer:
                 f"only {', '.join(RESUMABLE_KEYS)} may change on resume; any other change "
                 "needs a fresh run directory",
             )
-        c = self.config = config.with_overrides(self.resume_overrides)
+        c = self.config = config.with_overrides(self.resume_overrides).resolved()
         self.lock_run_dir = lock_run_dir
         self.rank, self.world = world()
         self.device = torch.device(device) if device is not None else resolve_device(c.device)
@@ -392,7 +392,8 @@ class Trainer:
         """Fresh run: data-init of the flow (same batch on every rank) and of the prior."""
         c = self.config
         gen = torch.Generator().manual_seed(c.seed)
-        idx = torch.randperm(len(self.train_set), generator=gen)[: min(512, len(self.train_set))]
+        count = min(c.optim.init_batch, len(self.train_set))
+        idx = torch.randperm(len(self.train_set), generator=gen)[:count]
         batch = torch.stack([self.train_set[int(i)][0] for i in idx])
         seed = epoch_seed(c.seed, PHASE_STATS)
         self.flow.data_init(
@@ -400,8 +401,8 @@ class Trainer:
         )
         stats = self._statistics(self.flow, epoch=0)
         self.schedule.initialize(stats)
-        if c.prior.method != "fpi":  # the FPI's EMA starts after its first solve (release)
-            self.ema.start()
+        if c.prior.method != "fpi" and c.ema.start_epoch is None:
+            self.ema.start()  # the FPI's EMA starts after its first solve
         self._info(
             "prior data-init (v%d) from %d samples", self.schedule.version, int(stats.count.sum())
         )
@@ -458,7 +459,7 @@ class Trainer:
             "prior_refresh_s": time.perf_counter() - t1,
             **report_metrics(update.report),
         }
-        if update.kind == "fpi" and not self.ema.active:
+        if update.kind == "fpi" and not self.ema.active and self.config.ema.start_epoch is None:
             # The EMA starts from the online weights that produced the solved prior (release).
             self.ema.start()
         artifacts: list[Path] = []
@@ -540,6 +541,8 @@ class Trainer:
             t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
             metrics: dict[str, float] = {"epoch": float(epoch)}
             self.comm.reset()
+            if epoch == c.ema.start_epoch and not self.ema.active:
+                self.ema.start()
             metrics.update(self._train_epoch(epoch))
             metrics["time_train_s"] = time.perf_counter() - t0
             metrics["time_allreduce_s"] = self.comm.reset()[0]
