@@ -35,7 +35,15 @@ from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
 
-__all__ = ["SPACE_NAMES", "SearchSpace", "Trial", "load_space", "prior_comparison", "trial_label"]
+__all__ = [
+    "SPACE_NAMES",
+    "SearchSpace",
+    "Trial",
+    "catalogue_markdown",
+    "load_space",
+    "prior_comparison",
+    "trial_label",
+]
 
 # Every module of this package is a space: adding a file adds a space (no hand-kept list).
 SPACE_NAMES: tuple[str, ...] = tuple(
@@ -298,3 +306,73 @@ def load_space(name: str) -> SearchSpace:
             f"search_spaces/{name}.py must define SPACE = SearchSpace(name={name!r}, ...)",
         )
     return space
+
+
+def _preset_row(name: str) -> str:
+    from nfpi.presets import EXPERIMENTS
+
+    overrides = {} if EXPERIMENTS[name].get("data.name") not in (
+        "cifar10", "cifar100", "imagefolder") else {"data.root": "/data"}  # fmt: skip
+    c = experiment_config(name, overrides).resolved()
+    p = c.prior
+    what = p.method
+    if p.method == "fpi":
+        what += f" {p.fpi.form} form, moves {p.fpi.update}, start variances {p.fpi.variance_init}"
+    if p.method != "data-init":
+        o = p.objective_for()
+        what += f", lambda {o.lam:g}, alpha {o.alpha:g}, pi {o.pi}"
+    solves = p.solve_epochs(c.optim.epochs)
+    when = (
+        "none"
+        if not solves
+        else f"after epoch {solves[0]}"
+        if len(solves) == 1
+        else f"after epochs {solves[0]}..{solves[-1]} ({len(solves)})"
+    )
+    size = f"{c.data.image_size} x {c.data.image_size}" if c.data.image_size else "native"
+    subset = f", {c.data.items_per_class}/class" if c.data.items_per_class else ""
+    ema = f"{c.ema.update_every} / {c.ema.update_after_step}" if c.ema.enabled else "off"
+    return (
+        f"| `{name}` | {c.data.name} ({size}{subset}) | {c.flow.preset} | {c.optim.epochs} | "
+        f"{what} | {when} | {ema} |"
+    )
+
+
+def catalogue_markdown() -> str:
+    """Every search space (what it reproduces, its base experiment, its options) and every
+    named experiment (its data, flow, budget, prior and schedule), read from the code."""
+    from nfpi.presets import EXPERIMENTS
+
+    lines = [
+        "# Spaces and named experiments",
+        "",
+        "Generated from the code by `python -m search_spaces --write docs/spaces.md`;",
+        "`tests/test_catalogue.py` fails when this page and the code differ. Options are given",
+        "as `--set KEY=VALUE` (first value = default); `python ray_jobs/sweep.py --space S --plan`",
+        "prints what each trial of a space runs and what it costs.",
+        "",
+        "## Search spaces (`search_spaces/`, `python ray_jobs/sweep.py --space NAME`)",
+        "",
+        "| space | reproduces (default options) | base experiment | trials | kind | options |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SPACE_NAMES:
+        space = load_space(name)
+        options = (space.describe_options() or "-").replace("|", "\\|")
+        trials = len(space.samples(n_random=1)) * space.num_samples
+        lines.append(
+            f"| `{name}` | {space.reproduces} | `{space.experiment}` | {trials} | {space.kind} | "
+            f"{options} |"
+        )
+    lines += [
+        "",
+        "## Named experiments (`nfpi/presets.py`, `python -m nfpi train --experiment NAME`)",
+        "",
+        "Paper-scale experiments need `--set data.root=/abs/path`. The schedule column gives the "
+        "epochs after which the prior is updated; EMA is update-every / update-after-step.",
+        "",
+        "| experiment | data | flow | epochs | prior | updated | EMA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [_preset_row(name) for name in EXPERIMENTS]
+    return "\n".join(lines) + "\n"
