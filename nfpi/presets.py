@@ -97,8 +97,9 @@ Every value below is ours; the reason is given with it (the README repeats this 
   "augmentations" row: crop + flip, AutoAugment (CIFAR-10 policy), RandAugment (2, 9), random
   erasing 0.25, mixup 0.8, cutmix 1.0 (DeiT's values; the paper names the methods only).
 - **Table 6's EVA02**: timm's ``eva02_base_patch14_448`` (87.12 M parameters, the paper's count;
-  weights from a local file, ``cnn.pretrained_path``), images upsampled to 448 after the NF
-  augmentation (the flow runs at the data's resolution), SGD with momentum 0.9 (unstated), no
+  weights from a local file, ``cnn.pretrained_path``), the real images read at 448 x 448
+  (``downstream.image_size``), NF augmentation made at the flow's 32 x 32 and upsampled to 448
+  (the flow runs at its data's resolution), SGD with momentum 0.9 (unstated), no
   weight decay (unstated), constant learning rate 1e-5 (no schedule is stated). "SA" = RandAugment
   (2, 9) + random erasing 0.25.
 - **ImageNet flow** (``imagenet``): the release has an ImageNet-32 pretraining; ours trains at

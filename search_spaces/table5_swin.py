@@ -9,8 +9,10 @@ Swin at CIFAR size (img_size 32, patch 2, window 4, embed 96, depths (2, 6, 4), 
 12), MLP ratio 2: 7.1 M parameters), AdamW lr 2e-3, weight decay 5e-2, 10 warm-up epochs then
 cosine, batch 256, 1000 epochs; random crop + flip in every row. "Standard augmentations" add
 AutoAugment (CIFAR-10 policy), RandAugment (2, 9), random erasing 0.25, mixup 0.8 and cutmix
-1.0. Images of another size: ``--set 'cnn.model_kwargs={"img_size": 64, ...}'`` (the whole
-dict).
+1.0. The Swin reads the images at their own 32 x 32, the flow's resolution too, so nothing is
+resized. Images of another size: ``--set 'cnn.model_kwargs={"img_size": 64, ...}'`` (the whole
+dict) with ``--set downstream.image_size=64`` (the real images read at 64; NF-augmented ones
+made at the flow's resolution and upsampled).
 
 Options (first value = default): ``dataset=cifar10|cifar100`` (which released flow setting) and
 ``variant=as_released|paper`` (the flow's FPI update)."""

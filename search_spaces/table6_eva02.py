@@ -5,8 +5,10 @@ the ``imagenet`` experiment's FPI flow (trained once); top-1 and top-5 accuracy 
 ``--set data.root=/abs/path/to/imagenet --set cnn.pretrained_path=/abs/path/eva02.safetensors``.
 
 The recipe (paper section 5.2; unstated values in :mod:`nfpi.presets`): timm's
-``eva02_base_patch14_448`` (87.12 M parameters) from the local weights, images upsampled to 448
-for the network (after the NF augmentation, which runs at the flow's resolution), SGD lr 1e-5
+``eva02_base_patch14_448`` (87.12 M parameters) from the local weights, the real images read at
+448 x 448 (``downstream.image_size``: the classifier's own resolution, not the flow's 32 x 32
+upsampled); NF augmentation runs at the flow's 32 x 32 and the images it changes are upsampled
+to 448 (:class:`nfpi.downstream.run.ResolutionBridge`), SGD lr 1e-5
 with momentum 0.9, constant, global gradient clipping at norm 1, batch 64, 3 epochs, random
 crop + flip in every row; SA = RandAugment (2, 9) + random erasing 0.25.
 
@@ -28,6 +30,7 @@ EVA02 = {
     "cnn.grad_clip": 1.0,
     "cnn.batch_size": 64,
     "cnn.epochs": 3,
+    "downstream.image_size": 448,
 }
 SA = {"cnn.randaugment": True, "cnn.random_erasing": 0.25}
 NO_SA = {"cnn.randaugment": False, "cnn.random_erasing": 0.0}
@@ -39,7 +42,10 @@ OPTIONS = {"variant": VARIANTS}
 def build(variant: str = "as_released") -> SearchSpace:
     return SearchSpace(
         name="table6_eva02",
-        reproduces=f"Table 6 (EVA02 fine-tuning: baseline / SA / NFA / NFA + SA), flow {variant}",
+        reproduces=(
+            f"Table 6 (EVA02 fine-tuning: baseline / SA / NFA / NFA + SA), flow {variant}; real "
+            "images at 448, NF-augmented ones made at 32 and upsampled to 448"
+        ),
         experiment="imagenet",
         base={
             **released_overrides("cifar100/mean", variant),

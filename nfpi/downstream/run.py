@@ -69,6 +69,11 @@ class DownstreamConfig(Config):
             precomputed pools (:mod:`nfpi.downstream.pool`; kept next to the flow's run
             directory, shared by every trial of that flow) instead of running the flow in the
             classifier's loop; ``None``: online.
+        image_size: the side at which the classifier reads the real images (image folders,
+            e.g. 448 for Table 6's EVA02, so that it sees the images at its own resolution, not
+            the flow's 32 x 32 upsampled); ``None``: the flow's data resolution. Images the flow
+            makes (generated sets, NF augmentation) are made at the flow's resolution and
+            upsampled (bicubic, antialiased) to it.
     """
 
     kind: Literal["cnn", "augment"] = "cnn"
@@ -79,8 +84,30 @@ class DownstreamConfig(Config):
     reference: bool = False
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     nf_pool: PoolConfig | None = None
+    image_size: int | None = None
 
     def validate(self) -> None:
+        check(
+            self.image_size is None or self.image_size >= 1,
+            "image_size",
+            self.image_size,
+            "None (the flow's resolution) or an int >= 1",
+        )
+        check(
+            self.image_size is None or self.nf_pool is None,
+            "image_size",
+            self.image_size,
+            "None with nf_pool (pools hold images at the flow's resolution): drop nf_pool to "
+            "NF-augment online",
+        )
+        check(
+            self.image_size is None or self.kind != "cnn" or self.classifier.input_size,
+            "image_size",
+            self.image_size,
+            "None for kind='cnn' unless cnn.input_size is set (the generated images are made "
+            "at the flow's resolution; cnn.input_size resizes them and the real test images "
+            "alike)",
+        )
         check(
             self.per_class is None or self.per_class >= 1,
             "per_class",
@@ -143,6 +170,36 @@ class DownstreamResult:
     results: dict[str, ClassifierResult] = field(default_factory=dict)
 
 
+class ResolutionBridge:
+    """An :class:`NFAugment` for images larger than the flow's: each batch is resized to the
+    flow's side (antialiased), augmented there, and the images the flow changed are upsampled
+    (bicubic, antialiased) back over the originals; the others keep their full resolution.
+    Same call, ``config`` and ``stats`` as the transform it wraps."""
+
+    def __init__(self, nf: NFAugment, side: int) -> None:
+        self.nf, self.side = nf, side
+        self.config, self.stats = nf.config, nf.stats
+
+    @staticmethod
+    def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+        out = torch.nn.functional.interpolate(
+            x.float(), size=(side, side), mode="bicubic", antialias=True
+        )
+        return out.round().clamp(0, 255).to(torch.uint8)
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        small = self._resize(x, self.side)
+        mixed = self.nf(small, y, generator)
+        changed = (mixed != small).flatten(1).any(dim=1)
+        if not bool(changed.any()):
+            return x
+        out = x.clone()
+        out[changed] = self._resize(mixed[changed], x.shape[-1])
+        return out
+
+
 def _train(
     role: str,
     train: Any,
@@ -152,7 +209,7 @@ def _train(
     names: Any,
     out: Path,
     callback: EpochCallback | None,
-    nf: NFAugment | None = None,
+    nf: NFAugment | ResolutionBridge | None = None,
 ) -> ClassifierResult:
     hook = None if callback is None else (lambda epoch, metrics: callback(role, epoch, metrics))
     result = train_classifier(
@@ -216,7 +273,18 @@ def run_downstream(
     out.mkdir(parents=True, exist_ok=True)
     data = model.config.data
     seed = model.config.seed
-    train, info = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
+    flow_train, info = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
+    train, test = flow_train, None
+    if config.image_size is not None and config.image_size != info.shape[-1]:
+        if data.name != "imagefolder":
+            raise ConfigError(
+                "downstream.image_size",
+                config.image_size,
+                f"None for {data.name!r} (its images are {info.shape[-1]} x {info.shape[-1]}; "
+                "cnn.input_size resizes them for the network) or an image folder",
+            )
+        data = data.replace(image_size=config.image_size)
+        train, _ = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
     test, _ = load_dataset(data.name, "test", seed=seed, **data.split_kwargs("test"))
     k, names = info.num_classes, info.class_names
     clf = config.classifier.replace(device=str(torch.device(device).type))
@@ -269,7 +337,9 @@ def run_downstream(
             clf = clf.replace(nf_augment=None)  # served by the dataset, not in the loop
         elif clf.nf_augment is not None:
             nf_cfg = clf.nf_augment.replace(checkpoint=str(checkpoint))
-            nf = NFAugment.from_checkpoint(nf_cfg, train, device=device)
+            nf = NFAugment.from_checkpoint(nf_cfg, flow_train, device=device)
+            if train is not flow_train:
+                nf = ResolutionBridge(nf, info.shape[-1])
         results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
         metrics["aug_acc"] = results[role].accuracy
         metrics["aug_top5"] = results[role].top5_accuracy
