@@ -262,8 +262,14 @@ _COLUMNS = (
 )
 
 
-def format_plans(plans: list[RunPlan], tflops: float = H100_EFFECTIVE_FLOPS / 1e12) -> str:
-    """A markdown table of ``plans``, its total cost and the basis of the estimate."""
+def format_plans(
+    plans: list[RunPlan],
+    tflops: float = H100_EFFECTIVE_FLOPS / 1e12,
+    distinct: list[int] | None = None,
+) -> str:
+    """A markdown table of ``plans``, its total cost and the basis of the estimate.
+    ``distinct``: the indices of the rows whose runs are distinct (trials that share one flow
+    train it once: its cost counts once); default all."""
     lines = [
         "| " + " | ".join(title for _, title in _COLUMNS) + " |",
         "|---" * len(_COLUMNS) + "|",
@@ -271,11 +277,15 @@ def format_plans(plans: list[RunPlan], tflops: float = H100_EFFECTIVE_FLOPS / 1e
     for plan in plans:
         rec = plan.record()
         lines.append("| " + " | ".join(_cell(rec[key]) for key, _ in _COLUMNS) + " |")
-    hours = [p.gpu_hours for p in plans]
+    runs = [plans[i] for i in (range(len(plans)) if distinct is None else distinct)]
+    hours = [p.gpu_hours for p in runs]
     total = (
         f"{sum(hours):.1f} H100-hours in all"  # type: ignore[arg-type]
         if all(h is not None for h in hours)
         else "cost unknown for rows without a known training-set size"
     )
+    shared = f" ({len(plans)} trials share them)" if len(runs) < len(plans) else ""
     basis = THROUGHPUT_BASIS.format(tflops=tflops)
-    return "\n".join(lines) + f"\n\n{len(plans)} run(s), {total}; throughput {basis}."
+    return "\n".join(lines) + (
+        f"\n\n{len(runs)} flow run(s){shared}, {total}; throughput {basis}."
+    )

@@ -395,12 +395,20 @@ def print_plan(
         notes.append("data.root is not set; the run needs --set data.root=/abs/path")
         trials = space.trials({**overrides, "data.root": "/data-root-not-set"}, n_random=1)
     plans = [t.plan(tflops) for t in trials]
+    distinct = list(range(len(trials)))
+    if space.kind == "downstream":  # trials of one flow config train it once (flow_digest)
+        first = {flow_digest(t.config): i for i, t in reversed(list(enumerate(trials)))}
+        distinct = sorted(first.values())
+        notes.append(
+            "the classifiers' cost (CNN-Acc, augmentation runs) is not included; each distinct "
+            "flow is trained once and shared"
+        )
     repeats = num_samples or space.num_samples
     if repeats > 1:
         notes.append(f"each row runs {repeats} times (--num-samples): multiply the cost by that")
     if any(isinstance(v, Domain) for v in space.params.values()):
         notes.append("values drawn at random by Tune are shown for one draw")
-    print(f"{space.name}: {space.reproduces}\n\n{format_plans(plans, tflops)}")
+    print(f"{space.name}: {space.reproduces}\n\n{format_plans(plans, tflops, distinct)}")
     for note in notes:
         print(f"Note: {note}.")
     if out:

@@ -152,5 +152,16 @@ def test_plan_command_writes_records_without_ray(tmp_path, capsys):
     records = json.loads(out.read_text())
     assert len(records) == 7 and all(tuple(r) == PLAN_FIELDS for r in records)
     text = capsys.readouterr().out
-    assert "H100-hours in all" in text and "data.root is not set" in text
+    assert "7 flow run(s), " in text and "H100-hours in all" in text
+    assert "data.root is not set" in text
     assert all(math.isfinite(r["gpu_hours"]) for r in records)
+
+
+def test_downstream_plan_counts_a_shared_flow_once(capsys):
+    from ray_jobs.sweep import print_plan
+
+    space, rest = load_space("table5_swin").with_options({**ROOT})
+    assert print_plan(space, rest, None, None, 15.0) == 0
+    text = capsys.readouterr().out
+    assert "1 flow run(s) (4 trials share them)" in text
+    assert "classifiers' cost" in text
