@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.utils.flop_counter
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nfpi.checks import train_set_size
 from nfpi.config import ExperimentConfig
@@ -155,7 +156,12 @@ def _count(key: str) -> tuple[float, int]:
     flow = build_flow(preset, in_shape=tuple(shape), **overrides)
     params = sum(p.numel() for p in flow.parameters())
     x = torch.zeros(2, *shape)
-    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    # The math backend of scaled_dot_product_attention: the fused CPU kernels are not counted.
+    with (
+        torch.no_grad(),
+        sdpa_kernel(SDPBackend.MATH),
+        torch.utils.flop_counter.FlopCounterMode(display=False) as counter,
+    ):
         flow(x)
     return counter.get_total_flops() / 2, params
 
