@@ -86,6 +86,11 @@ Every value below is ours; the reason is given with it (the README repeats this 
   32 x 32 (``data.image_size``) with the CIFAR flow, the CIFAR-100 Table 1 setting (means only
   from identity variances, lambda 758, as released: the many-class setting), 20 epochs (about
   the number of images the CIFAR runs' 500 epochs see).
+- **Pretraining for fine-tuning** (``imagenet32_pretrain``, ``cifar10_finetune``,
+  ``cifar100_finetune``): the release ships its ImageNet-32 checkpoint, not the config that
+  trained it, so the pretraining run is our ``imagenet`` experiment with the attention flow
+  (``mef-cifar-attn``); the fine-tuning runs follow the release's ``imagenet_mean`` configs and
+  load the pretrained *online* flow (as its ``nf_weights_load_path`` does: EMA keys dropped).
 """
 
 from __future__ import annotations

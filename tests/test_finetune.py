@@ -123,6 +123,7 @@ def test_finetune_starts_from_the_pretrained_flow_with_a_prior_for_the_new_class
     assert np.isfinite(history[-1]["nf_acc"]) and history[-1]["prior_version"] >= 1
 
 
+@pytest.mark.slow  # the pretraining fixture
 def test_finetune_refuses_a_flow_of_another_architecture_in_one_line(
     pretrained: Path, new_data: Path, tmp_path: Path
 ) -> None:
