@@ -15,6 +15,7 @@ from PIL import Image
 
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
 from nfpi.data import dequantize
+from nfpi.entry import run_cli
 from nfpi.errors import CheckpointError, ConfigError
 from nfpi.presets import EXPERIMENTS, experiment_config
 from nfpi.training import Trainer
@@ -146,3 +147,20 @@ def test_finetune_experiments_require_init_from(experiment: str) -> None:
     config = experiment_config(experiment, {"data.root": "/data", "flow.init_from": "/run"})
     assert config.flow.preset == "mef-cifar-attn" and config.flow.overrides() == {}
     assert config.prior.fpi.update == "mean" and config.ema.update_every == 1
+
+
+def test_cli_says_in_one_line_that_init_from_is_missing_and_config_shows_a_placeholder(capsys):
+    import io
+    import json
+
+    from nfpi import cli
+
+    err = io.StringIO()
+    argv = ["train", "--experiment", "cifar100_finetune", "--set", "data.root=/data"]
+    assert run_cli(cli.main, argv, stderr=err) == 2
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1 and "flow.init_from" in lines[0] and "Traceback" not in lines[0]
+    assert cli.main(["config", "--experiment", "cifar100_finetune"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["flow"]["init_from"] == cli.INIT_FROM_PLACEHOLDER
+    assert shown["data"]["root"] == cli.DATA_ROOT_PLACEHOLDER
