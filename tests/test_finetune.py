@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nfpi.checkpoint import find_checkpoint, load_checkpoint
+from nfpi.checkpoint import find_checkpoint, load_checkpoint, load_trained
 from nfpi.data import dequantize
 from nfpi.entry import run_cli
 from nfpi.errors import CheckpointError, ConfigError
@@ -122,6 +122,9 @@ def test_finetune_starts_from_the_pretrained_flow_with_a_prior_for_the_new_class
         gap = (initial.means[k] - class_mean).norm() / class_mean.norm()
         assert gap < 0.05, (k, float(gap))
     assert np.isfinite(history[-1]["nf_acc"]) and history[-1]["prior_version"] >= 1
+    # What downstream uses read back: the attention flow and the 3-class prior.
+    trained = load_trained(tmp_path / "ft")
+    assert trained.flow.spec.attention and trained.prior.means.shape[0] == 3
 
 
 @pytest.mark.slow  # the pretraining fixture
