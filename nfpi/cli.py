@@ -39,6 +39,7 @@ log = logging.getLogger("nfpi.cli")
 
 # What `python -m nfpi config` shows for a dataset path the experiment needs and was not given.
 DATA_ROOT_PLACEHOLDER = "<required: --set data.root=/abs/path>"
+INIT_FROM_PLACEHOLDER = "<required: --set flow.init_from=/abs/path/to/pretraining/run>"
 
 
 def _space_names() -> list[str]:
@@ -98,16 +99,20 @@ def _keys_table() -> str:
     )
 
 
-def _config_or_placeholder(args: argparse.Namespace) -> tuple[ExperimentConfig, bool]:
-    """The resolved config; an experiment that needs ``data.root`` and was not given one is
-    shown with :data:`DATA_ROOT_PLACEHOLDER` instead of failing."""
-    try:
-        return resolve_config(args.experiment, args.set, args.config_file), False
-    except ConfigError as err:
-        if err.field != "data.root" or err.value is not None:
-            raise
-    sets = [*args.set, f"data.root={DATA_ROOT_PLACEHOLDER}"]
-    return resolve_config(args.experiment, sets, args.config_file), True
+def _config_or_placeholder(args: argparse.Namespace) -> tuple[ExperimentConfig, list[str]]:
+    """The resolved config and the keys shown with a placeholder: an experiment that needs
+    ``data.root`` (or, fine-tuning, ``flow.init_from``) and was not given one is shown with
+    :data:`DATA_ROOT_PLACEHOLDER` (:data:`INIT_FROM_PLACEHOLDER`) instead of failing."""
+    placeholders = {"data.root": DATA_ROOT_PLACEHOLDER, "flow.init_from": INIT_FROM_PLACEHOLDER}
+    sets, shown = list(args.set), []
+    while True:
+        try:
+            return resolve_config(args.experiment, sets, args.config_file), shown
+        except ConfigError as err:
+            if err.field not in placeholders or err.value is not None or err.field in shown:
+                raise
+            sets.append(f"{err.field}={placeholders[err.field]}")
+            shown.append(err.field)
 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -164,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.keys:
             print(_keys_table())
             return 0
-        config, placeholder = _config_or_placeholder(args)
+        config, placeholders = _config_or_placeholder(args)
         print(json.dumps(config.to_dict(), indent=2, default=str))
-        if placeholder:
+        if "data.root" in placeholders:
             log.info("data.root: required for %s (--set data.root=/abs/path)", config.data.name)
+        if "flow.init_from" in placeholders:
+            log.info("flow.init_from: required to fine-tune (--set flow.init_from=/abs/path)")
         return 0
     config = resolve_config(args.experiment, args.set, args.config_file)
     for warning in preflight(config):

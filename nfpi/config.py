@@ -124,7 +124,19 @@ class DataConfig(Config):
 
 @dataclass(frozen=True)
 class FlowConfig(Config):
-    """Flow architecture: a preset of :data:`nfpi.flows.PRESETS` plus optional overrides."""
+    """Flow architecture: a preset of :data:`nfpi.flows.PRESETS` plus optional overrides.
+
+    ``attention`` / ``attention_heads``: the release's attention layers after every coupling
+    net (:mod:`nfpi.flows.attention`; preset ``mef-cifar-attn``).
+
+    ``init_from`` (pretrain, then fine-tune): a run directory or checkpoint of a run with the
+    same flow architecture (e.g. the ``imagenet32_pretrain`` experiment). A fresh run then
+    starts from its flow weights (the online flow, as the release's ``nf_weights_load_path``;
+    read with ``weights_only=True``) instead of the flow's data-dependent initialisation, and
+    the prior is data-initialised from the loaded flow on this run's data, one gaussian per class
+    of this dataset (:mod:`nfpi.training.finetune`). A resumed run ignores it (its own
+    checkpoint holds everything). ``init_required``: the experiment is a fine-tuning one, so
+    ``init_from`` must be given (the ``*_finetune`` experiments set it)."""
 
     preset: str = "tiny"
     levels: int | None = None
@@ -132,15 +144,35 @@ class FlowConfig(Config):
     blocks: int | tuple[int, ...] | None = None
     hidden: int | None = None
     coupling: Literal["affine", "matrixexp"] | None = None
+    attention: bool | None = None
+    attention_heads: int | None = None
+    init_from: str | None = None
+    init_required: bool = False
+
+    #: Keys that are not :class:`~nfpi.flows.FlowSpec` fields.
+    NOT_SPEC = ("preset", "init_from", "init_required")
 
     def validate(self) -> None:
         from nfpi.flows import PRESETS  # local: keeps config importable without building flows
 
         check(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
+        check(
+            self.init_from is None or bool(self.init_from.strip()),
+            "init_from",
+            self.init_from,
+            "None or a path (a run directory or checkpoint of the pretraining run)",
+        )
+        check(
+            not self.init_required or self.init_from is not None,
+            "init_from",
+            self.init_from,
+            "the pretrained flow this experiment fine-tunes: --set flow.init_from=/abs/path to "
+            "the pretraining run's directory (e.g. an imagenet32_pretrain run) or a checkpoint",
+        )
 
     def overrides(self) -> dict[str, object]:
         """The :class:`~nfpi.flows.FlowSpec` fields this config changes from its preset."""
-        return {k: v for k, v in self.to_dict().items() if k != "preset" and v is not None}
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_SPEC and v is not None}
 
 
 @dataclass(frozen=True)

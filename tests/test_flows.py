@@ -15,6 +15,8 @@ from nfpi.flows import (
     PRESETS,
     ActNorm,
     AffineCoupling,
+    AttentionAffineCoupling,
+    AttentionMatrixExpCoupling,
     Compose,
     ConvNorm,
     DataInitError,
@@ -66,6 +68,23 @@ FACTORIES: dict[str, list[tuple[str, Factory, tuple[int, ...]]]] = {
     "matrixexp_coupling": [
         ("c6", lambda g: MatrixExpCoupling((6, 4, 4), hidden=8, blocks=2, generator=g), (6, 4, 4))
     ],
+    # The release's attention after the coupling net (nfpi.flows.attention).
+    "affine_coupling_attention": [
+        (
+            "c5",
+            lambda g: AttentionAffineCoupling((5, 4, 4), hidden=8, blocks=1, heads=2, generator=g),
+            (5, 4, 4),
+        )
+    ],
+    "matrixexp_coupling_attention": [
+        (
+            "c6",
+            lambda g: AttentionMatrixExpCoupling(
+                (6, 4, 2), hidden=8, blocks=1, heads=3, generator=g
+            ),
+            (6, 4, 2),
+        )
+    ],
     "squeeze": [("c2", lambda g: Squeeze(), (2, 4, 6))],
     "flatten": [("c2", lambda g: Flatten((2, 3, 4)), (2, 3, 4))],
     "split": [
@@ -107,6 +126,7 @@ def _preset(name: str, **overrides) -> Factory:
 FACTORIES["flow"] = [
     ("tiny-mef", _preset("tiny"), (1, 8, 8)),
     ("glow", _preset("glow-small", levels=2, steps=1, blocks=1, hidden=8), (1, 8, 8)),
+    ("tiny-attn", _preset("tiny-attn", steps=1, hidden=8), (1, 8, 8)),
 ]
 
 CASES = [

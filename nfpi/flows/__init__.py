@@ -12,6 +12,7 @@ and ``inverse(y) -> (x, logdet)``, log-dets per sample of shape (B,). Build a mo
 """
 
 from nfpi.flows.actnorm import ActNorm
+from nfpi.flows.attention import AttentionAffineCoupling, AttentionMatrixExpCoupling, PixelAttention
 from nfpi.flows.base import (
     Compose,
     DataInitError,
@@ -37,6 +38,8 @@ __all__ = [
     "PRESETS",
     "ActNorm",
     "AffineCoupling",
+    "AttentionAffineCoupling",
+    "AttentionMatrixExpCoupling",
     "Compose",
     "ConvNorm",
     "CouplingNet",
@@ -49,6 +52,7 @@ __all__ = [
     "InvConv1x1LU",
     "InvertibleLayer",
     "MatrixExpCoupling",
+    "PixelAttention",
     "ResidualBlock",
     "Split",
     "Squeeze",

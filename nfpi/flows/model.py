@@ -16,6 +16,7 @@ from torch import Tensor
 
 from nfpi.errors import ConfigError, ShapeError
 from nfpi.flows.actnorm import ActNorm
+from nfpi.flows.attention import AttentionAffineCoupling, AttentionMatrixExpCoupling
 from nfpi.flows.base import Compose, InvertibleLayer, check_image, data_init, register_layer
 from nfpi.flows.conv1x1 import InvConv1x1Exp, InvConv1x1LU
 from nfpi.flows.coupling import AffineCoupling, MatrixExpCoupling
@@ -56,6 +57,12 @@ class FlowSpec(Config):
         conv1x1: ``"lu"`` (Glow) or ``"matrixexp"`` (MEF).
         actnorm: ``"channel"`` (Glow) or ``"element"`` (MEF).
         seed: seed of the generator that draws every initial weight.
+        attention: the release's attention layers: self-attention over the pixels at the end of
+            every coupling net (:mod:`nfpi.flows.attention`; the release's
+            ``use_attention_after``).
+        attention_heads: heads of that attention (the release: 6); must divide the channels of
+            every coupling net's output (``c (c + 1)`` for matrixexp, ``2 c`` for affine, c = the
+            transformed half's channels).
     """
 
     levels: int
@@ -66,12 +73,15 @@ class FlowSpec(Config):
     conv1x1: Conv1x1Kind = "matrixexp"
     actnorm: ActNormKind = "element"
     seed: int = 0
+    attention: bool = False
+    attention_heads: int = 6
 
     def validate(self) -> None:
         check(self.levels >= 1, "levels", self.levels, "an int >= 1")
         object.__setattr__(self, "steps", _per_level("steps", self.steps, self.levels, 1))
         object.__setattr__(self, "blocks", _per_level("blocks", self.blocks, self.levels, 0))
         check(self.hidden >= 1, "hidden", self.hidden, "an int >= 1")
+        check(self.attention_heads >= 1, "attention_heads", self.attention_heads, "an int >= 1")
 
 
 PRESETS: dict[str, FlowSpec] = {
@@ -90,6 +100,19 @@ PRESETS: dict[str, FlowSpec] = {
     "glow-small": FlowSpec(
         levels=3, steps=4, blocks=1, hidden=128, coupling="affine", conv1x1="lu", actnorm="channel"
     ),
+    # mef-cifar with the release's attention layers (nfpi.flows.attention): the flow of its
+    # ImageNet-32-pretrained, CIFAR-fine-tuned checkpoints (its README: ++use_attention_after=1).
+    "mef-cifar-attn": FlowSpec(
+        levels=3,
+        steps=8,
+        blocks=(8, 4, 2),
+        hidden=128,
+        coupling="matrixexp",
+        conv1x1="matrixexp",
+        actnorm="element",
+        attention=True,
+        attention_heads=6,
+    ),
     # Tests, scikit-learn digits (1x8x8) and quick runs: the MEF layer types at toy size.
     "tiny": FlowSpec(
         levels=2,
@@ -99,6 +122,19 @@ PRESETS: dict[str, FlowSpec] = {
         coupling="matrixexp",
         conv1x1="matrixexp",
         actnorm="element",
+    ),
+    # tiny with attention (2 heads: they divide the nets' 6 and 20 output channels on 1x8x8
+    # and 42 and 156 on 3-channel images).
+    "tiny-attn": FlowSpec(
+        levels=2,
+        steps=2,
+        blocks=1,
+        hidden=16,
+        coupling="matrixexp",
+        conv1x1="matrixexp",
+        actnorm="element",
+        attention=True,
+        attention_heads=2,
     ),
 }
 
@@ -164,7 +200,13 @@ class FlowModel(InvertibleLayer):
         c, h, w = shape
         shape = (4 * c, h // 2, w // 2)
         conv = InvConv1x1Exp if s.conv1x1 == "matrixexp" else InvConv1x1LU
-        coupling = MatrixExpCoupling if s.coupling == "matrixexp" else AffineCoupling
+        coupling: Any = MatrixExpCoupling if s.coupling == "matrixexp" else AffineCoupling
+        extra: dict[str, Any] = {}
+        if s.attention:
+            coupling = (
+                AttentionMatrixExpCoupling if s.coupling == "matrixexp" else AttentionAffineCoupling
+            )
+            extra["heads"] = s.attention_heads
         layers: list[InvertibleLayer] = [Squeeze()]
         for _ in range(s.steps[i]):
             layers.append(
@@ -172,7 +214,9 @@ class FlowModel(InvertibleLayer):
                     [
                         ActNorm(shape, mode=s.actnorm),
                         conv(shape[0], generator=gen),
-                        coupling(shape, hidden=s.hidden, blocks=s.blocks[i], generator=gen),
+                        coupling(
+                            shape, hidden=s.hidden, blocks=s.blocks[i], generator=gen, **extra
+                        ),
                     ]
                 )
             )

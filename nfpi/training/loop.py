@@ -73,6 +73,7 @@ from nfpi.training.distributed import (
 )
 from nfpi.training.ema import FlowEMA
 from nfpi.training.evaluation import collect_statistics, evaluate, keyed_inputs, nll_nats
+from nfpi.training.finetune import load_pretrained_flow
 from nfpi.training.pictures import prior_update_pictures, sample_and_tsne_pictures
 from nfpi.training.randomness import (
     PHASE_STATS,
@@ -396,9 +397,14 @@ class Trainer:
         idx = torch.randperm(len(self.train_set), generator=gen)[:count]
         batch = torch.stack([self.train_set[int(i)][0] for i in idx])
         seed = epoch_seed(c.seed, PHASE_STATS)
-        self.flow.data_init(
-            keyed_inputs(batch, idx, seed, self.augment, self.device, self.info.levels)
-        )
+        if c.flow.init_from is not None:  # fine-tune: the pretrained flow's weights, no data-init
+            file, done = load_pretrained_flow(self.flow, c.flow.init_from, self.device)
+            self._info("flow weights from %s (pretrained for %d epochs)", file, done)
+        else:
+            self.flow.data_init(
+                keyed_inputs(batch, idx, seed, self.augment, self.device, self.info.levels)
+            )
+        # The prior: data-init from this flow (fresh or loaded) on this run's data and classes.
         stats = self._statistics(self.flow, epoch=0)
         self.schedule.initialize(stats)
         if c.prior.method != "fpi" and c.ema.start_epoch is None:
