@@ -313,6 +313,8 @@ def _preset_row(name: str) -> str:
 
     overrides = {} if EXPERIMENTS[name].get("data.name") not in (
         "cifar10", "cifar100", "imagefolder") else {"data.root": "/data"}  # fmt: skip
+    if EXPERIMENTS[name].get("flow.init_required"):
+        overrides["flow.init_from"] = "/pretrained-run"
     c = experiment_config(name, overrides).resolved()
     p = c.prior
     what = p.method
@@ -332,8 +334,9 @@ def _preset_row(name: str) -> str:
     size = f"{c.data.image_size} x {c.data.image_size}" if c.data.image_size else "native"
     subset = f", {c.data.items_per_class}/class" if c.data.items_per_class else ""
     ema = f"{c.ema.update_every} / {c.ema.update_after_step}" if c.ema.enabled else "off"
+    flow = c.flow.preset + (" (fine-tunes `flow.init_from`)" if c.flow.init_required else "")
     return (
-        f"| `{name}` | {c.data.name} ({size}{subset}) | {c.flow.preset} | {c.optim.epochs} | "
+        f"| `{name}` | {c.data.name} ({size}{subset}) | {flow} | {c.optim.epochs} | "
         f"{what} | {when} | {ema} |"
     )
 
