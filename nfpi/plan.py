@@ -63,6 +63,7 @@ _DATASETS: dict[str, tuple[tuple[int, int, int], int, int]] = {
 # the mef-cifar row is checked by a slow test). Other flows are counted when first asked for.
 _KNOWN_COST: dict[str, tuple[float, int]] = {
     '["mef-cifar", [3, 32, 32], {}]': (12_259_952_960.0, 42_815_440),
+    '["mef-cifar-attn", [3, 32, 32], {}]': (12_870_066_176.0, 55_208_944),
 }
 
 PLAN_FIELDS: tuple[str, ...] = (

@@ -386,14 +386,20 @@ def print_plan(
     row shows the config its trial runs), printed as a table, and written to ``out`` as JSON
     records (:data:`nfpi.plan.PLAN_FIELDS`). Starts no Ray."""
     notes = []
-    try:
-        trials = space.trials(overrides, n_random=1)
-    except ConfigError as err:
-        if err.field != "data.root" or err.value is not None:
-            raise
-        # A plan needs no data: plan with a stand-in path, and say the run will need one.
-        notes.append("data.root is not set; the run needs --set data.root=/abs/path")
-        trials = space.trials({**overrides, "data.root": "/data-root-not-set"}, n_random=1)
+    given = dict(overrides)
+    # A plan needs neither the data nor weights files: paths a run requires are planned with a
+    # stand-in, and the plan says the run will need them.
+    for _ in range(1 + len(space.required)):
+        try:
+            trials = space.trials(given, n_random=1)
+            break
+        except ConfigError as err:
+            if err.value is not None or err.field not in ("data.root", *space.required):
+                raise
+            notes.append(f"{err.field} is not set; the run needs --set {err.field}=/abs/path")
+            given[err.field] = f"/{err.field}-not-set"
+    else:
+        trials = space.trials(given, n_random=1)
     plans = [t.plan(tflops) for t in trials]
     distinct = list(range(len(trials)))
     if space.kind == "downstream":  # trials of one flow config train it once (flow_digest)

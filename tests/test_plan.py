@@ -92,12 +92,13 @@ def test_flow_cost_counts_the_flow_of_the_config():
 
 
 @pytest.mark.slow
-def test_the_stored_mef_cifar_cost_is_what_counting_gives():
+@pytest.mark.parametrize("preset", ["mef-cifar", "mef-cifar-attn"])
+def test_the_stored_paper_flow_costs_are_what_counting_gives(preset):
     import json as _json
 
     from nfpi import plan
 
-    key = _json.dumps(["mef-cifar", [3, 32, 32], {}])
+    key = _json.dumps([preset, [3, 32, 32], {}])
     assert plan._KNOWN_COST[key] == plan._count.__wrapped__(key)
 
 
@@ -154,6 +155,7 @@ def test_plan_command_writes_records_without_ray(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "7 flow run(s), " in text and "H100-hours in all" in text
     assert "data.root is not set" in text
+    assert "data.root is not set" in text
     assert all(math.isfinite(r["gpu_hours"]) for r in records)
 
 
@@ -165,3 +167,12 @@ def test_downstream_plan_counts_a_shared_flow_once(capsys):
     text = capsys.readouterr().out
     assert "1 flow run(s) (4 trials share them)" in text
     assert "classifiers' cost" in text
+
+
+def test_plan_needs_no_required_paths(capsys):
+    from ray_jobs.sweep import print_plan
+
+    space, rest = load_space("table6_eva02").with_options({})
+    assert print_plan(space, rest, None, None, 15.0) == 0
+    text = capsys.readouterr().out
+    assert "cnn.pretrained_path is not set" in text and "data.root is not set" in text
