@@ -235,6 +235,12 @@ class PriorConfig(Config):
             "'diag' for the GD baseline",
         )
 
+    @property
+    def gd_form_released(self) -> bool:
+        """Whether the statistics passes must carry the per-sample NLL range (the release's GD
+        form normalises its gradients by it)."""
+        return self.method == "gd" and self.gd.form == "released"
+
     def objective_for(self, method: str | None = None) -> Objective:
         """The objective the solver of ``method`` (default: this config's) minimises."""
         method = method or self.method

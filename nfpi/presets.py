@@ -75,10 +75,11 @@ Every value below is ours; the reason is given with it (the README repeats this 
   schedule: ``ExperimentConfig.resolved``), so each policy starts at lr0 and reaches lr_min at
   the run's last GD step (:mod:`nfpi.prior.gd`).
 - **GD lambda**: the paper does not say whether its GD rows used the FPI's lambda. Default: the
-  same objective as the FPI (equal objective); option: the release's GD weights 50 -> 25,
-  taken in the paper's units (divided by K (K-1), as ``kld_n_minus_1_norm: 1`` in the release's
-  configs suggests). The release also rescales its GD gradients by the range of the loss; we do
-  not (our GD is plain Adam on the objective).
+  same objective as the FPI (equal objective, Adam on its gradient); option
+  ``gd_weights=as_released``: the release's GD step (``prior.gd.form="released"``: the plain
+  -KL repulsion, both gradients min-max normalised, :class:`~nfpi.prior.GDConfig`) with its
+  weights 50 -> 25 taken as the release uses them. With several steps per statistics pass the
+  NLL range is that pass's (the release takes one step per pass and re-reads it).
 - **CIFAR-10 Table 2 lambdas**: the paper's Table 2 is CIFAR-100 only. For CIFAR-10 we scale its
   grid {10, 50, 100, 200, 300, 500} so that the released CIFAR-10 value 3,333 sits where 300
   (the released CIFAR-100 value) sits: {111.1, 555.6, 1111, 2222, 3333, 5556}, i.e. released
@@ -308,14 +309,16 @@ def data_init_row(dataset: str, train_set: str = "full") -> dict[str, Any]:
 
 def gd_overrides(weights: str = "equal") -> dict[str, Any]:
     """GD's objective: ``equal`` (the FPI's ``prior.objective``, nothing to override) or
-    ``as_released`` (the release's GD weights: lambda 50 -> 25 over 100 GD steps)."""
+    ``as_released`` (the release's GD: its step, ``prior.gd.form="released"``, with its weights
+    lambda 50 -> 25 over 100 GD steps)."""
     _check_choice("gd_weights", weights, GD_WEIGHTS)
     if weights == "equal":
-        return {"prior.gd_objective": None, "prior.gd.lam_end": None}
+        return {"prior.gd_objective": None, "prior.gd.lam_end": None, "prior.gd.form": "objective"}
     return {
         "prior.gd_objective": {"lam": RELEASED_GD_LAM, "alpha": RELEASED_ALPHA, "pi": RELEASED_PI},
         "prior.gd.lam_end": RELEASED_GD_LAM_END,
         "prior.gd.lam_steps": RELEASED_GD_LAM_STEPS,
+        "prior.gd.form": "released",
     }
 
 

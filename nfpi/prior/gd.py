@@ -44,6 +44,7 @@ from torch import Tensor
 
 from nfpi.errors import ConfigError, NonFiniteError, ShapeError
 from nfpi.prior.gaussian import GaussianPrior
+from nfpi.prior.kl import pairwise_kl_diag
 from nfpi.prior.objective import Objective, pairwise_potential, prior_objective
 from nfpi.prior.stats import ClassStatistics
 from nfpi.schema import Config, check, is_number
@@ -124,7 +125,19 @@ class LRPolicy(Config):
 @dataclass(frozen=True)
 class GDConfig(Config):
     """How the gradient-descent baseline runs (what it minimises is the :class:`Objective`,
-    the same one the FPI solves)."""
+    the same one the FPI solves).
+
+    ``form``: ``objective`` (Adam on the gradient of the objective: the fair comparison with
+    the FPI) or ``released`` (the release's GD step, method notes section 10, its
+    ``my_grad_utils.py``): the gradient of the summed (not class-averaged) NLL, divided by the
+    range of the per-sample NLLs of the statistics pass (widened by 20 % of each end) times the
+    number of samples, plus ``lambda`` times the gradient of the plain repulsion
+    sum_{y, y'} -KL_yy' (no exp(-KL / (pi alpha))), divided by the range of the per-class
+    repulsions (row + column sums over K - 1, widened likewise) times K d; ``lambda`` is the
+    objective's lambda taken as is (the release's 50 -> 25, not divided by K (K - 1)); the Adam
+    state is reset after the first step (``reset_adam_after_first_iteration``). It needs
+    statistics that carry ``nll_range`` (the training loop gathers it for this form).
+    """
 
     update: Literal["both", "mean", "variance"] = "both"
     policy: LRPolicy = field(default_factory=LRPolicy)
@@ -134,6 +147,7 @@ class GDConfig(Config):
     steps_per_solve: int = 100
     lam_end: float | None = None
     lam_steps: int = 100
+    form: Literal["objective", "released"] = "objective"
 
     def validate(self) -> None:
         check(
@@ -257,6 +271,50 @@ class GDSolver:
             value = self._objective(m, s)
         return float(value)
 
+    def _released_grads(self, stats: ClassStatistics, lam: float) -> tuple[Tensor, Tensor]:
+        """The release's step direction for (mu, v): see :class:`GDConfig` ``form``."""
+        if stats.nll_range is None:
+            raise ConfigError(
+                "prior.gd.form",
+                "released",
+                "statistics that carry the per-sample NLL range (nll_range): the training "
+                "loop's statistics pass gathers it for this form; statistics gathered during "
+                "the training pass (prior.stats_from_training) do not",
+            )
+        mu, v = self.mu.detach(), self.variances().detach()
+        n = stats.count.to(mu)[:, None]
+        m, s_unbiased = stats.mean().to(mu), stats.var().to(mu)
+        second = s_unbiased * (n - 1) / n + (m - mu) ** 2  # mean of (z - mu)^2 per class
+        g_nf_mu = -n * (m - mu) / v
+        g_nf_v = -0.5 * n * (second / v**2 - 1 / v)
+        # The plain repulsion sum_{y, y'} -KL(y || y') and its gradient (autograd, float64).
+        mu_r, v_r = mu.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        neg_kl = -pairwise_kl_diag(mu_r, v_r)
+        g_kl_mu, g_kl_v = torch.autograd.grad(neg_kl.sum(), (mu_r, v_r))
+        k, d = mu.shape
+        per_class = (neg_kl.detach().sum(1) + neg_kl.detach().sum(0)) / max(k - 1, 1)
+
+        def spread(lo: Tensor, hi: Tensor, scale: float) -> Tensor:
+            if float(lo) == float(hi) == 0.0:  # nothing to normalise (the release returns g)
+                return torch.ones((), dtype=mu.dtype)
+            return ((hi + 0.2 * hi.abs()) - (lo - 0.2 * lo.abs())) * scale
+
+        r_nf = spread(*stats.nll_range.to(mu), float(stats.count.sum()))
+        r_kl = spread(per_class.min(), per_class.max(), float(k * d))
+        return g_nf_mu / r_nf + lam * g_kl_mu / r_kl, g_nf_v / r_nf + lam * g_kl_v / r_kl
+
+    def _released_step(self, stats: ClassStatistics) -> None:
+        g_mu, g_v = self._released_grads(stats, self.objective_at(self.step_count).lam)
+        a, b, _ = self.config.sigmoid
+        sig = torch.sigmoid(b * self.theta.detach())
+        if self.mu.requires_grad:
+            self.mu.grad = g_mu.to(self.mu)
+        if self.theta.requires_grad:
+            self.theta.grad = (g_v * a * b * sig * (1 - sig)).to(self.theta)
+        self.optimizer.step()
+        if self.step_count == 0:  # the release resets its Adam after the first step
+            self.optimizer.state.clear()
+
     def run(
         self, stats: ClassStatistics, steps: int | None = None
     ) -> tuple[GaussianPrior, GDReport]:
@@ -273,11 +331,18 @@ class GDSolver:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._objective(m, s)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"GD objective is {float(loss)} at step {self.step_count}")
-            loss.backward()
-            self.optimizer.step()
+            if self.config.form == "released":
+                self._released_step(stats)
+            else:
+                loss = self._objective(m, s)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"GD objective is {float(loss)} at step {self.step_count}"
+                    )
+                loss.backward()
+                self.optimizer.step()
+            if not (torch.isfinite(self.mu).all() and torch.isfinite(self.theta).all()):
+                raise NonFiniteError(f"GD produced a non-finite prior at step {self.step_count}")
             self.step_count += 1
             report.steps += 1
             report.lrs.append(lr)

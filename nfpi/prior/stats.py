@@ -51,6 +51,9 @@ class ClassStatistics:
         sumsq: [K, d] sum of ``(z - shift) ** 2``.
         shift: [K, d] the reference point of the sums.
         outer: [K, d, d] sum of ``(z - shift)(z - shift)^T``, or None (only for full covariances).
+        nll_range: [2] the smallest and largest per-sample NLL (nats) of the pass under the prior
+            it ran with, or None (only the release's GD form reads it; merged by min / max, and
+            not part of :meth:`flat`).
 
     ``a + b`` equals the statistics of the concatenated data (``b`` is re-expressed around
     ``a.shift`` exactly if the shifts differ). Accumulating many batches onto one fixed shift
@@ -62,10 +65,13 @@ class ClassStatistics:
     sumsq: Tensor
     shift: Tensor
     outer: Tensor | None = None
+    nll_range: Tensor | None = None
 
     def __post_init__(self) -> None:
         k, d = self.sum.shape
         shapes = {"count": (k,), "sumsq": (k, d), "shift": (k, d)}
+        if self.nll_range is not None:
+            shapes["nll_range"] = (2,)
         if self.outer is not None:
             shapes["outer"] = (k, d, d)
         for name, shape in shapes.items():
@@ -176,7 +182,7 @@ class ClassStatistics:
                 + cross.transpose(1, 2)
                 + n[:, :, None] * delta[:, :, None] * delta[:, None, :]
             )
-        return ClassStatistics(self.count.clone(), s1, s2, shift.clone(), outer)
+        return ClassStatistics(self.count.clone(), s1, s2, shift.clone(), outer, self.nll_range)
 
     def __add__(self, other: ClassStatistics) -> ClassStatistics:
         if not isinstance(other, ClassStatistics):
@@ -188,12 +194,18 @@ class ClassStatistics:
             )
         if not torch.equal(other.shift, self.shift):
             other = other.reshifted(self.shift)
+        ranges = [r for r in (self.nll_range, other.nll_range) if r is not None]
+        nll_range = None
+        if ranges:
+            both = torch.stack(ranges)
+            nll_range = torch.stack([both[:, 0].min(), both[:, 1].max()])
         return ClassStatistics(
             self.count + other.count,
             self.sum + other.sum,
             self.sumsq + other.sumsq,
             self.shift.clone(),
             None if self.outer is None else self.outer + other.outer,
+            nll_range,
         )
 
     # -------------------------------------------------------------------- flat view (all-reduce)
@@ -221,12 +233,18 @@ class ClassStatistics:
             s2.reshape(k, d).clone(),
             self.shift.clone(),
             outer,
+            None if self.nll_range is None else self.nll_range.clone(),
         )
 
     def to(self, device: torch.device | str) -> ClassStatistics:
         mv = lambda t: None if t is None else t.to(device)
         return ClassStatistics(
-            mv(self.count), mv(self.sum), mv(self.sumsq), mv(self.shift), mv(self.outer)
+            mv(self.count),
+            mv(self.sum),
+            mv(self.sumsq),
+            mv(self.shift),
+            mv(self.outer),
+            mv(self.nll_range),
         )
 
     # ------------------------------------------------------------------------------- moments

@@ -19,6 +19,7 @@ from nfpi.errors import ConfigError
 __all__ = [
     "CommTimer",
     "all_reduce_",
+    "all_reduce_max_",
     "barrier",
     "broadcast_object",
     "resolve_device",
@@ -40,6 +41,13 @@ def all_reduce_(t: Tensor) -> Tensor:
     """Sum ``t`` over all ranks in place (returns it)."""
     if world()[1] > 1:
         dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max_(t: Tensor) -> Tensor:
+    """Element-wise maximum of ``t`` over all ranks in place (returns it)."""
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -17,7 +17,7 @@ from nfpi.data import BatchAugment, dequantization_offset, dequantize
 from nfpi.data.sharding import per_sample_uniform
 from nfpi.errors import ConfigError
 from nfpi.prior import ClassStatistics, GaussianPrior
-from nfpi.training.distributed import all_reduce_, world
+from nfpi.training.distributed import all_reduce_, all_reduce_max_, world
 
 __all__ = ["collect_statistics", "evaluate", "keyed_inputs", "nll_nats"]
 
@@ -62,9 +62,11 @@ def collect_statistics(
     full: bool = False,
     augment: BatchAugment | None = None,
     levels: int,
+    nll_prior: GaussianPrior | None = None,
 ) -> ClassStatistics:
     """Class statistics of ``flow``'s latents over ``loader`` (``(x, y, index)`` batches of this
-    rank's shard), summed over all ranks.
+    rank's shard), summed over all ranks. With ``nll_prior`` they also carry the smallest and
+    largest per-sample NLL under that prior (``nll_range``: the release's GD form reads it).
 
     The dequantisation noise and augmentation (the release computes the statistics under
     training augmentation) are drawn per sample from ``(seed, index)``, so the all-reduced
@@ -73,17 +75,26 @@ def collect_statistics(
     cancellation and the buffers all-reducible.
     """
     stats: ClassStatistics | None = None
+    # [-min, max] of the per-sample NLL, so that one max-reduction gives both extremes.
+    extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=device)
     for x, y, index in loader:
-        z, _ = flow(keyed_inputs(x, index, seed, augment, device, levels))
+        z, logdet = flow(keyed_inputs(x, index, seed, augment, device, levels))
         if stats is None:
             stats = ClassStatistics.empty(
                 num_classes, z.shape[1], shift=shift, full=full, device=device
             )
         stats.update_(z, y.to(device))
+        if nll_prior is not None:
+            nll = -(nll_prior.log_prob(z, y.to(device)) + logdet)
+            nll = nll.double() + dequantization_offset(z.shape[1], levels)
+            extremes = torch.maximum(extremes, torch.stack([-nll.min(), nll.max()]))
     if stats is None:
         raise ConfigError("data", "empty", "a non-empty dataset shard for the statistics pass")
     if world()[1] > 1:
         stats = stats.with_flat(all_reduce_(stats.flat()))
+    if nll_prior is not None:
+        extremes = all_reduce_max_(extremes)
+        stats.nll_range = torch.stack([-extremes[0], extremes[1]])
     return stats
 
 

@@ -300,6 +300,7 @@ class Trainer:
                 full=self.config.prior.covariance == "full",
                 augment=self.augment if self.config.prior.stats_augment else None,
                 levels=self.info.levels,
+                nll_prior=self.prior if self.config.prior.gd_form_released else None,
             )
         finally:
             flow.train(was_training)
