@@ -8,8 +8,10 @@
 
 With no arguments it starts a local Ray, writes an MLflow SQLite store under ./results, trains on
 the bundled digits on CPU and prints a results table (per method: best config, NF-Acc, test
-bits/dim). Under ``ray job submit`` it attaches to that cluster (pass an absolute
-``--results-dir``: a job's working directory is a temporary copy).
+bits/dim). Under ``ray job submit`` it attaches to that cluster and, with no ``--results-dir``,
+writes to ``$NFPI_RESULTS`` or ``~/nfpi-results`` (a job's working directory is a temporary copy
+that vanishes with the Ray session); the first log lines name the folder and the ``mlflow ui``
+command that opens it.
 
 Train V2 inside Tune: the trial is a plain function that starts a TorchTrainer (with
 ``TuneReportCallback`` forwarding rank 0's reports), owns the trial's prior actor, and logs to a
@@ -56,8 +58,14 @@ from ray_jobs.resources import (
     request_capacity,
     trials_that_fit,
 )
-from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
-from ray_jobs.tracking import RunLogger, param_value, start_run, ui_url
+from ray_jobs.settings import (
+    RaySettings,
+    add_common_args,
+    check_before_ray,
+    connect,
+    describe_outputs,
+)
+from ray_jobs.tracking import RunLogger, param_value, start_run, ui_command, ui_url
 from ray_jobs.train import final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
@@ -412,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
     settings = RaySettings.from_args(args)
+    for line in describe_outputs(settings):
+        log.info(line)
     footprint = TrialFootprint.of(settings)
     # Cheap checks before Ray starts (data paths, batch vs workers, this machine's resources).
     for warning in check_before_ray(configs, settings, args.address):
@@ -582,7 +592,7 @@ def _run_sweep(
         metrics=[k for k in VIEW_METRICS if any(k in r["metrics"] for r in rows)],
     )
     print(
-        f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000\n"
+        f"MLflow: {ui_command(tracking.uri)}\n"
         f"  the trials: {ui_url(experiment_id, view=view)}\n"
         f"  the comparison: {ui_url(experiment_id, parent_id)}"
     )

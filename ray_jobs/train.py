@@ -61,8 +61,14 @@ from nfpi.training import Callback, EpochResult, Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
 from ray_jobs.progress import TrainProgress
-from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
-from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_url
+from ray_jobs.settings import (
+    RaySettings,
+    add_common_args,
+    check_before_ray,
+    connect,
+    describe_outputs,
+)
+from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_command, ui_url
 
 __all__ = [
     "StopOnDeterministicError",
@@ -472,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment = "smoke" if args.smoke_test else args.experiment
     config = resolve_config(experiment, args.set, args.config_file)
     settings = RaySettings.from_args(args)
+    for line in describe_outputs(settings):
+        log.info(line)
     for warning in check_before_ray([config], settings, args.address):  # before Ray starts
         log.warning(warning)
     run_name = args.run_name or config.name
@@ -500,10 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             max_results=1,
         )
         link = ui_url(tracking.experiment_id(), run[0].info.run_id if run else None)
-        print(
-            f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 "
-            f"--port 5000, then open {link}"
-        )
+        print(f"MLflow: {ui_command(tracking.uri)}, then open {link}")
     return 0
 
 
