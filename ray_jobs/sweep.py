@@ -21,6 +21,7 @@ child MLflow run of the sweep's parent run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -48,7 +49,12 @@ from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override
 from ray_jobs.augment_pool import build_pool, train_set_of
-from ray_jobs.mlflow_logging import log_sweep_summary, save_sweep_view
+from ray_jobs.mlflow_logging import (
+    ensure_registered_model,
+    log_sweep_summary,
+    metric_key,
+    save_sweep_view,
+)
 from ray_jobs.progress import SweepProgress, trial_label
 from ray_jobs.resources import (
     ClusterConcurrency,
@@ -65,7 +71,7 @@ from ray_jobs.settings import (
     connect,
     describe_outputs,
 )
-from ray_jobs.tracking import RunLogger, param_value, start_run, ui_command, ui_url
+from ray_jobs.tracking import UI, RunLogger, param_value, start_run, ui_command, ui_url
 from ray_jobs.train import final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, load_space
 
@@ -403,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="resume an interrupted sweep of this name"
     )
+    parser.add_argument(
+        "--no-register-model",
+        action="store_true",
+        help="do not register the trials' final models (default: in the registry as "
+        "nfpi-<sweep name>, one version per trial, aliased by its label: models:/nfpi-digits@fpi)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
@@ -420,8 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
     settings = RaySettings.from_args(args)
+    if settings.registered_model is None and not args.no_register_model:
+        settings = dataclasses.replace(settings, registered_model=f"nfpi-{metric_key(sweep)}")
     for line in describe_outputs(settings):
         log.info(line)
+    if settings.registered_model is not None and settings.tracking is not None:
+        ensure_registered_model(
+            settings.tracking, settings.registered_model, f"{space.name}: {space.reproduces}"
+        )
     footprint = TrialFootprint.of(settings)
     # Cheap checks before Ray starts (data paths, batch vs workers, this machine's resources).
     for warning in check_before_ray(configs, settings, args.address):
@@ -590,11 +608,18 @@ def _run_sweep(
         group_by=varied[0] if varied else "prior.method",
         params=varied,
         metrics=[k for k in VIEW_METRICS if any(k in r["metrics"] for r in rows)],
+        sort_by=space.metric if any(space.metric in r["metrics"] for r in rows) else None,
+        ascending=space.mode == "min",
     )
     print(
         f"MLflow: {ui_command(tracking.uri)}\n"
         f"  the trials: {ui_url(experiment_id, view=view)}\n"
         f"  the comparison: {ui_url(experiment_id, parent_id)}"
+        + (
+            f"\n  the models: {UI}/#/models/{settings.registered_model} (one version per trial)"
+            if settings.registered_model
+            else ""
+        )
     )
     log_sweep_summary(
         parent,

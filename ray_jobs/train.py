@@ -28,6 +28,7 @@ run may resume on another number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -68,7 +69,14 @@ from ray_jobs.settings import (
     connect,
     describe_outputs,
 )
-from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_command, ui_url
+from ray_jobs.tracking import (
+    RunLogger,
+    Tracking,
+    start_run,
+    system_metrics,
+    ui_command,
+    ui_url,
+)
 
 __all__ = [
     "StopOnDeterministicError",
@@ -252,7 +260,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         resume_overrides=spec.resume_overrides,
         lock_run_dir=False,  # the driver holds the run directory's lock for all attempts
     )
-    history = trainer.fit()
+    # Rank 0's node's CPU, memory, disk, network and GPU as MLflow system metrics.
+    watch = (
+        system_metrics(spec.tracking, spec.mlflow_run_id)
+        if logger is not None and spec.tracking is not None and spec.mlflow_run_id is not None
+        else contextlib.nullcontext()
+    )
+    with watch:
+        history = trainer.fit()
     if logger is not None and epochs is not None:
         epochs.log_new(history)  # a finished run re-launched, or epochs of a cut-off attempt
         logger.artifact(spec.run_dir / "metrics.jsonl")
@@ -440,7 +455,13 @@ def _run_locked(
                 result.checkpoint.path if result.checkpoint is not None else None
             )
             if final is not None:
-                log_flow_model(tracking, mlflow_run_id, final, settings.registered_model)
+                log_flow_model(
+                    tracking,
+                    mlflow_run_id,
+                    final,
+                    settings.registered_model,
+                    alias=display_name or run_name,
+                )
             logger.finish()
     return result
 
