@@ -52,6 +52,7 @@ from nfpi.schema import Config, check
 
 __all__ = [
     "GOLDEN_FILE",
+    "PACKAGED_GOLDEN",
     "Figure1Config",
     "add_arguments",
     "default_golden_path",
@@ -106,13 +107,20 @@ class Figure1Config(Config):
         return FPIConfig(auto_bounds=DEFAULT_BOUND_FACTORS, max_iter=2000)
 
 
+#: The golden 2-D embedding shipped with the package (the authors' notebook data, 408 kB), so
+#: that Figure 1 needs no download.
+PACKAGED_GOLDEN = Path(__file__).resolve().parent / "data" / GOLDEN_FILE
+
+
 def default_golden_path() -> Path:
-    """``$NFPI_SHARED_DATA/cifar10_tsne2d.npz`` (default folder: ``../shared/data`` beside the
-    project checkout)."""
+    """``$NFPI_SHARED_DATA/cifar10_tsne2d.npz`` when that variable is set; else
+    ``../shared/data/cifar10_tsne2d.npz`` beside the project checkout when it exists; else the
+    copy shipped in the package (:data:`PACKAGED_GOLDEN`)."""
     folder = os.environ.get("NFPI_SHARED_DATA")
-    if folder is None:
-        folder = str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    return Path(folder) / GOLDEN_FILE
+    if folder is not None:
+        return Path(folder) / GOLDEN_FILE
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / GOLDEN_FILE
+    return beside if beside.is_file() else PACKAGED_GOLDEN
 
 
 def load_points(path: str | Path) -> tuple[Tensor, Tensor]:
@@ -341,7 +349,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """The figure options' own mistakes, before any work (a missing checkpoint for Figure 2)."""
     if 2 in set(args.figures) and not args.checkpoint:
-        raise ConfigError("--checkpoint", None, "a trained flow's run directory for Figure 2")
+        raise ConfigError(
+            "--checkpoint",
+            None,
+            "a trained flow's run directory for Figure 2 (its NF augmentations): e.g. "
+            "--checkpoint results/digits after `python -m nfpi train`; or draw Figure 1 only "
+            "with --figures 1",
+        )
+    if 2 in set(args.figures):
+        from nfpi.checkpoint import find_checkpoint
+        from nfpi.errors import CheckpointError
+
+        if find_checkpoint(args.checkpoint) is None:
+            raise CheckpointError(
+                f"--checkpoint {args.checkpoint}: no checkpoint there; pass a trained flow's run "
+                "directory (e.g. results/digits after `python -m nfpi train`, or "
+                "<results>/runs/<run name> of a Ray run), its checkpoints/ folder or a state.pt"
+            )
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:

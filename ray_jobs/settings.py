@@ -219,6 +219,8 @@ def check_before_ray(
             continue
         seen.add(key)
         warnings.update(dict.fromkeys(preflight(config, settings.num_workers)))
+    if address and address not in ("local", "auto"):
+        check_reachable(address)  # seconds, not Ray's minute of retries and its traceback
     if address or os.environ.get("RAY_ADDRESS"):
         return list(warnings)  # a cluster's resources are its own (and may autoscale)
     if settings.use_gpu and not torch.cuda.is_available():
@@ -362,7 +364,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per run")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves"
+    )
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument(
         "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"

@@ -431,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(
+            f"--num-samples must be >= 1 (got {args.num_samples}; leave it out for the space's {space.num_samples})"
+        )
     settings = RaySettings.from_args(args)
     if settings.registered_model is None and not args.no_register_model:
         settings = dataclasses.replace(settings, registered_model=f"nfpi-{metric_key(sweep)}")

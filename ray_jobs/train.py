@@ -482,7 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="experiments: " + ", ".join(EXPERIMENTS),
     )
-    parser.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
+    parser.add_argument(
+        "--experiment",
+        default="digits",
+        choices=list(EXPERIMENTS),
+        metavar="NAME",
+        help="a named experiment (listed below)",
+    )
     parser.add_argument("--config", dest="config_file", help="a JSON experiment config")
     parser.add_argument("--run-name", help="Ray/MLflow run name (default: the experiment name)")
     parser.add_argument(

@@ -80,3 +80,90 @@ def test_job_without_results_dir_keeps_its_results_after_the_session(tmp_path, r
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert "nf_acc" in runs[0].data.metrics
     assert any((results / "runs").glob("*/checkpoints"))
+
+
+# ------------------------------------------------------------------- mistakes: one clear line
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def _cli(main, prog, argv, capsys):
+    from nfpi.entry import run_cli
+
+    code = run_cli(main, argv, prog=prog)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("entry", ["sweep", "train"])
+def test_ray_entry_points_refuse_mistakes_in_one_line_before_ray(entry, tmp_path, capsys):
+    from ray_jobs.sweep import main as sweep_main
+    from ray_jobs.train import main as train_main
+
+    main = {"sweep": sweep_main, "train": train_main}[entry]
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    port = _closed_port()
+    cases = [
+        (["--results-dir", str(file)], "is a file"),
+        (["--results-dir", str(tmp_path / "r"), "--address", f"ray://127.0.0.1:{port}"],
+         f"cannot reach Ray at ray://127.0.0.1:{port}"),
+        (["--results-dir", str(tmp_path / "r"), "--set", "optim.epochs", "10"],
+         "--set optim.epochs: write KEY=VALUE with '=', e.g. --set optim.epochs=10"),
+    ]  # fmt: skip
+    if entry == "sweep":
+        cases.append((["--results-dir", str(tmp_path / "r"), "--num-samples", "0"],
+                      "--num-samples must be >= 1"))  # fmt: skip
+    for argv, expected in cases:
+        code, _, err = _cli(main, entry, argv, capsys)
+        errors = [line for line in err.splitlines() if f"{entry}: error:" in line]
+        assert code == 2 and len(errors) == 1 and expected in errors[0], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_bare_nfpi_prints_its_commands(capsys):
+    from nfpi.cli import main
+
+    code, _, err = _cli(main, "python -m nfpi", [], capsys)
+    assert code == 2
+    assert "{train,config,downstream,figures}" in err and "name a command" in err
+
+
+def test_help_shows_defaults(capsys):
+    from ray_jobs.sweep import main as sweep_main
+
+    with pytest.raises(SystemExit):
+        sweep_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: digits)", "(default: 1)", "(default: PACK)", "(default: nfpi)"):
+        assert shown in text, shown
+
+
+def test_config_keys_describe_every_key_from_the_config_classes(capsys):
+    from nfpi.cli import describe_keys, main
+
+    rows = describe_keys()
+    assert len(rows) > 100 and [r[0] for r in rows if not r[4]] == []
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("optim.epochs "))
+    assert "default 10" in out[at] and "training epochs" in out[at + 1]
+
+
+def test_figures_need_no_shared_data_and_say_what_figure_2_needs(tmp_path, monkeypatch, capsys):
+    from nfpi.cli import main
+    from nfpi.figures import PACKAGED_GOLDEN, default_golden_path, load_points
+
+    monkeypatch.delenv("NFPI_SHARED_DATA", raising=False)
+    assert default_golden_path().is_file()  # ../shared/data, else the packaged copy
+    x, y = load_points(PACKAGED_GOLDEN)
+    assert x.shape == (50000, 2) and sorted(set(y.tolist())) == list(range(10))
+    code, _, err = _cli(main, "python -m nfpi", ["figures", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--figures 1" in err and "--checkpoint results/digits" in err
+    argv = ["figures", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "nope")]
+    code, _, err = _cli(main, "python -m nfpi", argv, capsys)
+    assert code == 2 and "no checkpoint there" in err

@@ -212,6 +212,10 @@ def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, trackin
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.params["prior.method"] for c in children} == {"data-init", "fpi"}
+    # Registered by default: one version per trial, aliased by its label, from the final epoch.
+    versions = {a: client.get_model_version_by_alias("nfpi-smoke", a) for a in ("data-init", "fpi")}
+    assert {v.run_id for v in versions.values()} == {c.info.run_id for c in children}
+    assert {v.tags["epoch"] for v in versions.values()} == {"1"}
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"nf_acc", "test_bpd", "train_bpd", "kl_min"} <= set(child.data.metrics)
