@@ -251,8 +251,16 @@ def log_flow_model(
         slim = _slim_checkpoint(checkpoint, Path(tmp) / "checkpoint")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # MLflow asks for type hints on predict(): ours takes images or a sampling request,
-            # which one hint cannot describe (and a hint makes MLflow convert the input).
-            warnings.filterwarnings("ignore", message=".*[Tt]ype hint", category=UserWarning)
+            # which one hint cannot describe (and a hint makes MLflow convert the input). Its
+            # warning is raised under MLflow's own "once" filter, which overrides an "ignore"
+            # filter here: it is dropped where it is shown instead.
+            show = warnings.showwarning
+
+            def _show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+                if "type hint" not in str(message).lower():
+                    show(message, category, *args, **kwargs)
+
+            warnings.showwarning = _show  # restored by catch_warnings
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_CODE),
