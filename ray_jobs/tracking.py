@@ -286,8 +286,9 @@ def param_value(value: Any) -> str:
 def system_metrics(tracking: Tracking, run_id: str, node_id: str | None = None) -> Iterator[None]:
     """MLflow's system metrics (``mlflow.system_metrics``: CPU, memory, disk, network and GPU
     of this node, ``system/...``) logged to ``run_id`` every 10 s while the block runs (the
-    interval: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``); a restarted block continues the
-    steps. Without ``psutil`` (what MLflow's monitor needs) nothing is logged."""
+    interval: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) and once more at its end (the last,
+    partial interval); a restarted block continues the steps. Without ``psutil`` (what MLflow's
+    monitor needs) nothing is logged."""
     if importlib.util.find_spec("psutil") is None:
         log.warning("no system metrics for run %s: psutil is not installed", run_id)
         yield
@@ -302,6 +303,18 @@ def system_metrics(tracking: Tracking, run_id: str, node_id: str | None = None) 
         yield
     finally:
         monitor.finish()
+        # MLflow's monitor drops the samples it collected after its last publish, so a block
+        # shorter than one interval (a smoke run) logged none: publish that last interval.
+        try:
+            pending = monitor.aggregate_metrics()
+            if not pending:  # the monitor's thread had not sampled yet
+                monitor.collect_metrics()
+                pending = monitor.aggregate_metrics()
+            if pending:
+                monitor.publish_metrics(pending)
+                monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - system metrics are a side record
+            log.debug("run %s: last system metrics not logged: %s", run_id, err)
 
 
 class RunLogger:

@@ -69,14 +69,7 @@ from ray_jobs.settings import (
     connect,
     describe_outputs,
 )
-from ray_jobs.tracking import (
-    RunLogger,
-    Tracking,
-    start_run,
-    system_metrics,
-    ui_command,
-    ui_url,
-)
+from ray_jobs.tracking import RunLogger, Tracking, start_run, system_metrics, ui_command, ui_url
 
 __all__ = [
     "StopOnDeterministicError",
@@ -217,6 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     logger = epochs = None
+    watch = contextlib.ExitStack()
     if rank == 0 and spec.tracking is not None and spec.mlflow_run_id is not None:
         logger = RunLogger(spec.tracking, spec.mlflow_run_id)
         # One value per attempt (a restarted worker group is a new attempt): params are
@@ -225,6 +219,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         logger.metrics({"ray.num_workers": workers}, step=logger.count("ray.num_workers"))
         logger.tag("ray.num_workers", str(workers))
         epochs = _EpochsToMLflow(logger)
+        # Rank 0's node's CPU, memory, disk, network and GPU as MLflow system metrics, from
+        # here (data loading and the flow's initialisation included) to the end of training.
+        watch.enter_context(system_metrics(spec.tracking, spec.mlflow_run_id))
     client = (
         ActorPriorClient(spec.actor, spec.actor_timeout, factory=spec.actor_factory)
         if rank == 0
@@ -259,12 +256,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         resume_from=resume,
         resume_overrides=spec.resume_overrides,
         lock_run_dir=False,  # the driver holds the run directory's lock for all attempts
-    )
-    # Rank 0's node's CPU, memory, disk, network and GPU as MLflow system metrics.
-    watch = (
-        system_metrics(spec.tracking, spec.mlflow_run_id)
-        if logger is not None and spec.tracking is not None and spec.mlflow_run_id is not None
-        else contextlib.nullcontext()
     )
     with watch:
         history = trainer.fit()

@@ -108,22 +108,15 @@ def test_a_script_in_a_git_checkout_gets_commit_and_dirty_flag(tmp_path):
     assert tags()["nfpi.source.git.dirty"] == "true"
 
 
-def test_system_metrics_are_logged_while_the_block_runs(tracking, monkeypatch):
+def test_system_metrics_are_logged_even_for_a_block_shorter_than_one_interval(tracking):
+    """MLflow's monitor publishes every 10 s and drops what it collected after its last
+    publish: a smoke run (seconds) logged no system metrics before the last interval was
+    published at the block's end."""
     pytest.importorskip("psutil")
-    import threading
-
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     run_id = start_run(tracking, "r")
-    client = tracking.client()
-    logged = threading.Event()
     with system_metrics(tracking, run_id):
-        # Wait (bounded) until the monitor's first sample reached the store.
-        for _ in range(100):
-            if any(k.startswith("system/") for k in client.get_run(run_id).data.metrics):
-                logged.set()
-                break
-            logged.wait(0.1)
-    keys = set(client.get_run(run_id).data.metrics)
+        pass  # far shorter than the 10 s interval
+    keys = set(tracking.client().get_run(run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in keys
     assert "system/system_memory_usage_megabytes" in keys
 

@@ -3,6 +3,7 @@
 Real Ray runs are kept to a handful and share one Ray session (``ray_session``).
 """
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, track
     assert {"plots", "final_checkpoint.txt", "metrics.jsonl"} <= arts
     assert any(a.path.endswith("tsne.png") for a in client.list_artifacts(run.info.run_id, "plots"))
     assert run.data.tags["final_checkpoint"] == result.checkpoint.path
+    if importlib.util.find_spec("psutil") is not None:  # MLflow's system metrics of rank 0
+        assert "system/cpu_utilization_percentage" in run.data.metrics
 
 
 def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
