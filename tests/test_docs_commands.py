@@ -132,8 +132,12 @@ def test_every_command_in_the_docs_parses(where, entry, argv):
     if entry == "ray_jobs/sweep.py" and "--plan" in _help_of(main):
         err = io.StringIO()
         code = run_cli(main, [*argv, "--plan"], prog=entry, stderr=err)
-        # A path the docs only name (/data/cifar100) may be absent on this machine.
-        assert code == 0 or (code == 2 and "not found" in err.getvalue()), err.getvalue()
+        # A path the docs only name (/data/cifar100, a model file) may be absent here: that
+        # one-line refusal is the plan's check working, not a broken command.
+        missing = ("not found", "does not exist", "no such", "data.root", "pretrained_path")
+        assert code == 0 or (code == 2 and any(m in err.getvalue().lower() for m in missing)), (
+            err.getvalue()
+        )
 
 
 def _help_of(main) -> str:
