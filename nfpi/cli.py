@@ -69,33 +69,39 @@ def catalogue() -> str:
     return "\n".join(lines)
 
 
-def describe_keys() -> list[tuple[str, str, Any, tuple[Any, ...]]]:
+def describe_keys() -> list[tuple[str, str, Any, tuple[Any, ...], str]]:
     """Every ``--set`` key of an experiment and of a downstream run: ``(key, type, default,
-    allowed values)``."""
+    allowed values, one-line description)``, read from the config classes."""
     from nfpi.downstream import DownstreamConfig
 
     rows = ExperimentConfig.describe()
-    for key, hint, default, allowed in DownstreamConfig.describe():
+    for key, hint, default, allowed, doc in DownstreamConfig.describe():
         dotted = (
             f"cnn.{key[len('classifier.') :]}"
             if key.startswith("classifier.")
             else f"downstream.{key}"
         )
-        rows.append((dotted, hint, default, allowed))
+        rows.append((dotted, hint, default, allowed, doc))
     return rows
 
 
 def _keys_table() -> str:
-    rows = [("key", "type", "default", "allowed")]
-    for key, hint, default, allowed in describe_keys():
+    """Two lines per key: ``key  type  default: ...  allowed: ...`` and its description."""
+    rows = []
+    for key, hint, default, allowed, doc in describe_keys():
         shown = json.dumps(default, default=str)
-        if allowed:  # the Literal's values are the next column
+        if allowed:  # the Literal's values are listed instead
             hint = "choice" + (" | None" if "None" in hint else "")
-        rows.append((key, hint, shown, " | ".join(map(str, allowed)) if allowed else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        extra = f"  one of: {' | '.join(map(str, allowed))}" if allowed else ""
+        rows.append((key, hint, f"default {shown}{extra}", doc.replace("``", "")))
+    widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in ((0, 40), (1, 16))]
+    head = f"{'key'.ljust(widths[0])}  {'type'.ljust(widths[1])}  default, allowed values\n    what it is"
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
-        for r in rows
+        [head]
+        + [
+            f"{key.ljust(widths[0])}  {hint.ljust(widths[1])}  {rest}\n    {doc or '-'}"
+            for key, hint, rest, doc in rows
+        ]
     )
 
 
@@ -127,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         ("config", "print the resolved config (or, with --keys, every key)"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=catalogue())
-        p.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
+        p.add_argument(
+            "--experiment",
+            default="digits",
+            choices=list(EXPERIMENTS),
+            metavar="NAME",
+            help="a named experiment (listed below)",
+        )
         p.add_argument(
             "--config", dest="config_file", help="a JSON config (e.g. a run's config.json)"
         )
@@ -156,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     from nfpi import figures
 
     figures.add_arguments(sub.add_parser("figures", help="the paper's Figures 1 and 2 as PNGs"))
+    if not (sys.argv[1:] if argv is None else argv):  # bare `python -m nfpi`: what it can do
+        sys.stderr.write(
+            parser.format_help()
+            + "\nerror: name a command, e.g. python -m nfpi train (each has --help)\n"
+        )
+        return 2
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     if args.command == "downstream":

@@ -45,7 +45,25 @@ class DataConfig(Config):
     warning, when it does not fit on that disk. On a multi-node run ``cache_dir`` must be on
     the shared file system. ``in_memory`` (imagefolder) instead decodes into RAM in every
     process (one-process runs of a small set); not both. ``num_workers``: DataLoader processes
-    per rank (decoding)."""
+    per rank (decoding).
+
+    Attributes:
+        name: the dataset: ``digits`` (scikit-learn's, bundled), ``cifar10``, ``cifar100``,
+            ``imagefolder`` (root/{train,test|val}/<class>/*) or ``synthetic``.
+        root: the dataset's folder or archive (required for cifar10/100 and imagefolder).
+        items_per_class: training images per class (None: all).
+        test_items_per_class: test images per class (None: all).
+        augment: the paper's training augmentation (random flips/shifts) on or off.
+        image_size: resize images to this side (imagefolder; None: as stored).
+        num_workers: DataLoader processes per rank (decoding).
+        download: let torchvision download cifar10/100 (needs the internet).
+        num_classes: number of classes of ``synthetic`` data.
+        shape: (C, H, W) of ``synthetic`` data.
+        in_memory: decode every imagefolder image once into RAM (per process).
+        decode_cache: decode imagefolder images once into a uint8 file every rank memory-maps.
+        cache_dir: where ``decode_cache`` writes (None: $NFPI_DATA_CACHE/decoded or
+            ~/.cache/nfpi/decoded).
+    """
 
     name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = None
@@ -136,7 +154,20 @@ class FlowConfig(Config):
     the prior is data-initialised from the loaded flow on this run's data, one gaussian per class
     of this dataset (:mod:`nfpi.training.finetune`). A resumed run ignores it (its own
     checkpoint holds everything). ``init_required``: the experiment is a fine-tuning one, so
-    ``init_from`` must be given (the ``*_finetune`` experiments set it)."""
+    ``init_from`` must be given (the ``*_finetune`` experiments set it).
+
+    Attributes:
+        preset: the architecture (``tiny``, ``glow-small``, ``mef-cifar``, ...).
+        levels: multi-scale levels (None: the preset's).
+        steps: flow steps per level, one int or one per level (None: the preset's).
+        blocks: residual blocks per coupling network (None: the preset's).
+        hidden: channels of the coupling networks (None: the preset's).
+        coupling: ``affine`` or ``matrixexp`` couplings (None: the preset's).
+        attention: attention layers after every coupling net (None: the preset's).
+        attention_heads: heads of those attention layers (None: the preset's).
+        init_from: a pretrained run's directory or checkpoint to start the flow from.
+        init_required: this experiment fine-tunes, so init_from must be set.
+    """
 
     preset: str = "tiny"
     levels: int | None = None
@@ -195,6 +226,19 @@ class PriorConfig(Config):
     ``objective`` (lambda, alpha, pi) is read by both solvers, so the FPI and GD rows of a sweep
     compare at equal objective by construction. ``gd_objective`` overrides it for GD only (the
     released GD weights differ from the released FPI lambda: method notes section 10).
+
+    Attributes:
+        method: the prior: ``fpi`` (fixed-point iteration), ``gd`` (gradient descent) or
+            ``data-init`` (class moments of the untrained flow, frozen).
+        covariance: ``diag`` or ``full`` class covariances.
+        solve_epoch: the epoch (0-based) at whose end the FPI is first solved.
+        resolve_every: re-solve the FPI every this many epochs after ``solve_epoch`` (0: once).
+        solve_until: last epoch at whose end the prior is updated (None: no limit).
+        stats_augment: take a solve's class statistics under the training augmentation.
+        objective: what both solvers minimise (lambda, alpha, pi).
+        gd_objective: the GD baseline's own objective (None: ``objective``).
+        fpi: how the FPI solver runs.
+        gd: how the GD baseline runs.
     """
 
     method: Literal["fpi", "gd", "data-init"] = "fpi"
@@ -278,7 +322,16 @@ class OptimConfig(Config):
     """Flow optimisation: Adamax with linear warm-up (paper: lr 1e-2, 1000 warm-up steps, batch 512,
     500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers.
     ``init_batch``: how many training images the data-dependent ActNorm init sees (the release:
-    1024)."""
+    1024).
+
+    Attributes:
+        epochs: training epochs.
+        batch_size: global batch (a multiple of the data-parallel workers).
+        lr: Adamax learning rate after warm-up.
+        warmup_steps: optimiser steps of linear learning-rate warm-up.
+        grad_clip: clip the gradient norm to this (None: no clipping).
+        init_batch: training images of the flow's data-dependent ActNorm init.
+    """
 
     epochs: int = 10
     batch_size: int = 512
@@ -312,7 +365,17 @@ class EMAConfig(Config):
     FPI solve (from the start for the other methods), or at the first step of epoch
     ``start_epoch`` when that is set (the release: epoch 1, for every method). ``enabled=False``: no EMA, evaluation and
     pictures use the online flow, the flow the prior's statistics come from (short runs that
-    re-solve the prior every epoch: an EMA then lags behind the flow the prior was solved for)."""
+    re-solve the prior every epoch: an EMA then lags behind the flow the prior was solved for).
+
+    Attributes:
+        enabled: keep an EMA of the flow (evaluation and pictures use it).
+        beta: the EMA's maximum decay.
+        power: the EMA warm-up's power (ema-pytorch's inv_gamma schedule).
+        update_every: update the EMA every this many optimiser steps.
+        update_after_step: optimiser steps before the EMA starts.
+        start_epoch: the epoch whose first step starts the EMA (None: after the FPI's first
+            solve, from the start for the other methods).
+    """
 
     enabled: bool = True
     beta: float = 0.9999
@@ -342,7 +405,17 @@ class EMAConfig(Config):
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
-    """Evaluation and pictures. ``plot_every`` = 0: sample grids and t-SNE at the end only."""
+    """Evaluation and pictures. ``plot_every`` = 0: sample grids and t-SNE at the end only.
+
+    Attributes:
+        every: evaluate NF-Acc and bits/dim every this many epochs (and after the last).
+        batch_size: evaluation batch.
+        temperatures: sampling temperatures of the sample grids.
+        samples_per_class: samples per class in each grid.
+        tsne_points: test latents in the t-SNE picture (0: no t-SNE).
+        plots: draw the pictures (sample grids, t-SNE, KL heatmaps).
+        plot_every: draw them every this many epochs too (0: at the end only).
+    """
 
     every: int = 1
     batch_size: int = 500
@@ -373,7 +446,13 @@ class EvalConfig(Config):
 
 @dataclass(frozen=True)
 class ExperimentConfig(Config):
-    """Everything one run computes (not where it writes: that is the trainer's run directory)."""
+    """Everything one run computes (not where it writes: that is the trainer's run directory).
+
+    Attributes:
+        name: the experiment's name (run directories and MLflow runs are named after it).
+        seed: seed of every random draw (data order, noise, initialisation).
+        device: ``auto`` (a GPU when there is one), ``cpu`` or ``cuda``.
+    """
 
     name: str = "nfpi"
     seed: int = 0

@@ -27,7 +27,7 @@ from typing import IO, Any, NoReturn
 
 from nfpi.errors import NfpiError, UsageError
 
-__all__ = ["Parser", "one_line", "run_cli", "setup_logging", "user_error"]
+__all__ = ["HelpFormatter", "Parser", "one_line", "run_cli", "setup_logging", "user_error"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -36,16 +36,49 @@ EXIT_INTERRUPTED = 130
 QUIET_LOGGERS = ("mlflow", "alembic", "urllib3", "filelock")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's help ends with its default
+    (``(default: 1)``) unless the default says nothing (None, False, an empty list) or the
+    help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        silent = default is None or default is False or default == [] or default == ()
+        if silent or default is argparse.SUPPRESS or "default" in text or not action.option_strings:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})".lstrip()
+
+
+# Options whose value is KEY=VALUE: "--set optim.epochs 10" (no "=") is caught by name.
+KEY_VALUE_OPTIONS = ("--set", "--resume-with")
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one :class:`UsageError` line (not the usage
-    block and ``sys.exit``), and which accepts ``--debug`` (read by :func:`run_cli`)."""
+    block and ``sys.exit``), which accepts ``--debug`` (read by :func:`run_cli`) and shows
+    every option's default in ``--help`` (:class:`HelpFormatter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.add_argument(
             "--debug", action="store_true", help="show the full traceback of an error"
         )
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        for option, value, after in zip(argv, argv[1:], [*argv[2:], None], strict=False):
+            if option in KEY_VALUE_OPTIONS and "=" not in value and not value.startswith("-"):
+                hint = f"{option} {value}={after}" if after and not after.startswith("-") else (
+                    f"{option} {value}=VALUE"
+                )  # fmt: skip
+                raise UsageError(
+                    f"{option} {value}: write KEY=VALUE with '=', e.g. {hint} "
+                    f"(see {self.prog} --help)"
+                )
+        return super().parse_known_args(argv, namespace)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")

@@ -55,10 +55,12 @@ __all__ = [
     "Figure1Config",
     "add_arguments",
     "default_golden_path",
+    "digits_embedding_path",
     "figure1",
     "figure2",
     "load_points",
     "run_from_args",
+    "shared_golden_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,13 +108,41 @@ class Figure1Config(Config):
         return FPIConfig(auto_bounds=DEFAULT_BOUND_FACTORS, max_iter=2000)
 
 
-def default_golden_path() -> Path:
-    """``$NFPI_SHARED_DATA/cifar10_tsne2d.npz`` (default folder: ``../shared/data`` beside the
-    project checkout)."""
+def shared_golden_path() -> Path | None:
+    """The authors' 2-D embedding (method notes section 4), where this machine has it:
+    ``$NFPI_SHARED_DATA/cifar10_tsne2d.npz``, else ``../shared/data/cifar10_tsne2d.npz`` beside
+    the project checkout; None when neither exists (it is not redistributed with the package)."""
     folder = os.environ.get("NFPI_SHARED_DATA")
-    if folder is None:
-        folder = str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    return Path(folder) / GOLDEN_FILE
+    candidates = [Path(folder) / GOLDEN_FILE] if folder is not None else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / GOLDEN_FILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def digits_embedding_path(cache_dir: str | Path | None = None) -> Path:
+    """A 2-D t-SNE embedding of scikit-learn's bundled digits (1,797 points, 10 classes), made
+    once from the data every install has and cached (``$NFPI_DATA_CACHE``, else
+    ``~/.cache/nfpi``): Figure 1's data when the authors' CIFAR-10 embedding is not at hand."""
+    from sklearn.datasets import load_digits
+    from sklearn.manifold import TSNE
+
+    root = Path(cache_dir or os.environ.get("NFPI_DATA_CACHE") or Path.home() / ".cache" / "nfpi")
+    path = root / "digits_tsne2d.npz"
+    if path.is_file():
+        return path
+    digits = load_digits()
+    log.info("making a 2-D t-SNE embedding of the bundled digits (once): %s", path)
+    x = TSNE(n_components=2, init="pca", random_state=0).fit_transform(digits.data)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x.astype(np.float32), y=digits.target.astype(np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def default_golden_path() -> Path:
+    """Figure 1's data: the authors' CIFAR-10 embedding where it exists
+    (:func:`shared_golden_path`), else the bundled digits' (:func:`digits_embedding_path`)."""
+    return shared_golden_path() or digits_embedding_path()
 
 
 def load_points(path: str | Path) -> tuple[Tensor, Tensor]:
@@ -323,7 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--figures", nargs="+", type=int, choices=(1, 2), default=(1, 2), help="which figures"
     )
     parser.add_argument(
-        "--data", help=f"the 2-D embedding of Figure 1 (default: {default_golden_path()})"
+        "--data",
+        help=f"the 2-D embedding of Figure 1 (default: the authors' {GOLDEN_FILE} in "
+        "$NFPI_SHARED_DATA or ../shared/data, else a t-SNE of the bundled digits, made once)",
     )
     parser.add_argument("--checkpoint", help="a trained flow's run directory (Figure 2)")
     parser.add_argument("--classes", nargs="+", type=int, help="Figure 2's classes")
@@ -341,7 +373,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """The figure options' own mistakes, before any work (a missing checkpoint for Figure 2)."""
     if 2 in set(args.figures) and not args.checkpoint:
-        raise ConfigError("--checkpoint", None, "a trained flow's run directory for Figure 2")
+        raise ConfigError(
+            "--checkpoint",
+            None,
+            "a trained flow's run directory for Figure 2 (its NF augmentations): e.g. "
+            "--checkpoint results/digits after `python -m nfpi train`; or draw Figure 1 only "
+            "with --figures 1",
+        )
+    if 2 in set(args.figures):
+        from nfpi.checkpoint import find_checkpoint
+        from nfpi.errors import CheckpointError
+
+        if find_checkpoint(args.checkpoint) is None:
+            raise CheckpointError(
+                f"--checkpoint {args.checkpoint}: no checkpoint there; pass a trained flow's run "
+                "directory (e.g. results/digits after `python -m nfpi train`, or "
+                "<results>/runs/<run name> of a Ray run), its checkpoints/ folder or a state.pt"
+            )
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import re
 import types
@@ -34,7 +35,7 @@ from typing import Any, Literal, Self
 
 from nfpi.errors import ConfigError
 
-__all__ = ["Config", "check", "is_int", "is_number", "literal_values"]
+__all__ = ["Config", "check", "field_docs", "is_int", "is_number", "literal_values"]
 
 
 def is_int(value: Any) -> bool:
@@ -61,6 +62,54 @@ def literal_values(hint: Any) -> tuple[Any, ...]:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+# An entry of a docstring's ``Attributes:`` section: ``name: text`` or ``a, b: text``.
+_ATTRIBUTE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:,\s*[A-Za-z_]\w*)*):\s*(.*)$")
+# A field line with a trailing comment: ``name: type = default  # text``.
+_COMMENTED_FIELD = re.compile(r"^\s+([A-Za-z_]\w*)\s*:[^#]*#\s*(?:fmt:.*|noqa.*|(.+))$")
+
+
+def _first_sentence(text: str, limit: int = 110) -> str:
+    """``text`` on one line, up to its first full stop, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    match = re.search(r"(?<!e\.g)(?<!i\.e)\.(\s|$)", text)
+    if match:
+        text = text[: match.start()]
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """One line per documented field of the config class ``cls``: from its docstring's
+    ``Attributes:`` section (Google style), else from the field's trailing ``# comment``."""
+    docs: dict[str, list[str]] = {}
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    if "Attributes:" in (line.strip() for line in lines):
+        start = [line.strip() for line in lines].index("Attributes:") + 1
+        indent, current = None, []
+        for line in lines[start:]:
+            if line.strip() and not line.startswith(" "):
+                break  # the next section
+            match = _ATTRIBUTE.match(line)
+            if match and (indent is None or len(match[1]) == indent):
+                indent = len(match[1])
+                current = [n.strip() for n in match[2].split(",")]
+                for name in current:
+                    docs[name] = [match[3]]
+            elif current and line.strip():
+                for name in current:
+                    docs[name].append(line.strip())
+    try:
+        source = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        source = []
+    for line in source:
+        match = _COMMENTED_FIELD.match(line)
+        if match and match[2] and match[1] not in docs:
+            docs[match[1]] = [match[2]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: _first_sentence(" ".join(v)) for k, v in docs.items() if k in names}
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
@@ -234,11 +283,12 @@ class Config:
         return type(self).from_dict(nested)
 
     @classmethod
-    def describe(cls, prefix: str = "") -> list[tuple[str, str, Any, tuple[Any, ...]]]:
-        """Every leaf key: ``(dotted key, type, default, allowed values)`` (for ``--help`` and
-        ``python -m nfpi config --keys``)."""
-        rows: list[tuple[str, str, Any, tuple[Any, ...]]] = []
-        hints = _hints(cls)
+    def describe(cls, prefix: str = "") -> list[tuple[str, str, Any, tuple[Any, ...], str]]:
+        """Every leaf key: ``(dotted key, type, default, allowed values, description)`` (for
+        ``--help`` and ``python -m nfpi config --keys``; the description is the field's line of
+        :func:`field_docs`, ``""`` if it has none)."""
+        rows: list[tuple[str, str, Any, tuple[Any, ...], str]] = []
+        hints, docs = _hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             sub = _nested_config_type(cls, f.name)
@@ -257,7 +307,9 @@ class Config:
             allowed = literal_values(hint) or next(
                 (literal_values(a) for a in typing.get_args(hint) if literal_values(a)), ()
             )
-            rows.append((f"{prefix}{f.name}", _describe(hint), default, allowed))
+            rows.append(
+                (f"{prefix}{f.name}", _describe(hint), default, allowed, docs.get(f.name, ""))
+            )
         return rows
 
 

@@ -13,10 +13,10 @@ No Ray is started: drawing the figures takes seconds on one process.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from nfpi import figures
 from nfpi.entry import Parser, run_cli, setup_logging
+from ray_jobs.settings import results_dir_of
 from ray_jobs.tracking import RunLogger, resolve_tracking, start_run
 
 __all__ = ["main"]
@@ -26,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     figures.add_arguments(parser)
     parser.set_defaults(out=None)
-    parser.add_argument("--results-dir", default="results", help="the MLflow store's folder")
+    parser.add_argument(
+        "--results-dir",
+        help="the MLflow store's folder (default: as ray_jobs/sweep.py's: $NFPI_RESULTS, else "
+        "~/nfpi-results under ray job submit, else ./results)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the results dir's)")
     parser.add_argument("--mlflow-experiment", default="nfpi", help="MLflow experiment name")
     parser.add_argument("--run-name", default="figures", help="the MLflow run's name")
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     figures.check_args(args)  # before an MLflow run is opened
-    results = Path(args.results_dir).expanduser().resolve()
+    results = results_dir_of(args.results_dir)
     if args.out is None:
         args.out = str(results / "runs" / args.run_name)
     tracking = resolve_tracking(results, args.tracking_uri, args.mlflow_experiment)

@@ -42,10 +42,12 @@ from ray_jobs.tracking import RunLogger, Tracking
 __all__ = [
     "MODEL_NAME",
     "VIEW_TAG_PREFIX",
+    "ensure_registered_model",
     "log_datasets",
     "log_flow_model",
     "log_sweep_summary",
     "metric_key",
+    "model_alias",
     "save_sweep_view",
 ]
 
@@ -197,22 +199,68 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def _input_example(state_file: Path, n: int = 4) -> Any:
+    """``n`` images shaped and typed like the training data (uint8 [N, C, H, W], a fixed
+    pattern: no dataset is read), the model's input example; MLflow infers the signature from
+    it and the model's prediction on it."""
+    info = torch.load(state_file, map_location="cpu", weights_only=True)["data_info"]
+    c, h, w = info["shape"]
+    return (torch.arange(n * c * h * w) * 37 % 256).to(torch.uint8).reshape(n, c, h, w).numpy()
+
+
+def model_alias(label: str) -> str:
+    """A trial's label as a registered-model alias (``fpi lam=300`` -> ``fpi-lam-300``: letters,
+    digits, ``_`` and ``-`` only, as MLflow requires)."""
+    alias = re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-").lower() or "run"
+    return f"run-{alias}" if re.fullmatch(r"v\d+|latest", alias) else alias  # reserved names
+
+
+def ensure_registered_model(tracking: Tracking, name: str, description: str) -> None:
+    """Create the registered model ``name`` unless it exists (once, in the driver: the trials
+    of a sweep then only add versions; their concurrent first creation would race)."""
+    client = tracking.client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description=f"nfpi sweep {description}; one version per trial"
+        )
+
+
 def log_flow_model(
     tracking: Tracking,
     run_id: str,
     checkpoint: str | Path,
     registered_model: str | None = None,
+    alias: str | None = None,
 ) -> str:
-    """Log the checkpoint's flow and prior as the run's MLflow model (``runs:/<run>/model``),
-    registered as ``registered_model`` when given; returns the model's URI."""
+    """Log the checkpoint's flow and prior as the run's MLflow model (``runs:/<run>/model``):
+    the run's final epoch (the checkpoint's, with that epoch's metrics linked to the logged
+    model), a signature and an input example (images -> classes). Registered as
+    ``registered_model`` when given, the version aliased ``alias`` (:func:`model_alias`: e.g.
+    ``models:/nfpi-digits@fpi``) and described by its epoch and metrics; returns the model's
+    URI."""
     # No download progress bars on the console (log_model reads its artifacts back).
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    state = load_checkpoint(checkpoint)
+    # The MLflow step of the checkpoint's last epoch (the "epoch" metric: 0-based); the
+    # checkpoint's "epoch" counts the epochs done.
+    history = state.get("history") or []
+    epoch = int(history[-1]["epoch"]) if history else max(int(state["epoch"]) - 1, 0)
     with _fluent_tracking_uri(tracking.uri), tempfile.TemporaryDirectory() as tmp:
         slim = _slim_checkpoint(checkpoint, Path(tmp) / "checkpoint")
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             # MLflow asks for type hints on predict(): ours takes images or a sampling request,
-            # which one hint cannot describe (and a hint makes MLflow convert the input).
-            warnings.filterwarnings("ignore", message=".*[Tt]ype hint", category=UserWarning)
+            # which one hint cannot describe (and a hint makes MLflow convert the input). Its
+            # warning is raised under MLflow's own "once" filter, which overrides an "ignore"
+            # filter here: it is dropped where it is shown instead.
+            show = warnings.showwarning
+
+            def _show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+                if "type hint" not in str(message).lower():
+                    show(message, category, *args, **kwargs)
+
+            warnings.showwarning = _show  # restored by catch_warnings
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(PYFUNC_CODE),
@@ -220,7 +268,28 @@ def log_flow_model(
                 code_paths=[str(Path(nfpi.__file__).parent)],
                 pip_requirements=_requirements(),
                 registered_model_name=registered_model,
+                # (images, {"seed": 0}): the signature's input and its params (the noise seed).
+                input_example=(_input_example(slim), {"seed": 0}),
+                # The metrics MLflow links to the logged model are those logged at this step:
+                # the final epoch's (its default, step 0, linked the first epoch's).
+                step=epoch,
             )
+    if registered_model is not None and info.registered_model_version is not None:
+        client = tracking.client()
+        version = str(info.registered_model_version)
+        metrics = client.get_run(run_id).data.metrics
+        shown = ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("nf_acc", "test_bpd", "train_bpd") if k in metrics
+        )
+        client.update_model_version(
+            registered_model,
+            version,
+            description=f"the EMA flow and prior of run {run_id} after its final epoch "
+            f"(epoch {epoch}, counted from 0)" + (f"; {shown}" if shown else ""),
+        )
+        client.set_model_version_tag(registered_model, version, "epoch", str(epoch))
+        if alias:
+            client.set_registered_model_alias(registered_model, model_alias(alias), version)
     return info.model_uri
 
 
@@ -303,14 +372,24 @@ def save_sweep_view(
     group_by: str,
     params: list[str],
     metrics: list[str],
+    sort_by: str | None = None,
+    ascending: bool = False,
 ) -> str:
     """A saved view of the runs table showing a sweep's trials (the parent run's children),
     grouped by the param ``group_by`` (e.g. the prior method; the UI shows a sweep's child runs
-    folded under their parent otherwise), with ``params`` and ``metrics`` as columns. Returns
-    its key, for :func:`ray_jobs.tracking.ui_url`."""
+    folded under their parent otherwise), with ``params`` and ``metrics`` as columns, sorted by
+    the metric ``sort_by`` (default: the first of ``metrics``; best first). Returns its key, for
+    :func:`ray_jobs.tracking.ui_url`.
+
+    Not sorted by start time: with that order MLflow 3.17's UI also fetches the parent run of
+    the trials it shows (to nest them), and the parent, which has no ``group_by`` param, showed
+    as an extra group "Additional runs (1)" in the view."""
     key = f"nfpi-{metric_key(sweep)}-{parent_run_id[:8]}"
+    sort_by = sort_by or (metrics[0] if metrics else None)
+    order = {"orderByKey": f"metrics.`{sort_by}`", "orderByAsc": ascending} if sort_by else {}
     state = {
         **_VIEW_DEFAULTS,
+        **order,
         "selectedColumns": [
             *(f"params.`{p}`" for p in params),
             *(f"metrics.`{m}`" for m in metrics),

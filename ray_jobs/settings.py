@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +31,26 @@ import torch
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ClusterStartError, ConfigError
-from ray_jobs.tracking import Tracking, resolve_tracking
+from ray_jobs.tracking import Tracking, resolve_tracking, ui_command
 
 __all__ = [
+    "HOME_RESULTS",
     "PLACEMENT_STRATEGIES",
     "PRIOR_ACTOR_NODES",
+    "RESULTS_ENV",
     "PlacementStrategy",
     "PriorActorNode",
     "RaySettings",
     "add_common_args",
     "check_before_ray",
+    "check_reachable",
     "connect",
+    "default_results_dir",
+    "describe_outputs",
+    "results_dir_of",
 ]
+
+_log = logging.getLogger("nfpi.ray")
 
 # Ray placement-group strategies for a run's Train workers (one bundle per worker).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -49,6 +59,56 @@ PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 # `ray job submit`'s entrypoint) or wherever Ray finds room.
 PriorActorNode = Literal["driver", "any"]
 PRIOR_ACTOR_NODES: tuple[str, ...] = get_args(PriorActorNode)
+
+
+#: Where results go when ``--results-dir`` is not given and this environment variable is set
+#: (``cluster.yaml`` sets it to the shared file system on every node).
+RESULTS_ENV = "NFPI_RESULTS"
+#: The default under ``ray job submit`` (whose working directory is a temporary copy inside
+#: Ray's session folder, deleted with the session): a stable folder in the user's home.
+HOME_RESULTS = "~/nfpi-results"
+# Set by Ray's job supervisor in a submitted job's entrypoint environment (Ray 2.60's
+# job_supervisor.py: the job's runtime env and metadata).
+_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR",)
+
+
+def _in_ray_job() -> bool:
+    """Whether this process is (a child of) a ``ray job submit`` entrypoint."""
+    if any(os.environ.get(k) for k in _JOB_ENV):
+        return True
+    # The job's working directory: <session>/runtime_resources/working_dir_files/<pkg>/
+    return "runtime_resources" in Path.cwd().parts
+
+
+def default_results_dir() -> Path:
+    """``--results-dir``'s default, absolute: ``$NFPI_RESULTS`` when set; else, under ``ray job
+    submit``, ``~/nfpi-results`` (the job's working directory vanishes with the Ray session);
+    else ``./results``."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).expanduser().resolve()
+    if _in_ray_job():
+        return Path(HOME_RESULTS).expanduser().resolve()
+    return Path("results").resolve()
+
+
+def results_dir_of(value: str | None) -> Path:
+    """The results directory a command line names (``None``: :func:`default_results_dir`).
+
+    Raises:
+        ConfigError: the path is an existing file (or lies under one).
+    """
+    path = Path(value).expanduser().resolve() if value else default_results_dir()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(
+                    "--results-dir",
+                    str(path),
+                    f"a directory ({part} is a file): pass a folder, e.g. "
+                    f"--results-dir {part.parent / 'nfpi-results'}",
+                )
+            break
+    return path
 
 
 @dataclass(frozen=True)
@@ -109,7 +169,7 @@ class RaySettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RaySettings:
-        results = Path(args.results_dir).expanduser().resolve()
+        results = results_dir_of(args.results_dir)
         return cls(
             results_dir=results,
             tracking=resolve_tracking(results, args.tracking_uri, args.mlflow_experiment),
@@ -122,6 +182,19 @@ class RaySettings:
             prior_actor_node=args.prior_actor_node,
             registered_model=args.register_model,
         )
+
+
+def describe_outputs(settings: RaySettings) -> list[str]:
+    """The first lines of a run or sweep: where its results go and how to open them in MLflow
+    (the same lines under ``ray job submit``, whose log is all a user sees)."""
+    lines = [f"results: {settings.results_dir}"]
+    if settings.tracking is not None:
+        lines.append(
+            f"MLflow: {ui_command(settings.tracking.uri)}"
+            + ("  (another port: change --port)" if settings.tracking.uri.startswith("sqlite:")
+               else "")
+        )  # fmt: skip
+    return lines
 
 
 def check_before_ray(
@@ -146,6 +219,8 @@ def check_before_ray(
             continue
         seen.add(key)
         warnings.update(dict.fromkeys(preflight(config, settings.num_workers)))
+    if address and address not in ("local", "auto"):
+        check_reachable(address)  # seconds, not Ray's minute of retries and its traceback
     if address or os.environ.get("RAY_ADDRESS"):
         return list(warnings)  # a cluster's resources are its own (and may autoscale)
     if settings.use_gpu and not torch.cuda.is_available():
@@ -187,12 +262,46 @@ def connect(address: str | None, verbose: bool = False) -> str:
     warnings are kept)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
+        if address and address not in ("local", "auto"):
+            check_reachable(address)
+            _log.info("Ray: connecting to %s ...", address)
+        else:
+            _log.info("Ray: starting a local cluster (5-30 s) ...")
         _init(address or "local", verbose)
     total = ray.cluster_resources()
     where = f"cluster {address}" if address and address != "local" else "local"
     line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
     logs = _session_logs()
     return line + (f"; worker logs in {logs}" if logs and not verbose else "")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, in one line, when nothing listens at a Ray ``address`` (``ray://host:port``,
+    ``host:port``, ``http://host:port``) instead of Ray's own minute-long retries and traceback.
+
+    Raises:
+        ClusterStartError: the host does not resolve or refuses or ignores the connection.
+    """
+    match = re.fullmatch(r"(?:(?P<scheme>[a-z]+)://)?(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/?",
+                         address.strip())  # fmt: skip
+    if match is None:
+        raise ClusterStartError(
+            f"--address {address!r} is not a Ray address: use host:port (the GCS, port 6379 by "
+            "default), ray://host:10001 (Ray Client) or leave it out for a local Ray"
+        )
+    scheme = match["scheme"] or ""
+    default_port = {"ray": 10001, "http": 8265, "https": 443}.get(scheme, 6379)
+    host, port = match["host"].strip("[]"), int(match["port"] or default_port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as err:
+        why = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ClusterStartError(
+            f"cannot reach Ray at {address} ({host}:{port}: {why} within {timeout:g} s): is the "
+            "cluster up and this machine allowed to reach it (ray status on the head, a VPN or "
+            "an SSH tunnel)? Leave --address and RAY_ADDRESS out to start a local Ray"
+        ) from err
 
 
 # What ray.init raises when the local node it started did not register with its GCS within Ray's
@@ -240,8 +349,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags ``ray_jobs/train.py`` and ``ray_jobs/sweep.py`` share."""
     parser.add_argument(
         "--results-dir",
-        default="results",
-        help="root for Ray storage, the MLflow store and run files (made absolute)",
+        default=None,
+        help=f"root for Ray storage, the MLflow store and run files (made absolute; default: "
+        f"${RESULTS_ENV} when set, else {HOME_RESULTS} under ray job submit, else ./results)",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -254,7 +364,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per run")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves"
+    )
     parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument(
         "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"

@@ -8,8 +8,10 @@
 
 With no arguments it starts a local Ray, writes an MLflow SQLite store under ./results, trains on
 the bundled digits on CPU and prints a results table (per method: best config, NF-Acc, test
-bits/dim). Under ``ray job submit`` it attaches to that cluster (pass an absolute
-``--results-dir``: a job's working directory is a temporary copy).
+bits/dim). Under ``ray job submit`` it attaches to that cluster and, with no ``--results-dir``,
+writes to ``$NFPI_RESULTS`` or ``~/nfpi-results`` (a job's working directory is a temporary copy
+that vanishes with the Ray session); the first log lines name the folder and the ``mlflow ui``
+command that opens it.
 
 Train V2 inside Tune: the trial is a plain function that starts a TorchTrainer (with
 ``TuneReportCallback`` forwarding rank 0's reports), owns the trial's prior actor, and logs to a
@@ -19,6 +21,7 @@ child MLflow run of the sweep's parent run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -48,7 +51,12 @@ from nfpi.errors import ConfigError
 from nfpi.plan import H100_EFFECTIVE_FLOPS, format_plans
 from nfpi.presets import EXPERIMENTS, parse_override
 from ray_jobs.augment_pool import build_pool, train_set_of
-from ray_jobs.mlflow_logging import log_sweep_summary, save_sweep_view
+from ray_jobs.mlflow_logging import (
+    ensure_registered_model,
+    log_sweep_summary,
+    metric_key,
+    save_sweep_view,
+)
 from ray_jobs.progress import SweepProgress
 from ray_jobs.resources import (
     ClusterConcurrency,
@@ -58,8 +66,14 @@ from ray_jobs.resources import (
     request_capacity,
     trials_that_fit,
 )
-from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
-from ray_jobs.tracking import RunLogger, param_value, start_run, ui_url
+from ray_jobs.settings import (
+    RaySettings,
+    add_common_args,
+    check_before_ray,
+    connect,
+    describe_outputs,
+)
+from ray_jobs.tracking import UI, RunLogger, param_value, start_run, ui_command, ui_url
 from ray_jobs.train import final_metrics, run_experiment
 from search_spaces import SPACE_NAMES, SearchSpace, Trial, load_space
 
@@ -464,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --plan: sustained TFLOP/s of one GPU for the cost (default: an assumption, "
         "see nfpi/plan.py; measure with benchmarks/gpu_rows.sh)",
     )
+    parser.add_argument(
+        "--no-register-model",
+        action="store_true",
+        help="do not register the trials' final models (default: in the registry as "
+        "nfpi-<sweep name>, one version per trial, aliased by its label: models:/nfpi-digits@fpi)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
@@ -482,7 +502,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.max_concurrent is not None and args.max_concurrent < 1:
         parser.error("--max-concurrent must be >= 1")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(
+            f"--num-samples must be >= 1 (got {args.num_samples}; leave it out for the space's {space.num_samples})"
+        )
     settings = RaySettings.from_args(args)
+    if settings.registered_model is None and not args.no_register_model:
+        settings = dataclasses.replace(settings, registered_model=f"nfpi-{metric_key(sweep)}")
+    for line in describe_outputs(settings):
+        log.info(line)
+    if settings.registered_model is not None and settings.tracking is not None:
+        ensure_registered_model(
+            settings.tracking, settings.registered_model, f"{space.name}: {space.reproduces}"
+        )
     footprint = TrialFootprint.of(settings)
     # Cheap checks before Ray starts (data paths, batch vs workers, this machine's resources).
     for warning in check_before_ray(configs, settings, args.address):
@@ -652,11 +684,18 @@ def _run_sweep(
         group_by=varied[0] if varied else "prior.method",
         params=varied,
         metrics=[k for k in VIEW_METRICS if any(k in r["metrics"] for r in rows)],
+        sort_by=space.metric if any(space.metric in r["metrics"] for r in rows) else None,
+        ascending=space.mode == "min",
     )
     print(
-        f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 --port 5000\n"
+        f"MLflow: {ui_command(tracking.uri)}\n"
         f"  the trials: {ui_url(experiment_id, view=view)}\n"
         f"  the comparison: {ui_url(experiment_id, parent_id)}"
+        + (
+            f"\n  the models: {UI}/#/models/{settings.registered_model} (one version per trial)"
+            if settings.registered_model
+            else ""
+        )
     )
     log_sweep_summary(
         parent,

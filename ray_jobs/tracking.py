@@ -16,14 +16,20 @@ as the ``nfpi.error`` tag plus ``error.txt``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,8 @@ from mlflow.tracking import MlflowClient
 from nfpi.errors import ConfigError
 
 __all__ = [
+    "COMMAND_TAG",
+    "DIRTY_TAG",
     "EXPERIMENT_TAGS",
     "NETWORK_FILESYSTEMS",
     "RUN_NAME_TAG",
@@ -42,7 +50,10 @@ __all__ = [
     "filesystem_of",
     "param_value",
     "resolve_tracking",
+    "source_tags",
     "start_run",
+    "system_metrics",
+    "ui_command",
     "ui_url",
 ]
 
@@ -76,13 +87,62 @@ def ui_url(
     return f"{base}/#/experiments/{experiment_id}/{page}?{query}"
 
 
+def ui_command(uri: str, port: int = 5000) -> str:
+    """The command that opens the MLflow UI on ``uri``'s store, with this environment's own
+    ``mlflow`` (the one beside this Python, so it works without activating the venv): a SQLite
+    store is served by ``mlflow ui``; a tracking server already is one (its address is the UI)."""
+    if not uri.startswith("sqlite:"):
+        return f"open {uri} (a tracking server serves its own UI)"
+    beside = Path(sys.executable).parent / "mlflow"
+    mlflow_bin = str(beside) if beside.exists() else "mlflow"
+    return (
+        f"{shlex.quote(mlflow_bin)} ui --backend-store-uri {shlex.quote(uri)} "
+        f"--host 127.0.0.1 --port {port}"
+    )
+
+
+COMMAND_TAG = "nfpi.command"  # the command line that made the run
+DIRTY_TAG = "nfpi.source.git.dirty"  # "true" when the source had uncommitted changes
+
+
+def source_tags() -> dict[str, str]:
+    """What made a run, as tags: MLflow's own context tags (``mlflow.source.name``,
+    ``mlflow.source.type``, ``mlflow.source.git.commit``/``branch``/``repoURL`` when the program
+    lies in a git checkout, ``mlflow.user``: what ``mlflow.start_run`` would set), the command
+    line (``nfpi.command``) and whether the checkout had uncommitted changes
+    (``nfpi.source.git.dirty``). Computed once, in the process the user started (the driver):
+    the runs that trials and workers create carry the same tags."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    try:
+        tags = {k: str(v) for k, v in resolve_tags().items() if k.startswith("mlflow.")}
+    except Exception as err:  # noqa: BLE001 - a missing context costs a tag, not the run
+        log.debug("MLflow's context tags: %s", err)
+        tags = {}
+    tags.pop("mlflow.runName", None)
+    tags[COMMAND_TAG] = shlex.join([Path(sys.executable).name, *sys.argv])[:5000]
+    main = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else Path.cwd()
+    if "mlflow.source.git.commit" in tags:
+        try:
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=main, capture_output=True, text=True, timeout=10, check=True,
+            )  # fmt: skip
+            tags[DIRTY_TAG] = "true" if status.stdout.strip() else "false"
+        except (OSError, subprocess.SubprocessError) as err:
+            log.debug("git status: %s", err)
+    return tags
+
+
 @dataclass(frozen=True)
 class Tracking:
-    """Where MLflow runs are written; picklable, so it travels to Ray workers."""
+    """Where MLflow runs are written; picklable, so it travels to Ray workers. ``run_tags``
+    (e.g. :func:`source_tags` of the driver) go on every run :func:`start_run` creates."""
 
     uri: str
     experiment: str
     artifact_root: str | None = None
+    run_tags: tuple[tuple[str, str], ...] = ()
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)
@@ -168,7 +228,12 @@ def resolve_tracking(results_dir: Path, uri: str | None, experiment: str) -> Tra
                 "MLFLOW_TRACKING_URI, or put --results-dir on a local disk",
             )
         artifact_root = (db.parent / "mlartifacts").as_uri()
-    return Tracking(uri=uri, experiment=experiment, artifact_root=artifact_root)
+    return Tracking(
+        uri=uri,
+        experiment=experiment,
+        artifact_root=artifact_root,
+        run_tags=tuple(sorted(source_tags().items())),
+    )
 
 
 def start_run(
@@ -204,7 +269,7 @@ def start_run(
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    all_tags = {RUN_NAME_TAG: name, **(tags or {})}
+    all_tags = {**dict(tracking.run_tags), RUN_NAME_TAG: name, **(tags or {})}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=display_name or name, tags=all_tags)
@@ -215,6 +280,41 @@ def param_value(value: Any) -> str:
     """How a param is stored in MLflow (JSON for containers, str otherwise, at most 6000 chars)."""
     text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
     return text[:6000]  # MLflow's param value limit
+
+
+@contextmanager
+def system_metrics(tracking: Tracking, run_id: str, node_id: str | None = None) -> Iterator[None]:
+    """MLflow's system metrics (``mlflow.system_metrics``: CPU, memory, disk, network and GPU
+    of this node, ``system/...``) logged to ``run_id`` every 10 s while the block runs (the
+    interval: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) and once more at its end (the last,
+    partial interval); a restarted block continues the steps. Without ``psutil`` (what MLflow's
+    monitor needs) nothing is logged."""
+    if importlib.util.find_spec("psutil") is None:
+        log.warning("no system metrics for run %s: psutil is not installed", run_id)
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, resume_logging=True, node_id=node_id, tracking_uri=tracking.uri
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        # MLflow's monitor drops the samples it collected after its last publish, so a block
+        # shorter than one interval (a smoke run) logged none: publish that last interval.
+        try:
+            pending = monitor.aggregate_metrics()
+            if not pending:  # the monitor's thread had not sampled yet
+                monitor.collect_metrics()
+                pending = monitor.aggregate_metrics()
+            if pending:
+                monitor.publish_metrics(pending)
+                monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - system metrics are a side record
+            log.debug("run %s: last system metrics not logged: %s", run_id, err)
 
 
 class RunLogger:

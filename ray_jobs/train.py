@@ -28,6 +28,7 @@ run may resume on another number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -61,8 +62,14 @@ from nfpi.training import Callback, EpochResult, Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
 from ray_jobs.progress import TrainProgress
-from ray_jobs.settings import RaySettings, add_common_args, check_before_ray, connect
-from ray_jobs.tracking import RunLogger, Tracking, start_run, ui_url
+from ray_jobs.settings import (
+    RaySettings,
+    add_common_args,
+    check_before_ray,
+    connect,
+    describe_outputs,
+)
+from ray_jobs.tracking import RunLogger, Tracking, start_run, system_metrics, ui_command, ui_url
 
 __all__ = [
     "StopOnDeterministicError",
@@ -203,6 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     logger = epochs = None
+    watch = contextlib.ExitStack()
     if rank == 0 and spec.tracking is not None and spec.mlflow_run_id is not None:
         logger = RunLogger(spec.tracking, spec.mlflow_run_id)
         # One value per attempt (a restarted worker group is a new attempt): params are
@@ -211,6 +219,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         logger.metrics({"ray.num_workers": workers}, step=logger.count("ray.num_workers"))
         logger.tag("ray.num_workers", str(workers))
         epochs = _EpochsToMLflow(logger)
+        # Rank 0's node's CPU, memory, disk, network and GPU as MLflow system metrics, from
+        # here (data loading and the flow's initialisation included) to the end of training.
+        watch.enter_context(system_metrics(spec.tracking, spec.mlflow_run_id))
     client = (
         ActorPriorClient(spec.actor, spec.actor_timeout, factory=spec.actor_factory)
         if rank == 0
@@ -246,7 +257,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         resume_overrides=spec.resume_overrides,
         lock_run_dir=False,  # the driver holds the run directory's lock for all attempts
     )
-    history = trainer.fit()
+    with watch:
+        history = trainer.fit()
     if logger is not None and epochs is not None:
         epochs.log_new(history)  # a finished run re-launched, or epochs of a cut-off attempt
         logger.artifact(spec.run_dir / "metrics.jsonl")
@@ -435,7 +447,13 @@ def _run_locked(
                 result.checkpoint.path if result.checkpoint is not None else None
             )
             if final is not None:
-                log_flow_model(tracking, mlflow_run_id, final, settings.registered_model)
+                log_flow_model(
+                    tracking,
+                    mlflow_run_id,
+                    final,
+                    settings.registered_model,
+                    alias=display_name or run_name,
+                )
             logger.finish()
     return result
 
@@ -456,7 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="experiments: " + ", ".join(EXPERIMENTS),
     )
-    parser.add_argument("--experiment", default="digits", choices=list(EXPERIMENTS))
+    parser.add_argument(
+        "--experiment",
+        default="digits",
+        choices=list(EXPERIMENTS),
+        metavar="NAME",
+        help="a named experiment (listed below)",
+    )
     parser.add_argument("--config", dest="config_file", help="a JSON experiment config")
     parser.add_argument("--run-name", help="Ray/MLflow run name (default: the experiment name)")
     parser.add_argument(
@@ -473,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment = "smoke" if args.smoke_test else args.experiment
     config = resolve_config(experiment, args.set, args.config_file)
     settings = RaySettings.from_args(args)
+    for line in describe_outputs(settings):
+        log.info(line)
     for warning in check_before_ray([config], settings, args.address):  # before Ray starts
         log.warning(warning)
     run_name = args.run_name or config.name
@@ -501,10 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             max_results=1,
         )
         link = ui_url(tracking.experiment_id(), run[0].info.run_id if run else None)
-        print(
-            f"MLflow: mlflow ui --backend-store-uri {tracking.uri} --host 127.0.0.1 "
-            f"--port 5000, then open {link}"
-        )
+        print(f"MLflow: {ui_command(tracking.uri)}, then open {link}")
     return 0
 
 

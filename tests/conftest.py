@@ -114,3 +114,108 @@ def run_rehearsal():
         return report
 
     return run
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``start(**env) -> submit``: a ``ray start --head`` cluster in a subprocess (token
+    authentication on, as the README runs it; every port a free one; ``env`` added to the head's
+    environment, which submitted jobs inherit), and ``submit(*entrypoint)``, which runs ``ray job
+    submit --working-dir <repo> -- <entrypoint>`` against it and returns the completed process.
+    The head is stopped at the end of the test and its session folder removed."""
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    heads = []
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def start(**extra_env):
+        # The token from the environment, so that the test leaves ~/.ray/auth_token alone.
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            **extra_env,
+        }
+        for key in ("RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_GCS_SERVER_PORT", "NFPI_RESULTS"):
+            if key not in extra_env:
+                env.pop(key, None)
+        port, dash, *agent_ports = (free_port() for _ in range(6))
+        # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
+        ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")
+        log_path = tmp_path / f"head{len(heads)}.log"
+        head_log = open(log_path, "w")  # noqa: SIM115 - closed at teardown
+        head = subprocess.Popen(
+            [
+                str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
+                f"--dashboard-port={dash}", "--include-dashboard=true",
+                # Every port the head opens is a free one: the default agent ports (52365, ...)
+                # belong to the suite's own Ray session, and a head whose dashboard agent cannot
+                # bind its port never accepts a job ("No available agent to submit job").
+                *(
+                    f"--{flag}={p}"
+                    for flag, p in zip(
+                        ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                         "runtime-env-agent-port", "metrics-export-port"),
+                        agent_ports,
+                        strict=True,
+                    )
+                ),
+                "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_tmp}",
+            ],
+            env=env,
+            stdout=head_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        heads.append((head, head_log, ray_tmp))
+
+        def submit(*entrypoint):
+            cmd = [
+                str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                "--working-dir", str(root), "--", *entrypoint,
+            ]  # fmt: skip
+            deadline = time.monotonic() + 120  # the job server and its agent take seconds
+            while True:
+                out = subprocess.run(
+                    cmd, env=env, capture_output=True, text=True, timeout=600, check=False
+                )
+                starting = (
+                    "Connection refused" in out.stdout + out.stderr
+                    or "ConnectionError" in out.stderr
+                    or "try again later" in out.stderr  # the job agent has not registered yet
+                )
+                if not starting or time.monotonic() > deadline:
+                    out.head_log = log_path
+                    return out
+                time.sleep(2)
+
+        submit.session_dir = Path(ray_tmp)
+        return submit
+
+    def stop():
+        """End every head this test started: its Ray session and session folder are gone."""
+        for head, head_log, ray_tmp in heads:
+            if head_log.closed:
+                continue
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+            head_log.close()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    start.stop = stop
+    yield start
+    stop()

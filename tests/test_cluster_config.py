@@ -45,8 +45,12 @@ def test_setup_installs_the_project_on_shared_storage(cluster):
 def test_nothing_public_and_no_credentials(cluster):
     text = CLUSTER.read_text()
     assert "0.0.0.0/0" not in text and "--dashboard-host=0.0.0.0" not in text
-    for secret in ("aws_access_key", "aws_secret", "AKIA", "password", "token:"):
+    for secret in ("aws_access_key", "aws_secret", "AKIA", "token:"):
         assert secret.lower() not in text.lower()
+    # Passwords and keys are read at run time from files or commands ("$(cat ...)"), never
+    # written here.
+    assignments = re.findall(r"(?i)((?:password|secret_key)\w*)\s*[=:]\s*(\S+)", text)
+    assert assignments and all(v.startswith(('"$(', "$(")) for _, v in assignments), assignments
     assert cluster["provider"]["use_internal_ips"] is True
     for perm in cluster["provider"]["security_group"]["IpPermissions"]:
         for rng in perm["IpRanges"]:
@@ -81,3 +85,20 @@ def test_mlflow_store_is_off_the_network_file_system(cluster):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cluster[key] if "ray start" in c)
         assert "MLFLOW_TRACKING_URI=http://" in start and ":5000" in start, start
+
+
+def test_mlflow_server_needs_credentials_and_jobs_write_to_shared_storage(cluster):
+    """MLflow's basic-auth app on the head (no access without an account; the admin's secret
+    from Secrets Manager, given to every Ray process as its client credentials), and
+    NFPI_RESULTS on shared storage for every Ray process: a job with no --results-dir keeps its
+    results there."""
+    head = "\n".join(cluster["head_start_ray_commands"])
+    assert "mlflow server --app-name basic-auth" in head
+    assert "default_permission = NO_PERMISSIONS" in head
+    setup = "\n".join(cluster["setup_commands"])
+    assert "--secret-id nfpi/mlflow-admin" in setup and "umask 077" in setup
+    assert "[cluster]" in setup  # mlflow[auth]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster[key] if "ray start" in c)
+        assert "NFPI_RESULTS=/mnt/shared/" in start, start
+        assert 'MLFLOW_TRACKING_PASSWORD="$(cat ~/.mlflow_admin)"' in start, start

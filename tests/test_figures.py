@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nfpi.errors import ConfigError, DatasetNotFoundError
-from nfpi.figures import Figure1Config, default_golden_path, figure1, figure2, load_points
+from nfpi.figures import Figure1Config, figure1, figure2, load_points, shared_golden_path
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,9 +51,9 @@ def test_figure1_at_toy_size(toy_points, tmp_path, form):
 
 
 def test_figure1_golden_case_is_the_notebooks_solve(tmp_path):
-    path = default_golden_path()
-    if not path.exists():
-        pytest.skip(f"golden 2-D data not found at {path} (set NFPI_SHARED_DATA)")
+    path = shared_golden_path()
+    if path is None:
+        pytest.skip("golden 2-D data not found (set NFPI_SHARED_DATA to its folder)")
     x, y = load_points(path)
     png, summary = figure1(x, y, tmp_path / "golden.png", Figure1Config(points=2000))
     _opens(png)

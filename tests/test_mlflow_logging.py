@@ -125,9 +125,10 @@ def test_the_final_flow_is_a_pyfunc_model_that_classifies_and_samples(tracking, 
         z, _ = trained.flow(dequantize(images, torch.Generator().manual_seed(0)))
         want = trained.prior.classify(z).numpy()
     np.testing.assert_array_equal(model.predict(images.numpy()), want)
-    samples = model.predict({"class": [3, 4], "n": 5, "temperature": 0.7})
+    flow = model.unwrap_python_model()
+    samples = flow.sample([3, 4], n=5, temperature=0.7)
     assert samples.shape == (10, 1, 8, 8) and samples.dtype == np.uint8
-    again = model.predict({"class": [3, 4], "n": 5, "temperature": 0.7})
+    again = flow.predict(None, {"class": [3, 4], "n": 5, "temperature": 0.7})
     np.testing.assert_array_equal(samples, again)  # seeded
     versions = tracking.client().search_model_versions("name='nfpi-smoke'")
     assert [v.run_id for v in versions] == [run_id]

@@ -1,8 +1,5 @@
 """The fixed-point iteration: exact equations, fixed points, divergence, golden 2-D case."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +11,7 @@ from nfpi.errors import (
     FPINotConvergedError,
     ShapeError,
 )
+from nfpi.figures import shared_golden_path
 from nfpi.prior import (
     DEFAULT_BOUND_FACTORS,
     ClassStatistics,
@@ -26,10 +24,8 @@ from nfpi.prior import (
 )
 from nfpi.prior.naive import fpi_step_broadcast
 
-GOLDEN = Path(
-    os.environ.get("NFPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-GOLDEN = GOLDEN / "cifar10_tsne2d.npz"
+# The authors' embedding: $NFPI_SHARED_DATA or ../shared/data (not redistributed).
+GOLDEN = shared_golden_path()
 
 
 def _blobs(k=5, d=3, n=400, spread=1.0, seed=0, full=False):
@@ -44,8 +40,8 @@ def _blobs(k=5, d=3, n=400, spread=1.0, seed=0, full=False):
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden 2-D data not found at {GOLDEN} (set NFPI_SHARED_DATA to its folder)")
+    if GOLDEN is None:
+        pytest.skip("golden 2-D data not found (set NFPI_SHARED_DATA to its folder)")
     data = np.load(GOLDEN)
     return ClassStatistics.from_batch(torch.from_numpy(data["x"]), torch.from_numpy(data["y"]), 10)
 

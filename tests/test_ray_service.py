@@ -3,14 +3,7 @@
 Real Ray runs are kept to a handful and share one Ray session (``ray_session``).
 """
 
-import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
+import importlib.util
 import time
 from pathlib import Path
 
@@ -130,6 +123,8 @@ def test_two_worker_run_with_prior_actor_end_to_end(ray_session, tmp_path, track
     assert {"plots", "final_checkpoint.txt", "metrics.jsonl"} <= arts
     assert any(a.path.endswith("tsne.png") for a in client.list_artifacts(run.info.run_id, "plots"))
     assert run.data.tags["final_checkpoint"] == result.checkpoint.path
+    if importlib.util.find_spec("psutil") is not None:  # MLflow's system metrics of rank 0
+        assert "system/cpu_utilization_percentage" in run.data.metrics
 
 
 def test_killed_actor_is_reseeded_and_the_run_matches_an_uninterrupted_one(
@@ -220,6 +215,10 @@ def test_smoke_sweep_writes_parent_and_child_runs(ray_session, tmp_path, trackin
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.params["prior.method"] for c in children} == {"data-init", "fpi"}
+    # Registered by default: one version per trial, aliased by its label, from the final epoch.
+    versions = {a: client.get_model_version_by_alias("nfpi-smoke", a) for a in ("data-init", "fpi")}
+    assert {v.run_id for v in versions.values()} == {c.info.run_id for c in children}
+    assert {v.tags["epoch"] for v in versions.values()} == {"1"}
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"nf_acc", "test_bpd", "train_bpd", "kl_min"} <= set(child.data.metrics)
@@ -287,104 +286,17 @@ def test_sweep_rejects_bad_overrides_before_running(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- jobs
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_job_submit_against_ray_start_head(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    # Token authentication on, as the README's commands run it (the token from the environment
-    # here, so that the test leaves ~/.ray/auth_token alone).
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_GCS_SERVER_PORT", None)
-    port, dash, *agent_ports = (_free_port() for _ in range(6))
-    # A short temp dir: Ray's unix sockets live under it and their paths must stay < 108 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="nfpi-ray-", dir="/tmp")
-    head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed in finally
-    head = subprocess.Popen(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            "--include-dashboard=true",
-            # Every port the head opens is a free one: the default agent ports (52365, ...)
-            # belong to this process's own Ray session, and a head whose dashboard agent cannot
-            # bind its port never accepts a job ("No available agent to submit job").
-            *(
-                f"--{flag}={p}"
-                for flag, p in zip(
-                    (
-                        "dashboard-agent-listen-port",
-                        "dashboard-agent-grpc-port",
-                        "runtime-env-agent-port",
-                        "metrics-export-port",
-                    ),
-                    agent_ports,
-                    strict=True,
-                )
-            ),
-            "--num-cpus=2",
-            "--disable-usage-stats",
-            f"--temp-dir={ray_tmp}",
-        ],
-        env=env,
-        stdout=head_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+def test_job_submit_against_ray_start_head(tmp_path, ray_head):
+    submit = ray_head()
+    out = submit(
+        "python", "ray_jobs/train.py", "--smoke-test", "--results-dir", str(tmp_path / "results"),
+        "--set", "eval.plots=false",
+    )  # fmt: skip
+    assert out.returncode == 0, (
+        out.stdout[-2000:] + out.stderr[-2000:] + out.head_log.read_text()[-2000:]
     )
-    try:
-        cmd = [
-            str(bin_dir / "ray"),
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dash}",
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "ray_jobs/train.py",
-            "--smoke-test",
-            "--results-dir",
-            str(tmp_path / "results"),
-            "--set",
-            "eval.plots=false",
-        ]
-        deadline = time.monotonic() + 120  # the job server and its agent take seconds to start
-        while True:
-            out = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=600, check=False
-            )
-            starting = (
-                "Connection refused" in out.stdout + out.stderr
-                or "ConnectionError" in out.stderr
-                or "try again later" in out.stderr  # the job agent has not registered yet
-            )
-            if not starting or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        assert out.returncode == 0, (
-            out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "head.log").read_text()[-2000:]
-        )
-        assert "final:" in out.stdout and "succeeded" in out.stdout + out.stderr
-        assert (tmp_path / "results" / "mlflow.db").exists()  # absolute paths survive the job's cwd
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        head_log.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "final:" in out.stdout and "succeeded" in out.stdout + out.stderr
+    assert (tmp_path / "results" / "mlflow.db").exists()  # absolute paths survive the job's cwd
 
 
 def test_downstream_sweep_reports_cnn_acc_and_logs_to_mlflow(ray_session, tmp_path, tracking):

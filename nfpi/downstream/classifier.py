@@ -127,12 +127,15 @@ class ClassifierConfig(Config):
         pct_start: share of the steps spent warming up (torch's default 0.3).
         cycle_momentum: let OneCycleLR cycle the momentum in [0.85, 0.95]; off by default so
             that SGD's momentum is the paper's 0.9 throughout.
-        momentum, nesterov: SGD's. weight_decay: SGD's L2 or AdamW's decoupled decay.
+        momentum, nesterov: SGD's.
+        weight_decay: SGD's L2 or AdamW's decoupled decay.
         crop: random crop of the image size after zero padding by ``crop_padding``.
         crop_padding: 4 (CIFAR's standard).
         flip: random horizontal flip (off for glyphs such as digits).
         randaugment: RandAugment (torchvision's op set) with ``randaugment_ops`` operations of
             magnitude ``randaugment_magnitude`` (of 31 bins).
+        randaugment_ops: RandAugment's number of operations per image.
+        randaugment_magnitude: RandAugment's magnitude (of 31 bins).
         autoaugment: AutoAugment with torchvision's ``cifar10`` or ``imagenet`` policy
             (``None`` = off).
         random_erasing: probability of timm's random erasing (0 = off).

@@ -72,7 +72,17 @@ _RELEASE_KNOTS = ((0, 0.1), (10, 0.1), (11, 0.01), (100, 0.001))
 
 @dataclass(frozen=True)
 class LRPolicy(Config):
-    """A learning-rate schedule over GD steps; ``lr(t)`` gives the rate of step t (0-based)."""
+    """A learning-rate schedule over GD steps; ``lr(t)`` gives the rate of step t (0-based).
+
+    Attributes:
+        name: the policy: ``constant``, a polynomial decay (``sublinear_v1`` ... ``superlinear_v2``)
+            or ``geometric_knots`` (log-linear between ``knots``, the release's).
+        lr0: initial learning rate of the polynomial and constant policies.
+        lr_min: final learning rate of the polynomial policies.
+        total_steps: GD steps over which the polynomial policies decay (T; None: the GD steps
+            the run takes, filled by ExperimentConfig.resolved).
+        knots: (step, lr) pairs of ``geometric_knots``, log-linear in between.
+    """
 
     name: PolicyName = "geometric_knots"
     lr0: float = 0.1
@@ -137,6 +147,19 @@ class GDConfig(Config):
     objective's lambda taken as is (the release's 50 -> 25, not divided by K (K - 1)); the Adam
     state is reset after the first step (``reset_adam_after_first_iteration``). It needs
     statistics that carry ``nll_range`` (the training loop gathers it for this form).
+
+    Attributes:
+        update: what moves: ``both``, ``mean`` or ``variance``.
+        policy: the learning-rate policy over GD steps.
+        betas: Adam's betas.
+        eps: Adam's epsilon.
+        sigmoid: (a, b, c) of the variance reparametrisation v = a sigmoid(b theta) + c.
+        steps_per_solve: Adam steps on the prior at the end of every epoch.
+        lam_end: final lambda of a linear lambda schedule (None: lambda fixed; the release's GD
+            weights go 50 -> 25).
+        lam_steps: GD steps over which lambda goes linearly to ``lam_end``.
+        form: ``objective`` (Adam on the objective's gradient) or ``released`` (the release's
+            normalised step, above).
     """
 
     update: Literal["both", "mean", "variance"] = "both"
