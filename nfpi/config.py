@@ -20,6 +20,7 @@ from nfpi.prior.fpi import FPIConfig
 from nfpi.prior.gaussian import Covariance
 from nfpi.prior.gd import GDConfig
 from nfpi.prior.objective import Objective
+from nfpi.prior.service import PriorMethod
 from nfpi.schema import Config, check, is_number
 
 __all__ = [
@@ -165,7 +166,7 @@ class PriorConfig(Config):
     released GD weights differ from the released FPI lambda: method notes section 10).
     """
 
-    method: Literal["fpi", "gd", "data-init"] = "fpi"
+    method: PriorMethod = "fpi"
     covariance: Covariance = "diag"
     solve_epoch: int = 0
     resolve_every: int = 0

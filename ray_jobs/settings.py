@@ -19,7 +19,7 @@ import argparse
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -236,8 +236,17 @@ def _session_logs() -> str | None:
         return None
 
 
+def _default(name: str) -> object:
+    """``RaySettings``' default of field ``name``: the flags' defaults are read from the
+    dataclass, never restated."""
+    (found,) = [f for f in fields(RaySettings) if f.name == name]
+    assert found.default is not MISSING, f"RaySettings.{name} has no default"
+    return found.default
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The flags ``ray_jobs/train.py`` and ``ray_jobs/sweep.py`` share."""
+    """The flags ``ray_jobs/train.py`` and ``ray_jobs/sweep.py`` share (their defaults are
+    ``RaySettings``')."""
     parser.add_argument(
         "--results-dir",
         default="results",
@@ -252,23 +261,36 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
     )
-    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per run")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument(
-        "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"
+        "--num-workers",
+        type=int,
+        default=_default("num_workers"),
+        help="data-parallel workers per run",
+    )
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
+    parser.add_argument("--cpus-per-worker", type=float, default=_default("cpus_per_worker"))
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=_default("max_failures"),
+        help="worker-group restarts per run",
+    )
+    parser.add_argument(
+        "--actor-timeout",
+        type=float,
+        default=_default("actor_timeout"),
+        help="seconds per prior-actor call",
     )
     parser.add_argument(
         "--placement-strategy",
-        default="PACK",
+        default=_default("placement_strategy"),
         choices=PLACEMENT_STRATEGIES,
         help="placement of a run's Train workers: PACK fills a node first, SPREAD puts them on "
         "different nodes where possible",
     )
     parser.add_argument(
         "--prior-actor-node",
-        default="driver",
+        default=_default("prior_actor_node"),
         choices=PRIOR_ACTOR_NODES,
         help="pin each run's prior actor to the driver's node (the head under ray job submit), "
         "or let Ray place it",

@@ -51,11 +51,11 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, Worker
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 
 from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint, lock_run_dir
-from nfpi.checks import train_set_size
+from nfpi.checks import check_batch_split, train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
 from nfpi.entry import Parser, run_cli, setup_logging
-from nfpi.errors import ConfigError, NfpiError
+from nfpi.errors import NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
@@ -308,12 +308,7 @@ def run_experiment(
         NfpiError: a deterministic error of a worker (not retried), with the run's MLflow
             record (``nfpi.error``, ``error.txt``) written first.
     """
-    if settings.num_workers > 0 and config.optim.batch_size % settings.num_workers:
-        raise ConfigError(
-            "optim.batch_size",
-            config.optim.batch_size,
-            f"a multiple of --num-workers ({settings.num_workers})",
-        )
+    check_batch_split(config.optim.batch_size, settings.num_workers)
     with lock_run_dir(settings.run_dir(run_name)):
         return _run_locked(
             config,

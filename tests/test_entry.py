@@ -292,7 +292,7 @@ def test_config_keys_lists_every_key_with_type_default_and_allowed(capsys):
     assert {k for k, *_ in ExperimentConfig.describe()} <= keys
     assert {"downstream.kind", "cnn.model", "cnn.epochs"} <= keys
     method = next(line for line in lines if line.startswith("prior.method "))
-    assert '"fpi"' in method and "fpi | gd | data-init" in method  # default and allowed values
+    assert '"fpi"' in method and "data-init | gd | fpi" in method  # default and allowed values
 
 
 def test_help_of_every_entry_point_names_experiments_presets_and_spaces(capsys):
