@@ -47,8 +47,13 @@ from typing import Any
 from unittest import mock
 
 import yaml
-from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
+from ray_jobs._ray_compat import (
+    fake_head_node_id,
+    fillout_defaults,
+    keep_default_cluster_file,
+    validate_config,
+)
 from ray_jobs.rehearse_multinode import end_processes, report_checks
 
 __all__ = ["check_commands", "fake_config", "main", "rehearse"]
@@ -165,7 +170,7 @@ def _start_head(
 
     folder.mkdir(parents=True)
     port = _free_port()
-    gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
+    gcs = f"{ray.util.get_node_ip_address()}:{port}"
     config = fake_config(cluster, gcs, max_workers=max_workers, idle_timeout_min=idle_timeout_min)
     head_resources = config.pop("_head_resources")
     config_path = folder / "autoscaler.yaml"
@@ -175,7 +180,7 @@ def _start_head(
     env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     # Cluster() records its address as this machine's default cluster (/tmp/ray), where any
     # other process's ray.init() would then attach: keep that file untouched.
-    with mock.patch.dict(os.environ, env), mock.patch("ray._private.utils.write_ray_address"):
+    with mock.patch.dict(os.environ, env), keep_default_cluster_file():
         head = Cluster(
             initialize_head=True,
             head_node_args={
@@ -186,7 +191,7 @@ def _start_head(
                 "object_store_memory": 100 * 1024**2,
                 "include_dashboard": False,
                 # The head is the provider's node FAKE_HEAD_NODE_ID (as in Ray's tests).
-                "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID},
+                "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": fake_head_node_id()},
             },
         )
     return head, config
@@ -197,7 +202,6 @@ def rehearse(
 ) -> tuple[dict[str, Any], list[str]]:
     """Steps 1-5 of the module docstring; returns the record and the failed checks."""
     import ray
-    from ray.autoscaler._private.util import fillout_defaults, validate_config
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

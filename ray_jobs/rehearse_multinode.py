@@ -48,7 +48,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
@@ -240,6 +239,8 @@ def _start_cluster(temp_dir: str, cpus: int) -> tuple[Any, Any]:
     folder, what is left of a failed one ended first."""
     from ray.cluster_utils import Cluster
 
+    from ray_jobs._ray_compat import keep_default_cluster_file
+
     for attempt in range(START_ATTEMPTS):
         folder = Path(temp_dir) / f"try{attempt}"
         folder.mkdir(parents=True)
@@ -247,7 +248,7 @@ def _start_cluster(temp_dir: str, cpus: int) -> tuple[Any, Any]:
         try:
             # Cluster() records its address as this machine's default cluster (/tmp/ray),
             # where any other process's ray.init() would then attach: keep that file untouched.
-            with mock.patch("ray._private.utils.write_ray_address"):
+            with keep_default_cluster_file():
                 cluster = Cluster(
                     initialize_head=True,
                     head_node_args={

@@ -29,6 +29,7 @@ import torch
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ClusterStartError, ConfigError
+from ray_jobs._ray_compat import local_cpus, session_logs
 from ray_jobs.tracking import Tracking, resolve_tracking
 
 __all__ = [
@@ -155,7 +156,7 @@ def check_before_ray(
             "a machine with a CUDA GPU (none is visible here): drop --use-gpu, or pass "
             "--address of a cluster with GPUs",
         )
-    cpus = _local_cpus()
+    cpus = local_cpus()
     need = max(settings.num_workers, 1) * settings.cpus_per_worker
     if need > cpus + 1e-9:
         raise ConfigError(
@@ -166,16 +167,6 @@ def check_before_ray(
             + f" = {need:g}; lower --num-workers or --cpus-per-worker",
         )
     return list(warnings)
-
-
-def _local_cpus() -> int:
-    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
-    try:
-        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
-
-        return int(get_num_cpus())
-    except (ImportError, AttributeError):
-        return len(os.sched_getaffinity(0))
 
 
 def connect(address: str | None, verbose: bool = False) -> str:
@@ -191,7 +182,7 @@ def connect(address: str | None, verbose: bool = False) -> str:
     total = ray.cluster_resources()
     where = f"cluster {address}" if address and address != "local" else "local"
     line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
-    logs = _session_logs()
+    logs = session_logs()
     return line + (f"; worker logs in {logs}" if logs and not verbose else "")
 
 
@@ -221,19 +212,10 @@ def _init(address: str, verbose: bool) -> None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         raise ClusterStartError(
             "the local Ray did not start: its node did not register within Ray's 30 s (load "
-            f"average {load:.0f} on {_local_cpus()} CPUs: the machine is busy); retry when it "
+            f"average {load:.0f} on {local_cpus()} CPUs: the machine is busy); retry when it "
             "is less busy, or start Ray once with `ray start --head --block &` and pass "
             "--address 127.0.0.1:6379"
         ) from err
-
-
-def _session_logs() -> str | None:
-    """The Ray session's log folder on this node (a hint for the console)."""
-    node = getattr(ray._private.worker, "_global_node", None)  # private: no public accessor
-    try:
-        return str(Path(node.get_session_dir_path()) / "logs") if node is not None else None
-    except Exception:  # noqa: BLE001 - only a hint in a log line
-        return None
 
 
 def _default(name: str) -> object:

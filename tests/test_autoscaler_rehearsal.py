@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fake_config_keeps_the_node_types_and_drops_what_needs_ssh():
-    from ray.autoscaler._private.util import fillout_defaults
+    from ray_jobs._ray_compat import fillout_defaults
 
     cluster = fillout_defaults(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
     config = fake_config(cluster, "127.0.0.1:1", max_workers=2, idle_timeout_min=0.1)

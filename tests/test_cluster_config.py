@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+from ray_jobs._ray_compat import fillout_defaults, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

@@ -127,7 +127,10 @@ def test_unregistered_ray_checkpoints_are_removed(tmp_path):
 
 def test_deterministic_cause_sees_through_rays_wrappers():
     from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from ray_jobs._ray_compat import user_exception_type
+
+    UserExceptionWithTraceback = user_exception_type()
 
     shape = ShapeError("bad shape")
     group = WorkerGroupError(
