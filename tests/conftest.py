@@ -86,7 +86,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def run_rehearsal():
-    """``run(script, out, *args)``: a ``ray_jobs/rehearse_*.py`` script in a subprocess (it starts
+    """``run(script, out, *args)``: a ``rehearsals/*.py`` script in a subprocess (it starts
     and ends its own Ray cluster, away from the suite's Ray), its exit status checked; returns
     the report it wrote to ``out``, whose failed checks must be none."""
     import json
@@ -101,7 +101,7 @@ def run_rehearsal():
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (ray_session)
         proc = subprocess.run(
-            [sys.executable, str(root / "ray_jobs" / script), *args, "--out", str(out)],
+            [sys.executable, str(root / "rehearsals" / script), *args, "--out", str(out)],
             env=env,
             capture_output=True,
             text=True,

@@ -1,4 +1,4 @@
-"""cluster.yaml's autoscaling on one machine (``ray_jobs/rehearse_autoscaler.py``): the fake
+"""cluster.yaml's autoscaling on one machine (``rehearsals/autoscaler.py``): the fake
 multi-node config made from cluster.yaml, the syntax of every setup and start command, and the
 scale-up / scale-down cycle end to end."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs.rehearse_autoscaler import check_commands, fake_config
+from rehearsals.autoscaler import check_commands, fake_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_the_autoscaler_adds_gpu_workers_for_a_spread_run_and_removes_them(tmp_p
     like ``--use-gpu --num-workers 2 --placement-strategy SPREAD`` makes the autoscaler launch
     ``gpu_worker`` nodes, one bundle lands on each, and once the demand is gone the idle nodes
     are terminated. In a subprocess: the rehearsal starts and ends its own cluster."""
-    report = run_rehearsal("rehearse_autoscaler.py", tmp_path / "autoscaler.json")
+    report = run_rehearsal("autoscaler.py", tmp_path / "autoscaler.json")
     record = report["record"]
     assert record["workers_before"] == 0 and record["workers_after"] == 0
     assert record["workers_launched"] == 2 == record["max_workers"]

@@ -1,4 +1,4 @@
-"""ImageNet's shape at toy size (``ray_jobs/rehearse_imagenet.py``): a generated 1000-class
+"""ImageNet's shape at toy size (``rehearsals/imagenet.py``): a generated 1000-class
 ImageFolder of 32 x 32 JPEGs trained through a Tune trial around a 2-worker Ray Train run, the
 FPI solved in the prior actor at K = 1000, d = 3072."""
 
@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
-from ray_jobs.rehearse_imagenet import MIN_PER_CLASS, NUM_CLASSES, rehearse
+from rehearsals.imagenet import MIN_PER_CLASS, NUM_CLASSES, rehearse
 
 
 @pytest.mark.cluster

@@ -69,7 +69,8 @@ def _imports(path: Path) -> set[str]:
         ("nfpi/flows", ("nfpi.training", "nfpi.downstream", "nfpi.prior", "nfpi.cli")),
         ("nfpi/data", ("nfpi.training", "nfpi.downstream", "nfpi.prior", "nfpi.cli")),
         ("nfpi/training", ("nfpi.downstream", "nfpi.cli")),
-        ("ray_jobs", ("nfpi.cli",)),
+        ("ray_jobs", ("nfpi.cli", "rehearsals")),
+        ("rehearsals", ("nfpi.cli",)),
     ],
 )
 def test_layers_import_only_downwards(folder, forbidden):

@@ -1,4 +1,4 @@
-"""Two Ray nodes on one machine (``ray_jobs/rehearse_multinode.py``): Train workers spread over
+"""Two Ray nodes on one machine (``rehearsals/multinode.py``): Train workers spread over
 a head and a worker node, the prior actor and driver on the head, then the worker node removed
 mid-run; every run ends bit-identical to the one-node run.
 
@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nfpi.checkpoint import find_checkpoint, load_checkpoint
-from ray_jobs.rehearse_multinode import diff_states
+from rehearsals.multinode import diff_states
 
 
 def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
@@ -39,7 +39,7 @@ def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
 def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path, run_rehearsal):
     results = tmp_path / "results"
     report = run_rehearsal(
-        "rehearse_multinode.py", tmp_path / "rehearsal.json", "--smoke-test", "--results-dir",
+        "multinode.py", tmp_path / "rehearsal.json", "--smoke-test", "--results-dir",
         str(results),
     )  # fmt: skip
     one, two, loss = report["records"]

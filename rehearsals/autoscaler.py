@@ -1,6 +1,6 @@
 """cluster.yaml's autoscaling rehearsed on one machine with Ray's fake multi-node provider.
 
-    python ray_jobs/rehearse_autoscaler.py --out autoscaler.json
+    python rehearsals/autoscaler.py --out autoscaler.json
 
 What runs (``ray.autoscaler._private.fake_multi_node``, the provider Ray's own autoscaler tests
 use: "nodes" are raylets started on this machine by the autoscaler):
@@ -54,7 +54,7 @@ from ray_jobs._ray_compat import (
     keep_default_cluster_file,
     validate_config,
 )
-from ray_jobs.rehearse_multinode import end_processes, report_checks
+from rehearsals.multinode import end_processes, report_checks
 
 __all__ = ["check_commands", "fake_config", "main", "rehearse"]
 
@@ -319,6 +319,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ray_jobs.rehearse_autoscaler import main as _main  # tasks import _where by name
+    from rehearsals.autoscaler import main as _main  # tasks import _where by name
 
     sys.exit(_main())

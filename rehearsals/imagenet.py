@@ -1,7 +1,7 @@
 """ImageNet's shape at toy size through the Ray service: K = 1000 classes, 32 x 32 x 3 (d = 3072).
 
-    python ray_jobs/rehearse_imagenet.py --results-dir /tmp/imagenet-toy --out toy.json
-    python ray_jobs/rehearse_imagenet.py --smoke-test --out toy.json   # what the suite runs
+    python rehearsals/imagenet.py --results-dir /tmp/imagenet-toy --out toy.json
+    python rehearsals/imagenet.py --smoke-test --out toy.json   # what the suite runs
 
 Writes a generated ImageFolder (``write_imagefolder``: ``train/class_0000 .. class_0999``, a few
 32 x 32 JPEGs per class, under the results dir, never in git), then runs one Tune trial whose
@@ -40,7 +40,7 @@ from nfpi.config import ExperimentConfig
 from nfpi.data import write_imagefolder
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
-from ray_jobs.rehearse_multinode import report_checks
+from rehearsals.multinode import report_checks
 
 __all__ = ["MIN_PER_CLASS", "RefreshProbe", "data_overrides", "main", "rehearse"]
 
@@ -332,6 +332,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ray_jobs.rehearse_imagenet import main as _main  # workers import the probe by name
+    from rehearsals.imagenet import main as _main  # workers import the probe by name
 
     sys.exit(_main())

@@ -1,7 +1,7 @@
 """Two Ray nodes on one machine: a data-parallel run spread over them, then the loss of one.
 
-    python ray_jobs/rehearse_multinode.py --results-dir /tmp/rehearsal            # digits
-    python ray_jobs/rehearse_multinode.py --smoke-test --results-dir /tmp/r --out r.json
+    python rehearsals/multinode.py --results-dir /tmp/rehearsal            # digits
+    python rehearsals/multinode.py --smoke-test --results-dir /tmp/r --out r.json
 
 Starts a private Ray cluster of two nodes (``ray.cluster_utils.Cluster``: a head node with the
 custom resource ``head`` and a worker node with ``worker``, each its own raylet, object store
@@ -534,6 +534,6 @@ def report_checks(out: str | None, payload: dict[str, Any], errors: list[str]) -
 
 
 if __name__ == "__main__":
-    from ray_jobs.rehearse_multinode import main as _main  # workers import the Probe by name
+    from rehearsals.multinode import main as _main  # workers import the Probe by name
 
     sys.exit(_main())
