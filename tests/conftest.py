@@ -15,6 +15,21 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 
+# Fixtures that start Ray or a cluster: a test that uses one is slow (marked here, once, so that
+# a new Ray test joins the slow tier without anyone remembering to mark it).
+_SLOW_FIXTURES = frozenset({"ray_session", "run_rehearsal"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Everything that starts Ray (the suite's session, a rehearsal's own cluster) or is marked
+    ``cluster`` is ``slow``: ``pytest -m "not slow"`` is the fast tier of the edit-test loop."""
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker(
+            "cluster"
+        ):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_session():

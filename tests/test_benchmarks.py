@@ -44,6 +44,7 @@ def test_benchmarks_are_discovered():
     assert len(SCRIPTS) >= 6, [p.name for p in SCRIPTS]
 
 
+@pytest.mark.slow  # each script in a subprocess (ray_overhead starts Ray)
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_benchmark_smoke_test(script, tmp_path):
     out = tmp_path / "r.json"

@@ -63,6 +63,7 @@ def test_divergence_inside_epoch_0_saves_nothing_and_says_there_is_no_checkpoint
     assert "epoch 0" in str(err.value) and "is intact" not in str(err.value)
 
 
+@pytest.mark.slow  # several training runs
 def test_divergence_after_a_good_epoch_keeps_it_and_resume_with_recovers(tmp_path):
     """Before: a later divergence said the last good checkpoint "is intact" without checking,
     and re-running with a lower optim.lr, as the message advised, was refused as a config
@@ -102,6 +103,7 @@ def test_divergence_after_a_good_epoch_keeps_it_and_resume_with_recovers(tmp_pat
     assert saved["optim"]["lr"] == 1e-3  # the config that ran is the config saved
 
 
+@pytest.mark.slow  # several training runs
 def test_resume_with_the_saved_rate_is_bit_identical_to_a_plain_resume(tmp_path):
     """The schedule rebuilt by ``resume_overrides`` continues exactly where the saved one was
     (mid warm-up here): with the checkpoint's own rate the run equals a plain resume."""
@@ -214,6 +216,7 @@ def test_every_torch_load_in_the_tree_passes_weights_only_true():
 
 
 # ------------------------------------------------------------------------------ run lock
+@pytest.mark.slow  # a run in a subprocess
 def test_a_second_run_in_a_live_runs_directory_is_refused_naming_the_holder(tmp_path):
     """Before: a second ``Trainer.fit`` on the directory of a live run silently resumed from
     that run's newest checkpoint and both wrote into it. Now it raises RunDirectoryLockedError

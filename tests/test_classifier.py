@@ -181,6 +181,7 @@ def test_config_defaults_are_the_papers_and_dicts_round_trip():
 
 
 # -------------------------------------------------------------------------------- training
+@pytest.mark.slow  # trains a CNN
 def test_trains_on_real_digits_beats_chance_and_writes_the_confusion_png(digits, tmp_path):
     train, test, info = digits
     seen = []
@@ -480,6 +481,7 @@ def test_pretrained_weights_that_do_not_fit_are_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- resuming
+@pytest.mark.slow  # trains CNNs, interrupted and resumed
 def test_classifier_resumes_after_its_last_epoch_bit_identically(checkpoint, digits, tmp_path):
     """Every epoch is checkpointed; a run that failed after epoch 0 resumes at epoch 1 and ends
     exactly where an uninterrupted run ends (model, optimiser state, metrics, NF-aug counters)."""

@@ -573,6 +573,7 @@ def test_worker_augmentation_reproducible_from_seed():
 # --------------------------------------------------------------------------- library hygiene
 
 
+@pytest.mark.slow  # imports in a subprocess
 def test_data_library_imports_without_ray_or_mlflow():
     code = (
         "import sys\n"

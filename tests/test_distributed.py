@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,6 +12,8 @@ from nfpi.data import BatchAugment, dequantize, load_dataset
 from nfpi.data.sharding import IndexedDataset, ShardSampler
 from nfpi.flows import build_flow
 from nfpi.training import collect_statistics
+
+pytestmark = pytest.mark.slow  # gloo process groups in spawned processes
 
 
 def _stats(rank: int, world: int) -> torch.Tensor:

@@ -115,6 +115,7 @@ def test_cli_downstream(checkpoint, tmp_path, capsys):
     assert (tmp_path / "confusion_generated.png").exists()
 
 
+@pytest.mark.slow  # two downstream runs
 def test_a_failed_downstream_run_resumes_its_classifiers_and_reuses_its_generated_set(
     checkpoint, tmp_path
 ):

@@ -250,6 +250,7 @@ def test_sweep_mistakes_are_one_line_before_ray_starts(argv, words, tmp_path, no
 
 
 # -------------------------------------------------------------------- the entry points' wiring
+@pytest.mark.slow  # each entry point in a subprocess
 @pytest.mark.parametrize(
     "command",
     [

@@ -95,6 +95,7 @@ def test_cli_figures(checkpoint, toy_points, tmp_path, capsys):
               "--set", "lam_small=5000"])  # fmt: skip
 
 
+@pytest.mark.slow  # trains and logs the figures
 def test_mlflow_wrapper_logs_the_figures_as_artifacts(checkpoint, toy_points, tmp_path, tracking):
     from mlflow.tracking import MlflowClient
 

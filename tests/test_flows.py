@@ -401,7 +401,10 @@ def test_mef_cifar_matches_the_reference_size() -> None:
     assert sum(math.prod(s) for s in flow.latent_layout) == 3072
 
 
-@pytest.mark.parametrize("preset", ["mef-cifar", "glow-small"])
+@pytest.mark.parametrize(
+    "preset",
+    [pytest.param("mef-cifar", marks=pytest.mark.slow), "glow-small"],  # 43 M parameters
+)
 def test_large_presets_shapes_and_inverse(preset: str) -> None:
     torch.manual_seed(0)
     flow = build_flow(preset)

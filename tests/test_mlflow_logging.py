@@ -72,6 +72,7 @@ def _log_datasets_in_step(tracking, run_ids, barrier, errors):
             errors.put(f"round {i}: {type(error).__name__}: {str(error)[:200]}")
 
 
+@pytest.mark.slow  # trials in subprocesses
 def test_trials_starting_together_log_the_same_dataset_without_a_conflict(tracking):
     """Regression (CI, stop 16): a sweep's trials start at once and log the same dataset into
     one experiment; MLflow checks for it, then inserts it, so the slower trial died of

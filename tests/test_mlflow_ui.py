@@ -16,6 +16,8 @@ from nfpi.training import Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model, log_sweep_summary, save_sweep_view
 from ray_jobs.tracking import RunLogger, start_run
 
+pytestmark = pytest.mark.slow  # trains a flow, starts `mlflow ui` and a browser
+
 
 def _sweep_store(tracking, tmp_path):
     """A smoke sweep's MLflow records: parent run, two labelled child runs (params, per-epoch

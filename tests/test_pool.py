@@ -183,6 +183,7 @@ def test_pooled_dataset_builds_missing_rounds_then_reuses_them(tmp_path, setup, 
     assert seconds == 0.0 and again.store.dir == data.store.dir
 
 
+@pytest.mark.slow  # a downstream run
 def test_downstream_augment_run_with_a_pool(tmp_path, checkpoint, monkeypatch):
     """The augment run serves NF augmentation from the pool: the classifier calls set_epoch on
     the PooledNFDataset every epoch and runs no NFAugment in its loop."""

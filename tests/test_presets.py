@@ -162,6 +162,7 @@ def test_both_variants_solve_on_flow_like_statistics(key):
         assert report.at_lower_bound + report.at_upper_bound > 0
 
 
+@pytest.mark.slow  # a paper-size flow trains
 def test_a_paper_preset_trains_and_logs_its_bounds(tmp_path):
     """The paper variant of cifar10/mean_var on the smoke data: both scheduled solves run (after
     epochs 0 and 1), and the epoch metrics carry the automatic bounds and the counts at them."""

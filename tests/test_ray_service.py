@@ -293,6 +293,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # `ray start --head` and `ray job submit` in subprocesses
 def test_job_submit_against_ray_start_head(tmp_path):
     bin_dir = Path(sys.executable).parent
     # Token authentication on, as the README's commands run it (the token from the environment

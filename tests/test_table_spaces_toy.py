@@ -12,6 +12,8 @@ from nfpi.downstream import build_classifier, run_downstream
 from nfpi.training import Trainer
 from search_spaces import load_space
 
+pytestmark = pytest.mark.slow  # flows and classifiers trained end to end, twice
+
 K, SIDE = 3, 16
 TOY_FLOW = {
     "data.name": "imagefolder",

@@ -45,6 +45,7 @@ def test_sample_grids_show_at_most_100_evenly_spaced_classes():
     assert set(rows.diff().tolist()) == {10, 11}  # evenly spaced: 999 / 99 = 10.09
 
 
+@pytest.mark.slow  # a run with pictures
 def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     cfg = _cfg(tmp_path, **{"eval.plots": True, "optim.epochs": 2})
     history = Trainer(cfg, _run(tmp_path)).fit()
@@ -64,6 +65,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_pictures(tmp_path):
     assert ExperimentConfig.from_dict(json.loads((out / "config.json").read_text())) == cfg
 
 
+@pytest.mark.slow  # three runs
 def test_every_prior_method_leaves_the_same_pictures(tmp_path):
     """Samples, t-SNE and the data-init-vs-final KL heatmap under one name for every method;
     only the FPI adds its per-solve heatmap and residual curve (the GD run used to leave one
@@ -91,6 +93,7 @@ def test_residual_plot_title_counts_the_points_of_its_curve():
     assert residual_title(report) == "FPI residual (converged: 65 iterates)"
 
 
+@pytest.mark.slow  # several training runs
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     cfg = _cfg(tmp_path, **{"optim.epochs": 3})
     straight = Trainer(cfg, tmp_path / "a").fit()
