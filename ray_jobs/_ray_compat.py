@@ -2,11 +2,11 @@
 
 Ray promises nothing about ``ray.train.v2._internal``, ``ray.autoscaler._private`` or
 ``ray._private``: any release may move or rename what is there. The service, the rehearsals and
-the tests reach them only through this module, and ``tests/test_ray_compat.py`` checks every
-name in :data:`PRIVATE` (and the callback hooks the service overrides) against the installed
-Ray, naming its version when one is gone. Where Ray 2.60 offers a public API it is used instead
-(``ray.util.get_node_ip_address``, ``ray.autoscaler.sdk.request_resources``); its public
-``ray.train.UserCallback`` has no hook that can stop a retry, hence the private callbacks.
+the tests reach them only through this module, and ``tests/ray_jobs/test_ray_compat.py`` checks
+every name in :data:`PRIVATE` (and the callback hooks the service overrides) against the
+installed Ray, naming its version when one is gone. Where Ray 2.60 offers a public API it is
+used instead (``ray.util.get_node_ip_address``, ``ray.autoscaler.sdk.request_resources``); its
+public ``ray.train.UserCallback`` has no hook that can stop a retry, hence the private callbacks.
 
 What stays private, and why:
 

@@ -113,8 +113,8 @@ def deterministic_cause(error: BaseException | None) -> NfpiError | None:
 
 # Ray Train 2.60 has no public hook to fail a run without retrying it; its controller runs these
 # developer-API callbacks (RunConfig(callbacks=...) passes them through "for custom workarounds
-# built on top of internal callbacks"). tests/test_recovery.py fails if this stops working,
-# tests/test_ray_compat.py if Ray moves them.
+# built on top of internal callbacks"). tests/ray_jobs/test_recovery.py fails if this stops working,
+# tests/ray_jobs/test_ray_compat.py if Ray moves them.
 class StopOnDeterministicError(ControllerCallback, WorkerGroupCallback):
     """Ends a Ray Train run at once when a worker fails with a deterministic error.
 

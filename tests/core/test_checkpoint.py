@@ -33,7 +33,7 @@ from nfpi.errors import (
 from nfpi.presets import experiment_config
 from nfpi.training import Trainer, is_wall_clock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(**overrides):

@@ -16,7 +16,7 @@ from nfpi.entry import run_cli, user_error
 from nfpi.errors import CheckpointError, ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(main, argv, capsys=None):

@@ -27,7 +27,7 @@ from nfpi.prior import (
 from nfpi.prior.naive import fpi_step_broadcast
 
 GOLDEN = Path(
-    os.environ.get("NFPI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    os.environ.get("NFPI_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
 )
 GOLDEN = GOLDEN / "cifar10_tsne2d.npz"
 

@@ -8,7 +8,7 @@ import yaml
 
 from ray_jobs._ray_compat import fillout_defaults, validate_config
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
 
 @pytest.fixture(scope="module")

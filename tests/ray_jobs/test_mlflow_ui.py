@@ -7,14 +7,14 @@ check on a real sweep's store. Skipped where Chromium is not installed."""
 import json
 
 import pytest
-from cdp import chromium_binary
-from mlflow_ui_check import check_ui
 
 from nfpi.checks import train_set_size
 from nfpi.presets import experiment_config
 from nfpi.training import Trainer
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model, log_sweep_summary, save_sweep_view
 from ray_jobs.tracking import RunLogger, start_run
+from tests.cdp import chromium_binary
+from tests.mlflow_ui_check import check_ui
 
 pytestmark = pytest.mark.slow  # trains a flow, starts `mlflow ui` and a browser
 

@@ -13,7 +13,7 @@ import ray
 
 from ray_jobs import _ray_compat
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPAT = ROOT / "ray_jobs" / "_ray_compat.py"
 PRIVATE_PREFIXES = ("ray._private", "ray.autoscaler._private", "ray.train.v2._internal")
 

@@ -28,7 +28,7 @@ from ray_jobs.settings import RaySettings
 from ray_jobs.tracking import RunLogger, Tracking, start_run
 from ray_jobs.train import deterministic_cause, remove_unregistered_checkpoints, run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _smoke(**overrides):

@@ -1,5 +1,5 @@
 """Secure by default: MLflow's SQLite store never on a network file system (cluster.yaml's token
-authentication and tracking server are checked in test_cluster_config.py)."""
+authentication and tracking server are checked in tests/ray_jobs/test_cluster_config.py)."""
 
 import pytest
 

@@ -28,7 +28,7 @@ from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError, creat
 from ray_jobs.settings import RaySettings
 from ray_jobs.train import run_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stats(seed=0, k=4, d=3):
@@ -163,7 +163,7 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
     """A worker dies at the end of epoch ``crash_epoch``, before reporting it. The restarted
     group resumes from the run directory's last good checkpoint; with no checkpoint at all, from
     scratch (prior actor reset). When the run directory is lost but Ray Train registered a
-    checkpoint, the group resumes from that one: tests/test_recovery.py::
+    checkpoint, the group resumes from that one: tests/ray_jobs/test_recovery.py::
     test_killed_worker_in_a_two_worker_group_logs_each_step_once_and_ends_bit_identical (two
     workers, bit-identical to an uninterrupted run)."""
     config = _smoke(**{"prior.method": "fpi"})

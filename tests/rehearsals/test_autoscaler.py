@@ -9,7 +9,7 @@ import yaml
 
 from rehearsals.autoscaler import check_commands, fake_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fake_config_keeps_the_node_types_and_drops_what_needs_ssh():
