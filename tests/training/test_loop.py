@@ -135,6 +135,7 @@ def test_resume_refuses_a_different_config(tmp_path):
         Trainer(changed, _run(tmp_path)).fit()
 
 
+@pytest.mark.slow  # a short run per method
 @pytest.mark.parametrize(
     ("method", "versions"),
     [("data-init", [1, 1, 1]), ("gd", [2, 3, 4]), ("fpi", [1, 2, 2])],
@@ -162,6 +163,7 @@ def test_ema_starts_after_first_fpi_solve(tmp_path):
     assert not trainer.ema.active and trainer.eval_flow() is trainer.flow
 
 
+@pytest.mark.slow  # two short runs
 def test_ema_disabled_evaluates_the_online_flow_the_prior_was_solved_from(tmp_path):
     on = Trainer(_cfg(tmp_path, **{"optim.epochs": 1}), tmp_path / "on")
     on.fit()
@@ -222,6 +224,7 @@ def test_cli_train_and_config(tmp_path, capsys):
     assert "nf_acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a run, then its checkpoint read back
 def test_load_trained_gives_the_ema_flow_and_prior_that_were_evaluated(tmp_path):
     trainer = Trainer(_cfg(tmp_path, **{"optim.epochs": 2}), _run(tmp_path))
     history = trainer.fit()
