@@ -29,8 +29,8 @@ installed and the device is the CPU, else in this process (``pool_builder`` says
 with ``OMP_WAIT_POLICY=PASSIVE``.
 
 ``--smoke-test``: 100 images, the ``tiny`` flow, timm's ``resnet10t``, 2 epochs, the pool built
-in process (the Ray builder writes the same bytes: ``tests/test_pool.py``; ``--pool-builder ray``
-runs it here too), in seconds.
+in process (the Ray builder writes the same bytes: ``tests/downstream/test_pool.py``;
+``--pool-builder ray`` runs it here too), in seconds.
 """
 
 from __future__ import annotations

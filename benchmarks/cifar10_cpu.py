@@ -39,8 +39,9 @@ from typing import Any
 from _common import ROOT, benchmark_parser, mode_name, write_records  # benchmarks/ on sys.path
 
 from nfpi.presets import experiment_config, parse_override
+from nfpi.prior import PRIOR_METHODS
 
-METHODS = ("data-init", "gd", "fpi")
+METHODS = PRIOR_METHODS
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 QUICK = {"data.items_per_class": 200, "data.test_items_per_class": 100, "optim.epochs": 2}
 SMOKE = {

@@ -32,7 +32,7 @@ from _common import (  # benchmarks/ is on sys.path
 )
 
 from nfpi.presets import experiment_config, parse_override
-from nfpi.prior import POLICY_POWERS
+from nfpi.prior import POLICY_POWERS, PRIOR_METHODS
 from nfpi.training import Trainer
 
 # --smoke-test: a toy run of the same shape, seconds per method.
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--methods",
-        default="data-init,gd,fpi",
-        help="comma-separated subset of data-init, gd, fpi (default: all)",
+        default=",".join(PRIOR_METHODS),
+        help=f"comma-separated subset of {', '.join(PRIOR_METHODS)} (default: all)",
     )
     parser.add_argument(
         "--policies",
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in ("data-init", "gd", "fpi") for m in methods):
-        parser.error(f"--methods {args.methods!r}: choose from data-init, gd, fpi")
+    if not methods or any(m not in PRIOR_METHODS for m in methods):
+        parser.error(f"--methods {args.methods!r}: choose from {', '.join(PRIOR_METHODS)}")
     all_policies = ("geometric_knots", *POLICY_POWERS)
     policies = all_policies if args.policies is None else tuple(args.policies.split(","))
     if not policies or any(p not in all_policies for p in policies):

@@ -20,6 +20,7 @@ from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError, DatasetNotFoundError
 
 __all__ = [
+    "check_batch_split",
     "check_data_paths",
     "ema_window_steps",
     "preflight",
@@ -36,6 +37,23 @@ SYNTHETIC_TRAIN_PER_CLASS = 64
 # 500 epochs averages about two thirds of them: a long window, but not one longer than the run).
 MAX_WARMUP_FRACTION = 0.5
 MAX_EMA_FRACTION = 1.0
+
+
+def check_batch_split(batch_size: int, num_workers: int) -> None:
+    """The global batch splits evenly across ``num_workers`` data-parallel workers (``0``: Ray
+    Train's local mode, one process). The one statement of this rule: :func:`preflight`, a Ray
+    run (``ray_jobs.train.run_experiment``) and the training loop each call it.
+
+    Raises:
+        ConfigError: naming ``optim.batch_size``, the worker count and the fix.
+    """
+    if num_workers > 0 and batch_size % num_workers:
+        raise ConfigError(
+            "optim.batch_size",
+            batch_size,
+            f"a multiple of the number of workers ({num_workers}): the global batch is split "
+            "evenly across them; change --set optim.batch_size or --num-workers",
+        )
 
 
 def check_data_paths(config: ExperimentConfig) -> None:
@@ -135,13 +153,7 @@ def preflight(config: ExperimentConfig, num_workers: int = 1) -> list[str]:
         DatasetNotFoundError: ``data.root`` does not exist.
     """
     o = config.optim
-    if num_workers > 0 and o.batch_size % num_workers:
-        raise ConfigError(
-            "optim.batch_size",
-            o.batch_size,
-            f"a multiple of the number of workers ({num_workers}): the global batch is split "
-            "evenly across them; change --set optim.batch_size or --num-workers",
-        )
+    check_batch_split(o.batch_size, num_workers)
     check_data_paths(config)
     size = train_set_size(config)
     if size is not None and o.batch_size > size:

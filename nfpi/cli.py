@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _downstream(args: argparse.Namespace) -> int:
     from nfpi.checkpoint import find_checkpoint
+    from nfpi.device import resolve_device
     from nfpi.downstream import DownstreamConfig, run_downstream
     from nfpi.errors import CheckpointError
-    from nfpi.training.distributed import resolve_device
 
     config = DownstreamConfig.from_overrides(dict(parse_override(s) for s in args.set))
     resolve_device(args.device)  # --device cuda without a GPU: a named error, before any work

@@ -20,6 +20,7 @@ from nfpi.prior.fpi import FPIConfig
 from nfpi.prior.gaussian import Covariance
 from nfpi.prior.gd import GDConfig
 from nfpi.prior.objective import Objective
+from nfpi.prior.service import PriorMethod
 from nfpi.schema import Config, check, is_number
 
 __all__ = [
@@ -241,7 +242,7 @@ class PriorConfig(Config):
         gd: how the GD baseline runs.
     """
 
-    method: Literal["fpi", "gd", "data-init"] = "fpi"
+    method: PriorMethod = "fpi"
     covariance: Covariance = "diag"
     solve_epoch: int = 0
     resolve_every: int = 0

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import ray
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from ray_jobs._ray_compat import cluster_max_resources
 from ray_jobs.settings import RaySettings
 
 __all__ = [
@@ -158,9 +159,7 @@ class ClusterConcurrency(BasicVariantGenerator):
 def request_capacity(footprint: TrialFootprint, trials: int) -> bool:
     """Ask an autoscaling cluster for room for ``trials`` trials at once (no-op elsewhere);
     returns whether a request was made (release it with :func:`release_capacity`)."""
-    from ray._private.state import state as ray_state  # private, as Ray Train itself uses it
-
-    if ray_state.get_max_resources_from_cluster_config() is None:
+    if cluster_max_resources() is None:
         return False  # no autoscaler (a local Ray, a fixed cluster)
     from ray.autoscaler.sdk import request_resources
 

@@ -21,7 +21,7 @@ import os
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -31,6 +31,7 @@ import torch
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ClusterStartError, ConfigError
+from ray_jobs._ray_compat import local_cpus, session_logs
 from ray_jobs.tracking import Tracking, resolve_tracking, ui_command
 
 __all__ = [
@@ -230,7 +231,7 @@ def check_before_ray(
             "a machine with a CUDA GPU (none is visible here): drop --use-gpu, or pass "
             "--address of a cluster with GPUs",
         )
-    cpus = _local_cpus()
+    cpus = local_cpus()
     need = max(settings.num_workers, 1) * settings.cpus_per_worker
     if need > cpus + 1e-9:
         raise ConfigError(
@@ -241,16 +242,6 @@ def check_before_ray(
             + f" = {need:g}; lower --num-workers or --cpus-per-worker",
         )
     return list(warnings)
-
-
-def _local_cpus() -> int:
-    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
-    try:
-        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
-
-        return int(get_num_cpus())
-    except (ImportError, AttributeError):
-        return len(os.sched_getaffinity(0))
 
 
 def connect(address: str | None, verbose: bool = False) -> str:
@@ -271,7 +262,7 @@ def connect(address: str | None, verbose: bool = False) -> str:
     total = ray.cluster_resources()
     where = f"cluster {address}" if address and address != "local" else "local"
     line = f"Ray ({where}): {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
-    logs = _session_logs()
+    logs = session_logs()
     return line + (f"; worker logs in {logs}" if logs and not verbose else "")
 
 
@@ -330,23 +321,23 @@ def _init(address: str, verbose: bool) -> None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         raise ClusterStartError(
             "the local Ray did not start: its node did not register within Ray's 30 s (load "
-            f"average {load:.0f} on {_local_cpus()} CPUs: the machine is busy); retry when it "
+            f"average {load:.0f} on {local_cpus()} CPUs: the machine is busy); retry when it "
             "is less busy, or start Ray once with `ray start --head --block &` and pass "
             "--address 127.0.0.1:6379"
         ) from err
 
 
-def _session_logs() -> str | None:
-    """The Ray session's log folder on this node (a hint for the console)."""
-    node = getattr(ray._private.worker, "_global_node", None)  # private: no public accessor
-    try:
-        return str(Path(node.get_session_dir_path()) / "logs") if node is not None else None
-    except Exception:  # noqa: BLE001 - only a hint in a log line
-        return None
+def _default(name: str) -> object:
+    """``RaySettings``' default of field ``name``: the flags' defaults are read from the
+    dataclass, never restated."""
+    (found,) = [f for f in fields(RaySettings) if f.name == name]
+    assert found.default is not MISSING, f"RaySettings.{name} has no default"
+    return found.default
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The flags ``ray_jobs/train.py`` and ``ray_jobs/sweep.py`` share."""
+    """The flags ``ray_jobs/train.py`` and ``ray_jobs/sweep.py`` share (their defaults are
+    ``RaySettings``')."""
     parser.add_argument(
         "--results-dir",
         default=None,
@@ -362,25 +353,41 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
     )
-    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers per run")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=_default("num_workers"),
+        help="data-parallel workers per run",
+    )
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl backend")
     parser.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves"
+        "--cpus-per-worker",
+        type=float,
+        default=_default("cpus_per_worker"),
+        help="CPUs each Train worker reserves",
     )
-    parser.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per run")
     parser.add_argument(
-        "--actor-timeout", type=float, default=600.0, help="seconds per prior-actor call"
+        "--max-failures",
+        type=int,
+        default=_default("max_failures"),
+        help="worker-group restarts per run",
+    )
+    parser.add_argument(
+        "--actor-timeout",
+        type=float,
+        default=_default("actor_timeout"),
+        help="seconds per prior-actor call",
     )
     parser.add_argument(
         "--placement-strategy",
-        default="PACK",
+        default=_default("placement_strategy"),
         choices=PLACEMENT_STRATEGIES,
         help="placement of a run's Train workers: PACK fills a node first, SPREAD puts them on "
         "different nodes where possible",
     )
     parser.add_argument(
         "--prior-actor-node",
-        default="driver",
+        default=_default("prior_actor_node"),
         choices=PRIOR_ACTOR_NODES,
         help="pin each run's prior actor to the driver's node (the head under ray job submit), "
         "or let Ray place it",

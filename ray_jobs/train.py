@@ -45,20 +45,15 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-# Ray Train 2.60 has no public hook to fail a run without retrying it; its controller runs these
-# developer-API callbacks (RunConfig(callbacks=...) passes them through "for custom workarounds
-# built on top of internal callbacks"). tests/test_recovery.py fails if this stops working.
-from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-from ray.train.v2._internal.execution.failure_handling import FailureDecision
-
 from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint, lock_run_dir
-from nfpi.checks import train_set_size
+from nfpi.checks import check_batch_split, train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
 from nfpi.entry import Parser, run_cli, setup_logging
-from nfpi.errors import ConfigError, NfpiError
+from nfpi.errors import NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer
+from ray_jobs._ray_compat import ControllerCallback, FailureDecision, WorkerGroupCallback
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
 from ray_jobs.progress import TrainProgress
@@ -123,6 +118,10 @@ def deterministic_cause(error: BaseException | None) -> NfpiError | None:
     return None
 
 
+# Ray Train 2.60 has no public hook to fail a run without retrying it; its controller runs these
+# developer-API callbacks (RunConfig(callbacks=...) passes them through "for custom workarounds
+# built on top of internal callbacks"). tests/ray_jobs/test_recovery.py fails if this stops working,
+# tests/ray_jobs/test_ray_compat.py if Ray moves them.
 class StopOnDeterministicError(ControllerCallback, WorkerGroupCallback):
     """Ends a Ray Train run at once when a worker fails with a deterministic error.
 
@@ -320,12 +319,7 @@ def run_experiment(
         NfpiError: a deterministic error of a worker (not retried), with the run's MLflow
             record (``nfpi.error``, ``error.txt``) written first.
     """
-    if settings.num_workers > 0 and config.optim.batch_size % settings.num_workers:
-        raise ConfigError(
-            "optim.batch_size",
-            config.optim.batch_size,
-            f"a multiple of --num-workers ({settings.num_workers})",
-        )
+    check_batch_split(config.optim.batch_size, settings.num_workers)
     config = config.resolved()  # the config that runs is the one logged (GD horizon filled)
     with lock_run_dir(settings.run_dir(run_name)):
         return _run_locked(

@@ -34,6 +34,7 @@ from ray.tune.search.sample import Domain
 from nfpi.config import ExperimentConfig
 from nfpi.errors import ConfigError
 from nfpi.presets import experiment_config
+from nfpi.prior import PRIOR_METHODS
 
 __all__ = [
     "SPACE_NAMES",
@@ -283,7 +284,7 @@ class SearchSpace:
 def prior_comparison(name: str, reproduces: str, experiment: str) -> SearchSpace:
     """Table 1's comparison on ``experiment``: one trial per prior (data-init, GD, FPI), all at
     the experiment's objective and budget, grouped by method in the results table."""
-    methods = [{"prior.method": m} for m in ("data-init", "gd", "fpi")]
+    methods = [{"prior.method": m} for m in PRIOR_METHODS]
     return SearchSpace(
         name=name,
         reproduces=reproduces,

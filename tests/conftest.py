@@ -15,6 +15,21 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest
 
+# Fixtures that start Ray or a cluster: a test that uses one is slow (marked here, once, so that
+# a new Ray test joins the slow tier without anyone remembering to mark it).
+_SLOW_FIXTURES = frozenset({"ray_session", "run_rehearsal", "ray_head"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Everything that starts Ray (the suite's session, a rehearsal's own cluster) or is marked
+    ``cluster`` is ``slow``: ``pytest -m "not slow"`` is the fast tier of the edit-test loop."""
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker(
+            "cluster"
+        ):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -86,7 +101,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def run_rehearsal():
-    """``run(script, out, *args)``: a ``ray_jobs/rehearse_*.py`` script in a subprocess (it starts
+    """``run(script, out, *args)``: a ``rehearsals/*.py`` script in a subprocess (it starts
     and ends its own Ray cluster, away from the suite's Ray), its exit status checked; returns
     the report it wrote to ``out``, whose failed checks must be none."""
     import json
@@ -101,7 +116,7 @@ def run_rehearsal():
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (ray_session)
         proc = subprocess.run(
-            [sys.executable, str(root / "ray_jobs" / script), *args, "--out", str(out)],
+            [sys.executable, str(root / "rehearsals" / script), *args, "--out", str(out)],
             env=env,
             capture_output=True,
             text=True,

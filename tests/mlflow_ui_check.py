@@ -18,8 +18,8 @@ user sees:
    artifacts hold the same picture names as every other child's, and its overview lists its
    datasets and logged model.
 
-Prints one line per check and exits 1 if any fails. ``tests/test_mlflow_ui.py`` runs it on a
-small store when Chromium is installed (``apt-get install -y chromium``).
+Prints one line per check and exits 1 if any fails. ``tests/ray_jobs/test_mlflow_ui.py`` runs it
+on a small store when Chromium is installed (``apt-get install -y chromium``).
 """
 
 from __future__ import annotations

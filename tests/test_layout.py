@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(m.name for m in pkgutil.walk_packages(nfpi.__path__, "nfpi."))
 
 
+@pytest.mark.slow  # imports every module in a subprocess
 def test_every_library_module_imports_with_ray_and_mlflow_blocked():
     code = (
         "import importlib, sys\n"
@@ -34,6 +35,7 @@ def test_every_library_module_imports_with_ray_and_mlflow_blocked():
     assert len(MODULES) > 30  # the walk found the package (a broken walk would pass vacuously)
 
 
+@pytest.mark.slow  # imports the service in a subprocess
 def test_a_train_worker_does_not_import_torchvision_timm_or_sklearn():
     """Every Ray Train worker, trial and controller process imports ``ray_jobs.train``; the image
     libraries are imported where images are read, augmented or classified (torchvision alone
@@ -69,7 +71,8 @@ def _imports(path: Path) -> set[str]:
         ("nfpi/flows", ("nfpi.training", "nfpi.downstream", "nfpi.prior", "nfpi.cli")),
         ("nfpi/data", ("nfpi.training", "nfpi.downstream", "nfpi.prior", "nfpi.cli")),
         ("nfpi/training", ("nfpi.downstream", "nfpi.cli")),
-        ("ray_jobs", ("nfpi.cli",)),
+        ("ray_jobs", ("nfpi.cli", "rehearsals")),
+        ("rehearsals", ("nfpi.cli",)),
     ],
 )
 def test_layers_import_only_downwards(folder, forbidden):

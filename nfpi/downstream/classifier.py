@@ -57,6 +57,7 @@ from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
 from nfpi.data import epoch_seed, make_loader, set_loader_epoch
+from nfpi.device import resolve_device
 from nfpi.downstream.augment import (
     BatchAutoAugment,
     BatchCropFlip,
@@ -293,14 +294,6 @@ class ClassifierResult:
             "config": self.config.to_dict(),
             "nf_augment_stats": dict(self.nf_augment_stats),
         }
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "'cpu' or 'auto': no CUDA device is visible")
-    return torch.device(name)
 
 
 def _image_shape(dataset: Any, where: str) -> tuple[int, int, int]:
@@ -552,7 +545,7 @@ def train_classifier(
         raise ConfigError(
             "batch_size", config.batch_size, f"<= the training set size {n} (batches are full)"
         )
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     c, h, w = shape
 
     torch.manual_seed(config.seed)

@@ -31,6 +31,7 @@ from nfpi.prior.objective import (
     repulsion_weights,
 )
 from nfpi.prior.service import (
+    PRIOR_METHODS,
     InitReport,
     PriorMethod,
     PriorReport,
@@ -45,6 +46,7 @@ from nfpi.prior.stats import ClassStatistics
 __all__ = [
     "DEFAULT_BOUND_FACTORS",
     "POLICY_POWERS",
+    "PRIOR_METHODS",
     "AndersonMixer",
     "ClassStatistics",
     "Covariance",

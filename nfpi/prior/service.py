@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from torch import Tensor
 
@@ -23,6 +23,7 @@ from nfpi.prior.objective import Objective
 from nfpi.prior.stats import ClassStatistics
 
 __all__ = [
+    "PRIOR_METHODS",
     "InitReport",
     "PriorMethod",
     "PriorReport",
@@ -34,7 +35,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-PriorMethod = Literal["fpi", "gd", "data-init"]
+# The prior methods, in the order of the paper's Table 1 (baseline, GD, FPI): the one list that
+# the config's ``prior.method``, the service, the search spaces and the benchmarks all read.
+PriorMethod = Literal["data-init", "gd", "fpi"]
+PRIOR_METHODS: tuple[str, ...] = get_args(PriorMethod)
 
 
 @dataclass
@@ -114,8 +118,8 @@ class PriorService:
         gd: GDConfig | None = None,
         covariance: Covariance = "diag",
     ) -> None:
-        if method not in ("fpi", "gd", "data-init"):
-            raise ConfigError("prior.method", method, "one of ('fpi', 'gd', 'data-init')")
+        if method not in PRIOR_METHODS:
+            raise ConfigError("prior.method", method, f"one of {PRIOR_METHODS}")
         if covariance == "full" and method == "gd":
             raise ConfigError(
                 "prior.covariance", covariance, "the GD baseline supports 'diag' only"

@@ -6,7 +6,6 @@ sums tensors across ranks, broadcasts small objects from rank 0, and wraps the f
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TypeVar
 
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nfpi.errors import ConfigError
+from nfpi.device import resolve_device  # re-exported: the device choice is nfpi.device's
 
 __all__ = [
     "CommTimer",
@@ -110,14 +109,3 @@ def wrap_ddp(model: nn.Module, device: torch.device, timer: CommTimer | None = N
     if timer is not None:
         ddp.register_comm_hook(timer, _timed_allreduce)
     return ddp
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when visible, else cpu; a CUDA rank gets its ``LOCAL_RANK``'s device."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "'cpu' or 'auto': no CUDA device is visible")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-    return torch.device(name)

@@ -46,6 +46,7 @@ from nfpi.checkpoint import (
     lock_run_dir,
     save_checkpoint,
 )
+from nfpi.checks import check_batch_split
 from nfpi.config import ExperimentConfig
 from nfpi.data import (
     BatchAugment,
@@ -165,12 +166,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir).expanduser().resolve()
         self.resume_from = Path(resume_from) if resume_from is not None else None
-        if c.optim.batch_size % self.world:
-            raise ConfigError(
-                "optim.batch_size",
-                c.optim.batch_size,
-                f"a multiple of the number of workers ({self.world})",
-            )
+        check_batch_split(c.optim.batch_size, self.world)
         self._build_data()
         # Model: every rank builds the same flow (seeded) and data-initialises it on the same batch.
         self.flow: FlowModel = build_flow(
