@@ -4,7 +4,7 @@ from pathlib import Path
 
 from search_spaces import SPACE_NAMES, catalogue_markdown
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "spaces.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "spaces.md"
 
 
 def test_docs_spaces_page_is_the_code_s_catalogue():
