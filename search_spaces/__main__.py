@@ -3,7 +3,7 @@
     python -m search_spaces                  # print it (markdown)
     python -m search_spaces --write docs/spaces.md
 
-``docs/spaces.md`` is this output; ``tests/test_catalogue.py`` fails when the two differ, so the
+``docs/spaces.md`` is this output; ``tests/search_spaces/test_catalogue.py`` fails when the two differ, so the
 list a user reads is the list the code has.
 """
 
