@@ -46,7 +46,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from filelock import FileLock, Timeout
@@ -348,6 +348,8 @@ def resume_checkpoint(
         try:
             state = load_checkpoint(folder, map_location=map_location)
         except CheckpointError as err:
+            if "could run code" in str(err):
+                raise  # tampering, not damage: never passed over for an older checkpoint
             problems.append(f"{folder.name} does not load ({_short(err)})")
             continue
         if problems:
@@ -533,6 +535,26 @@ def config_differences(
     return {k: (saved.get(k), mine.get(k)) for k in sorted(keys) if saved.get(k) != mine.get(k)}
 
 
+def _refuse_locked(run_dir: Path, path: Path) -> NoReturn:
+    """:class:`RunDirectoryLockedError` naming the live holder of ``run_dir``'s lock."""
+    try:
+        owner = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        owner = {}
+    who = (
+        f"process {owner.get('pid')} on host {owner.get('host')} (since "
+        f"{owner.get('since')}, command: {owner.get('command')})"
+        if owner
+        else "another process"
+    )
+    raise RunDirectoryLockedError(
+        f"run directory {run_dir} is in use by {who}. Two runs in one directory would "
+        "resume from each other's checkpoints: wait for that run to finish, stop it (e.g. "
+        f"kill {owner.get('pid', '<pid>')} on {owner.get('host', 'its host')}; the lock goes "
+        "with the process), or use another run directory (--run-dir / --run-name)"
+    ) from None
+
+
 @contextmanager
 def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on ``run_dir`` (created if missing) for the ``with`` block.
@@ -552,6 +574,8 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
+    except Timeout:  # a TimeoutError, i.e. an OSError: first
+        _refuse_locked(run_dir, path)
     except PermissionError as err:
         raise CheckpointError(
             f"run directory {run_dir} is not writable ({err.strerror}: {err.filename}): a run "
@@ -564,23 +588,6 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
         raise CheckpointError(
             f"run directory {run_dir} cannot be written ({err.strerror}): pass another "
             "folder (--run-dir / --results-dir) or free its disk"
-        ) from None
-    except Timeout:
-        try:
-            owner = json.loads(path.read_text() or "{}")
-        except (OSError, ValueError):
-            owner = {}
-        who = (
-            f"process {owner.get('pid')} on host {owner.get('host')} (since "
-            f"{owner.get('since')}, command: {owner.get('command')})"
-            if owner
-            else "another process"
-        )
-        raise RunDirectoryLockedError(
-            f"run directory {run_dir} is in use by {who}. Two runs in one directory would "
-            "resume from each other's checkpoints: wait for that run to finish, stop it (e.g. "
-            f"kill {owner.get('pid', '<pid>')} on {owner.get('host', 'its host')}; the lock goes "
-            "with the process), or use another run directory (--run-dir / --run-name)"
         ) from None
     try:
         owner = {

@@ -35,7 +35,7 @@ from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 
-__all__ = ["DATA_ROOT_PLACEHOLDER", "catalogue", "describe_keys", "main", "run"]
+__all__ = ["DATA_ROOT_PLACEHOLDER", "add_resume_args", "catalogue", "describe_keys", "main", "run"]
 
 log = logging.getLogger("nfpi.cli")
 
@@ -116,7 +116,7 @@ def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
-def _add_resume_args(parser: argparse.ArgumentParser) -> None:
+def add_resume_args(parser: argparse.ArgumentParser) -> None:
     """``--resume-from EPOCH|PATH`` and ``--fresh`` (also used by ``ray_jobs/train.py``)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 help="resume the run directory's checkpoint with a new optim.lr, optim.grad_clip, "
                 "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
             )
-            _add_resume_args(p)
+            add_resume_args(p)
         else:
             p.add_argument(
                 "--keys",
