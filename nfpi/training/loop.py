@@ -398,8 +398,11 @@ class Trainer:
                 json.dumps(self.config.to_dict(), indent=2, default=str)
             )
         tmp = self.run_dir / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        try:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            os.replace(tmp, self.run_dir / "metrics.jsonl")
+        finally:
+            tmp.unlink(missing_ok=True)  # interrupted (SIGTERM) or a full disk: no stale .tmp
 
     # ------------------------------------------------------------------------------- phases
     def _start(self) -> None:
