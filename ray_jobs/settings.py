@@ -46,6 +46,7 @@ __all__ = [
     "check_before_ray",
     "check_tracking",
     "connect",
+    "untrusted_pickles",
 ]
 
 #: Seconds :func:`check_tracking` waits for a tracking server (``NFPI_TRACKING_TIMEOUT``).
@@ -269,6 +270,36 @@ def _check_sqlite(uri: str, db: Path, timeout: float) -> None:
         raise ConfigError(
             "tracking_uri", uri, f"an intact SQLite MLflow store, but it is corrupt ({err}); {fix}"
         ) from None
+
+
+def untrusted_pickles(path: str | os.PathLike[str]) -> str | None:
+    """Why unpickling ``path`` (a pickle file, or a Tune experiment folder: its ``*.pkl`` files
+    and those of its trials) could run another user's code, or ``None`` when it cannot.
+
+    Unpickling runs code (Tune's ``Tuner.restore``, a trial's pickled error), so a pickle is
+    read only when this user (or root) owns it and its folders and nobody else can write to
+    them: on shared storage anyone with write access could otherwise plant one. A folder
+    writable by others is fine only with the sticky bit (``/tmp``), where they cannot replace
+    this user's files.
+    """
+    import stat
+
+    path = Path(path)
+    me = os.geteuid()
+    files = [path] if path.is_file() else [*path.glob("*.pkl"), *path.glob("*/*.pkl")]
+    folders = {path if path.is_dir() else path.parent, *(f.parent for f in files)}
+    folders |= {parent for folder in folders for parent in folder.parents}
+    for item in [*files, *sorted(folders)]:
+        try:
+            st = item.stat()
+        except OSError:
+            continue
+        if st.st_uid not in (me, 0):
+            return f"{item} belongs to user id {st.st_uid}, not to this user ({me})"
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            return f"{item} is writable by other users (mode {stat.filemode(st.st_mode)})"
+    return None
 
 
 def _local_cpus() -> int:
