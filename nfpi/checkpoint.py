@@ -289,7 +289,14 @@ def _history(run_dir: Path) -> list[str]:
     found = []
     root = run_dir / CHECKPOINTS_DIR
     if root.is_dir():
-        names = sorted(p.name for p in root.iterdir() if not p.name.endswith(".tmp"))
+        # A folder holding only a .tmp is a first save cut short: nothing of it was kept.
+        names = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name == LAST_GOOD
+            or p.is_symlink()
+            or (p.is_dir() and any((p / f).exists() for f in (CHECKPOINT_FILE, META_FILE)))
+        )
         if names:
             found.append(f"{root} holds {_few(names, 5)}")
     try:

@@ -114,6 +114,16 @@ def test_history_without_a_usable_checkpoint_refuses_in_one_line_and_changes_not
     assert _snapshot(run) == before
 
 
+def test_a_first_save_cut_short_is_not_history(tmp_path):
+    """A run killed inside its first ``torch.save`` left only ``epoch-0001/state.pt.tmp``:
+    nothing was kept, so the next launch simply starts (no refusal, no --fresh needed)."""
+    folder = tmp_path / "checkpoints" / "epoch-0001"
+    folder.mkdir(parents=True)
+    (folder / "state.pt.tmp").write_bytes(b"partial")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert resume_checkpoint(tmp_path) == (None, None)
+
+
 def test_fresh_moves_the_earlier_run_aside_and_starts_at_epoch_0(run):
     """``--fresh`` starts again on purpose; the earlier files are kept, not deleted."""
     before = _snapshot(run)
