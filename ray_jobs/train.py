@@ -22,16 +22,17 @@ Nothing lost, nothing twice: the driver holds the run directory's lock for the w
 MLflow run holds, then each new epoch after its checkpoint is saved, so every step is written
 once whatever was interrupted (epochs trained again replace their values: the MLflow run is
 superseded by a new one, :func:`supersede_run`); Ray checkpoints uploaded but never registered
-(a crash between the two) are removed before and after a run. A deterministic error (any ``NfpiError`` that is not
-``retryable``: config, shape, divergence, FPI) ends the run at once, whatever
-``--max-failures`` says, with the error recorded in MLflow (``nfpi.error`` tag, ``error.txt``);
-the worker count is logged per attempt (metric and tag ``ray.num_workers``), not as a param, so a
-run may resume on another number of workers.
+(a crash between the two) are removed before and after a run. A deterministic error (any
+``NfpiError`` that is not ``retryable``: config, shape, divergence, FPI) ends the run at once,
+whatever ``--max-failures`` says, with the error recorded in MLflow (``nfpi.error`` tag,
+``error.txt``); the worker count is logged per attempt (metric and tag ``ray.num_workers``), not
+as a param, so a run may resume on another number of workers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import sys
@@ -72,7 +73,7 @@ from nfpi.data import load_dataset
 from nfpi.entry import Parser, run_cli, setup_logging
 from nfpi.errors import ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
-from nfpi.training import Callback, EpochResult, Trainer
+from nfpi.training import Callback, EpochResult, Trainer, is_wall_clock
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
 from ray_jobs.progress import TrainProgress
@@ -232,8 +233,10 @@ class _EpochsToMLflow:
         self.last = logger.last_step("epoch")  # the "epoch" metric is in every epoch's metrics
 
     def trained(self, epoch: int, history: Sequence[dict[str, float]], workers: int) -> None:
-        """Called once ``epoch`` is trained and checkpointed (``history`` up to it)."""
-        if self.last is not None and epoch <= self.last:
+        """Called once ``epoch`` is trained and checkpointed (``history`` up to it). An epoch
+        the run holds already with the same values (a deterministic re-run after a lost
+        worker; wall-clock times aside) is left as it is."""
+        if self.last is not None and epoch <= self.last and not self._as_logged(epoch, history):
             reason = f"epochs {epoch}..{self.last} trained again from the checkpoint"
             if not self.supersede:
                 self.logger.tag("nfpi.rerun_epochs", f"{reason}; MLflow holds the first values")
@@ -244,6 +247,17 @@ class _EpochsToMLflow:
                 self.logger.tag("ray.num_workers", str(workers))
                 self.last = None
         self.log_new(history)
+
+    def _as_logged(self, epoch: int, history: Sequence[dict[str, float]]) -> bool:
+        """Whether the run holds exactly ``history[epoch]``'s values at step ``epoch``."""
+        client, run_id = self.logger.client, self.logger.run_id
+        for key, value in history[epoch].items():
+            if is_wall_clock(key) or not isinstance(value, (int, float)):
+                continue
+            logged = [m.value for m in client.get_metric_history(run_id, key) if m.step == epoch]
+            if logged != ([float(value)] if math.isfinite(value) else []):
+                return False
+        return True
 
     def log_new(self, history: Sequence[dict[str, float]]) -> None:
         for epoch, metrics in enumerate(history):

@@ -47,6 +47,19 @@ def test_epochs_trained_again_replace_their_values_once(tracking):
     assert start_run(tracking, "r", resume=True) == new_id  # a later re-launch continues it
 
 
+def test_an_epoch_trained_again_to_the_same_values_is_left_as_logged(tracking):
+    """A deterministic re-run (a lost worker's group restarted from an earlier checkpoint)
+    gives the same values: the run keeps them, and is not superseded."""
+    run_id = start_run(tracking, "same")
+    epochs = _EpochsToMLflow(RunLogger(tracking, run_id))
+    for e in range(2):
+        epochs.trained(e, _history(e + 1), workers=1)
+    again = _EpochsToMLflow(RunLogger(tracking, run_id))
+    again.trained(1, [{**m, "epoch_seconds": 9.0} for m in _history(2)], workers=2)
+    assert current_run(tracking, run_id) == run_id
+    assert [s for s, _ in _values(tracking, run_id)] == [0, 1]
+
+
 def test_a_run_the_caller_owns_is_not_superseded_and_says_so(tracking):
     run_id = start_run(tracking, "owned")
     epochs = _EpochsToMLflow(RunLogger(tracking, run_id), supersede=False)
@@ -73,9 +86,12 @@ def test_ray_run_resume_from_an_earlier_epoch_and_refusal_of_lost_history(
     settings = RaySettings(results_dir=tmp_path / "results", tracking=tracking, num_workers=1)
     run_experiment(config, settings, "rw")
     first = MlflowClient(tracking.uri).search_runs([tracking.experiment_id()])[0].info.run_id
-    run_experiment(config, settings, "rw", resume_from="1")
+    # Epoch 1 again with another learning rate: other values, which replace the first ones.
+    run_experiment(config, settings, "rw", resume_from="1", resume_overrides={"optim.lr": 5e-3})
     run_id = current_run(tracking, first)
     assert run_id != first
+    lr = MlflowClient(tracking.uri).get_metric_history(run_id, "lr")
+    assert sorted((m.step, m.value) for m in lr) == [(0, 1e-2), (1, 5e-3)]
     assert [s for s, _ in _values(tracking, run_id, "epoch")] == [0, 1]
     assert MlflowClient(tracking.uri).get_run(run_id).info.status == "FINISHED"
     run_dir = settings.run_dir("rw")
