@@ -31,11 +31,11 @@ from typing import Any
 
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
-from nfpi.entry import Parser, run_cli, setup_logging
+from nfpi.entry import Parser, add_resume_args, run_cli, setup_logging
 from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 
-__all__ = ["DATA_ROOT_PLACEHOLDER", "add_resume_args", "catalogue", "describe_keys", "main", "run"]
+__all__ = ["DATA_ROOT_PLACEHOLDER", "catalogue", "describe_keys", "main", "run"]
 
 log = logging.getLogger("nfpi.cli")
 
@@ -114,24 +114,6 @@ def _config_or_placeholder(args: argparse.Namespace) -> tuple[ExperimentConfig, 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
-
-
-def add_resume_args(parser: argparse.ArgumentParser) -> None:
-    """``--resume-from EPOCH|PATH`` and ``--fresh`` (also used by ``ray_jobs/train.py``)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--resume-from",
-        metavar="EPOCH|PATH",
-        help="resume from the checkpoint after EPOCH epochs of the run directory, or from a "
-        "checkpoint path (default: the newest checkpoint that verifies); it becomes the run's "
-        "newest, later epochs are trained again",
-    )
-    group.add_argument(
-        "--fresh",
-        action="store_true",
-        help="start again from epoch 0 over an earlier run in the run directory (its files are "
-        "moved to <run dir>/previous-<time>/, nothing is deleted)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

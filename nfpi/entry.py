@@ -28,7 +28,7 @@ from typing import IO, Any, NoReturn
 
 from nfpi.errors import NfpiError, UsageError
 
-__all__ = ["Parser", "one_line", "run_cli", "setup_logging", "user_error"]
+__all__ = ["Parser", "add_resume_args", "one_line", "run_cli", "setup_logging", "user_error"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -63,6 +63,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_resume_args(parser: argparse.ArgumentParser) -> None:
+    """``--resume-from EPOCH|PATH`` and ``--fresh`` (``python -m nfpi train``, ``ray_jobs/train.py``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume-from",
+        metavar="EPOCH|PATH",
+        help="resume from the checkpoint after EPOCH epochs of the run directory, or from a "
+        "checkpoint path (default: the newest checkpoint that verifies); it becomes the run's "
+        "newest, later epochs are trained again",
+    )
+    group.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again from epoch 0 over an earlier run in the run directory (its files are "
+        "moved to <run dir>/previous-<time>/, nothing is deleted)",
+    )
 
 
 def user_error(exc: BaseException) -> NfpiError | None:

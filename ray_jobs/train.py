@@ -67,10 +67,9 @@ from nfpi.checkpoint import (
     set_aside_history,
 )
 from nfpi.checks import train_set_size
-from nfpi.cli import add_resume_args
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
-from nfpi.entry import Parser, run_cli, setup_logging
+from nfpi.entry import Parser, add_resume_args, run_cli, setup_logging
 from nfpi.errors import ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer, is_wall_clock
