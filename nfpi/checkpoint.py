@@ -18,11 +18,22 @@ evaluation and augmentation; it is what every downstream use of a trained flow i
 
 :func:`lock_run_dir` keeps a second process from training in a run directory that a live one
 uses (it would silently resume from the other's checkpoints).
+
+A resume never starts from scratch over existing history: :func:`resume_checkpoint` returns the
+newest checkpoint that loads and verifies (``last_good`` first, then the others newest written
+first), and when the run directory holds history (checkpoints, a ``last_good`` pointer,
+``metrics.jsonl`` lines) but no usable checkpoint it raises :class:`CheckpointError` naming what
+is missing and the two ways on: ``--resume-from`` a good copy, or ``--fresh`` (which moves the old
+files aside, :func:`set_aside_history`, and starts at epoch 0). Rotation keeps the newest
+*written* checkpoints (``meta.json``'s ``written``), so the one just written after a resume from
+an earlier epoch is never the one removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import pickle
@@ -35,7 +46,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from filelock import FileLock, Timeout
@@ -59,9 +70,16 @@ __all__ = [
     "last_good_note",
     "load_checkpoint",
     "load_trained",
+    "load_weights",
     "lock_run_dir",
+    "resolve_resume_from",
+    "resume_checkpoint",
     "save_checkpoint",
+    "select_checkpoint",
+    "set_aside_history",
 ]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -149,12 +167,14 @@ def last_good_note(run_dir: str | Path) -> tuple[Path | None, str]:
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of epoch ``state["epoch"]`` under ``run_dir`` and point
-    ``last_good`` at it; keep the newest ``keep`` checkpoints. Returns the checkpoint's folder
-    (what Ray Train uploads).
+    ``last_good`` at it; keep the newest written ``keep`` checkpoints (this one always). Returns
+    the checkpoint's folder (what Ray Train uploads).
 
     Raises:
         DivergenceError: the state is not finite and plausible (see :func:`implausible`);
             nothing is written and the message says where the last good checkpoint is.
+        CheckpointError: the checkpoint cannot be written (a full disk, a read-only folder):
+            one line saying why and what is left; no temporary file stays behind.
     """
     problems = implausible(state)
     if problems:
@@ -165,23 +185,278 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3
             None if last is None else str(last),
         )
     root = Path(run_dir) / CHECKPOINTS_DIR
-    folder = root / _epoch_dir(int(state["epoch"]))
-    folder.mkdir(parents=True, exist_ok=True)
+    epoch = int(state["epoch"])
+    folder = root / _epoch_dir(epoch)
+    existed = (folder / CHECKPOINT_FILE).is_file()
     tmp = folder / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT_FILE)
-    _write_text(folder / "config.json", json.dumps(state["config"], indent=2, default=str))
-    _write_text(folder / META_FILE, json.dumps({"epoch": int(state["epoch"])}) + "\n")
-    _write_text(root / LAST_GOOD, folder.name + "\n")
-    for old in sorted(p for p in root.glob("epoch-*") if p.is_dir())[:-keep]:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Strictly after every checkpoint already here, whatever the clock says.
+        written = max([time.time_ns(), *(_written(p) + 1 for p in _folders(root))])
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, folder / CHECKPOINT_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _write_text(folder / "config.json", json.dumps(state["config"], indent=2, default=str))
+        _write_text(folder / META_FILE, json.dumps({"epoch": epoch, "written": written}) + "\n")
+        _write_text(root / LAST_GOOD, folder.name + "\n")
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "write" not in str(err).lower():
+            raise  # not a failed write (torch reports those as RuntimeError): a bug
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise _write_error(run_dir, epoch, folder, err) from err
+    others = sorted((p for p in root.glob("epoch-*") if p.is_dir() and p != folder), key=_written)
+    for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def _write_error(
+    run_dir: str | Path, epoch: int, folder: Path, err: BaseException
+) -> CheckpointError:
+    """The one-line error of a checkpoint that could not be written."""
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    where = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    try:
+        space = f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
+    except OSError:
+        space = ""
+    last = find_checkpoint(run_dir)
+    kept = (
+        f"the last good checkpoint {last} (after {checkpoint_epoch(last)} epochs) is intact"
+        if last is not None
+        else "no checkpoint of this run had been saved yet"
+    )
+    fix = (
+        "free some space"
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make the folder writable"
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        else "fix the cause"
+    )
+    return CheckpointError(
+        f"cannot write the checkpoint of epoch {epoch} in {folder}: {reason}{space}. Nothing of "
+        f"it was kept and {kept}: {fix}, then run the same command again to resume"
+    )
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _written(folder: Path) -> int:
+    """When the checkpoint in ``folder`` was written (ns): ``meta.json``'s ``written``, else
+    (checkpoints of earlier releases) its state file's modification time. The order of rotation
+    and of resume candidates: the newest *written*, not the highest epoch number."""
+    try:
+        return int(json.loads((folder / META_FILE).read_text())["written"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for path in (folder / CHECKPOINT_FILE, folder):
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            continue
+    return 0
+
+
+def _folders(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root`` (``epoch-NNNN``, ``from-ray``, ...), newest written
+    first."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(folders, key=_written, reverse=True)
+
+
+def _short(err: BaseException, n: int = 140) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _history(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` shows that a run trained there (empty for a fresh directory)."""
+    found = []
+    root = run_dir / CHECKPOINTS_DIR
+    if root.is_dir():
+        # A folder holding only a .tmp is a first save cut short: nothing of it was kept.
+        names = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name == LAST_GOOD
+            or p.is_symlink()
+            or (p.is_dir() and any((p / f).exists() for f in (CHECKPOINT_FILE, META_FILE)))
+        )
+        if names:
+            found.append(f"{root} holds {_few(names, 5)}")
+    try:
+        lines = [x for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    if lines:
+        found.append(f"metrics.jsonl holds {len(lines)} epoch(s)")
+    return found
+
+
+def resume_checkpoint(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint of ``run_dir`` that loads and verifies (:func:`load_checkpoint`)
+    and its state: the one ``last_good`` names, else the others newest written first (each one
+    skipped is named in a warning); ``(None, None)`` for a directory without history.
+
+    Raises:
+        CheckpointError: ``run_dir`` holds an earlier run's history (checkpoint folders, a
+            ``last_good`` pointer, ``metrics.jsonl`` lines) but no checkpoint that loads. The
+            message names what is missing and the two ways on (``--resume-from``, ``--fresh``);
+            nothing is changed.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    candidates: list[Path] = []
+    problems: list[str] = []
+    pointer = root / LAST_GOOD
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except OSError as err:
+            name = ""
+            problems.append(f"{LAST_GOOD} is unreadable ({err.strerror})")
+        if name and (root / name / CHECKPOINT_FILE).is_file():
+            candidates.append(root / name)
+        elif name:
+            problems.append(f"{LAST_GOOD} names {name}, whose {CHECKPOINT_FILE} is missing")
+    elif pointer.is_symlink() or pointer.exists():
+        problems.append(f"{LAST_GOOD} is a dangling link or not a file")
+    elif root.is_dir():
+        problems.append(f"{LAST_GOOD} is missing")
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.is_symlink() and not entry.exists():
+                problems.append(f"{entry.name} is a dangling link")
+        for folder in _folders(root):
+            if folder in candidates:
+                continue
+            if (folder / CHECKPOINT_FILE).is_file():
+                candidates.append(folder)
+            else:
+                problems.append(f"{folder.name} has no {CHECKPOINT_FILE}")
+    for folder in candidates:
+        try:
+            state = load_checkpoint(folder, map_location=map_location)
+        except CheckpointError as err:
+            if "could run code" in str(err):
+                raise  # tampering, not damage: never passed over for an older checkpoint
+            problems.append(f"{folder.name} does not load ({_short(err)})")
+            continue
+        if problems:
+            log.warning(
+                "resuming from %s, the newest checkpoint of %s that verifies (%s)",
+                folder / CHECKPOINT_FILE, run_dir, "; ".join(problems),
+            )  # fmt: skip
+        return folder / CHECKPOINT_FILE, state
+    history = _history(run_dir)
+    if history:
+        raise CheckpointError(
+            f"run directory {run_dir} holds an earlier run ({'; '.join(history)}) but no "
+            f"checkpoint that loads ({'; '.join(problems) or 'none was saved'}), so nothing was "
+            "started or overwritten: resume from a good copy with --resume-from EPOCH|PATH, or "
+            "start again from epoch 0 on purpose with --fresh (the earlier files are moved to "
+            f"{run_dir}/previous-<time>/)"
+        )
+    return None, None
+
+
+def resolve_resume_from(run_dir: str | Path, value: str | int | Path) -> Path:
+    """The checkpoint file ``--resume-from`` names: an epoch number (the checkpoint after that
+    many epochs in ``run_dir/checkpoints/epoch-NNNN``) or a path (see :func:`find_checkpoint`).
+
+    Raises:
+        CheckpointError: there is no such checkpoint (the message lists the epochs there are).
+    """
+    text = str(value).strip()
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if text.isdigit():
+        file = root / _epoch_dir(int(text)) / CHECKPOINT_FILE
+        if file.is_file():
+            return file
+        have = sorted(
+            int(p.name[len("epoch-") :])
+            for p in root.glob("epoch-*")
+            if (p / CHECKPOINT_FILE).is_file() and p.name[len("epoch-") :].isdigit()
+        )
+        raise CheckpointError(
+            f"--resume-from {text}: {root} has no checkpoint after {int(text)} epochs (it has: "
+            f"{', '.join(map(str, have)) or 'none'}); pass one of those epochs or the path of a "
+            f"checkpoint (a run directory, an epoch-NNNN folder or a {CHECKPOINT_FILE})"
+        )
+    file = find_checkpoint(text)
+    if file is None:
+        raise CheckpointError(
+            f"--resume-from {text}: no checkpoint there; pass an epoch number of {root} or the "
+            f"path of a checkpoint (a run directory, an epoch-NNNN folder or a {CHECKPOINT_FILE})"
+        )
+    return file
+
+
+def select_checkpoint(run_dir: str | Path, path: str | Path) -> Path:
+    """Make the checkpoint at ``path`` the newest of ``run_dir`` (``--resume-from``): verified
+    (:func:`load_checkpoint`), copied in when it lies elsewhere (``imported-epoch-NNNN``, never
+    over one of the run's own folders), marked as written now and named by ``last_good``, so
+    that this resume and any later plain resume continue from it. Returns its file there."""
+    state = load_checkpoint(path)
+    file = Path(state["_file"])
+    root = Path(run_dir).resolve() / CHECKPOINTS_DIR
+    folder = file.parent
+    if folder.parent != root:
+        target = root / f"imported-{_epoch_dir(int(state['epoch']))}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in (CHECKPOINT_FILE, "config.json"):
+            source = file if name == CHECKPOINT_FILE else folder / name
+            if source.is_file():
+                shutil.copy2(source, target / name)
+        folder = target
+    written = max([time.time_ns(), *(_written(p) + 1 for p in _folders(root))])
+    meta = {"epoch": int(state["epoch"]), "written": written}
+    _write_text(folder / META_FILE, json.dumps(meta) + "\n")
+    _write_text(root / LAST_GOOD, folder.name + "\n")
+    log.info("resuming %s from %s (after %d epochs)", run_dir, folder, meta["epoch"])
+    return folder / CHECKPOINT_FILE
+
+
+#: What :func:`set_aside_history` moves out of the way of a fresh start.
+RUN_FILES = (CHECKPOINTS_DIR, "metrics.jsonl", "plots", "config.json")
+
+
+def set_aside_history(run_dir: str | Path) -> Path | None:
+    """``--fresh``: move an earlier run's files (:data:`RUN_FILES`) of ``run_dir`` into
+    ``run_dir/previous-<UTC time>/`` (nothing is deleted) so that a run starts at epoch 0.
+    Returns that folder, ``None`` when there was nothing to move."""
+    run_dir = Path(run_dir)
+    present = [n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = run_dir / f"previous-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"previous-{stamp}-{n}"
+    target.mkdir(parents=True)
+    for name in present:
+        os.replace(run_dir / name, target / name)
+    log.warning("--fresh: the earlier run's %s moved to %s", ", ".join(present), target)
+    return target
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -267,51 +542,94 @@ def config_differences(
     return {k: (saved.get(k), mine.get(k)) for k in sorted(keys) if saved.get(k) != mine.get(k)}
 
 
+def _refuse_locked(run_dir: Path, path: Path) -> NoReturn:
+    """:class:`RunDirectoryLockedError` naming the live holder of ``run_dir``'s lock."""
+    try:
+        owner = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        owner = {}
+    who = (
+        f"process {owner.get('pid')} on host {owner.get('host')} (since "
+        f"{owner.get('since')}, command: {owner.get('command')})"
+        if owner
+        else "another process"
+    )
+    raise RunDirectoryLockedError(
+        f"run directory {run_dir} is in use by {who}. Two runs in one directory would "
+        "resume from each other's checkpoints: wait for that run to finish, stop it (e.g. "
+        f"kill {owner.get('pid', '<pid>')} on {owner.get('host', 'its host')}; the lock goes "
+        "with the process), or use another run directory (--run-dir / --run-name)"
+    ) from None
+
+
 @contextmanager
 def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on ``run_dir`` (created if missing) for the ``with`` block.
 
     The lock is a ``flock`` on ``run_dir/.nfpi-run.lock`` (released by the OS when its process
     ends, however it ends); the holder's pid, host, start time and command are written into the
-    file so that a second process can say who holds it.
+    file (the program's name, never its arguments) so that a second process can say who holds
+    it.
 
     Raises:
         RunDirectoryLockedError: another process holds it (named in the message).
+        CheckpointError: ``run_dir`` cannot be written (read-only, permissions).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     lock = FileLock(str(path))
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except Timeout:
-        try:
-            owner = json.loads(path.read_text() or "{}")
-        except (OSError, ValueError):
-            owner = {}
-        who = (
-            f"process {owner.get('pid')} on host {owner.get('host')} (since "
-            f"{owner.get('since')}, command: {owner.get('command')})"
-            if owner
-            else "another process"
-        )
-        raise RunDirectoryLockedError(
-            f"run directory {run_dir} is in use by {who}. Two runs in one directory would "
-            "resume from each other's checkpoints: wait for that run to finish, stop it (e.g. "
-            f"kill {owner.get('pid', '<pid>')} on {owner.get('host', 'its host')}; the lock goes "
-            "with the process), or use another run directory (--run-dir / --run-name)"
+    except Timeout:  # a TimeoutError, i.e. an OSError: first
+        _refuse_locked(run_dir, path)
+    except PermissionError as err:
+        raise CheckpointError(
+            f"run directory {run_dir} is not writable ({err.strerror}: {err.filename}): a run "
+            "writes its checkpoints there; pass a folder you can write (--run-dir / "
+            "--results-dir), or fix its permissions"
+        ) from None
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC):
+            raise
+        raise CheckpointError(
+            f"run directory {run_dir} cannot be written ({err.strerror}): pass another "
+            "folder (--run-dir / --results-dir) or free its disk"
         ) from None
     try:
         owner = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv)[:500],
+            # The program only, never its arguments: the file is readable by every user of
+            # the (shared) run directory, and a command line may carry paths, URIs, tokens.
+            "command": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
         }
         path.write_text(json.dumps(owner) + "\n")  # filelock never truncates: ours to write
         yield run_dir
     finally:
         lock.release()
+
+
+def load_weights(
+    module: torch.nn.Module, weights: Mapping[str, Any], state: Mapping[str, Any]
+) -> None:
+    """``module.load_state_dict(weights)`` of a checkpoint's ``state``; weights of another
+    model shape raise :class:`CheckpointError` naming the checkpoint, the first mismatch and
+    the data shape it was trained on (instead of torch's many-line RuntimeError)."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        detail = next((x for x in lines if "size mismatch" in x), lines[-1] if lines else "")
+        shape = (state.get("data_info") or {}).get("shape")
+        preset = (state.get("config") or {}).get("flow", {}).get("preset")
+        raise CheckpointError(
+            f"checkpoint {state.get('_file')} holds a model of another shape than this one "
+            f"({detail[:200]}); it was trained with flow.preset={preset} on data of shape "
+            f"{tuple(shape) if shape else '?'}: use it with that flow and data, or start a "
+            "fresh run directory"
+        ) from None
 
 
 @dataclass
@@ -341,7 +659,7 @@ def load_trained(
     if use_ema and state.get("ema") is not None:
         prefix = "ema_model."
         weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
-    flow.load_state_dict(weights)
+    load_weights(flow, weights, state)
     prior = GaussianPrior.from_state_dict(state["prior"])
     return TrainedModel(
         flow.to(device).eval(),

@@ -7,6 +7,8 @@ Examples::
     python -m nfpi train --experiment cifar10-quick --set data.root=/data/cifar10 --run-dir runs/c10
     python -m nfpi train --run-dir runs/c10 --experiment cifar10 --set data.root=/data/cifar10 \
         --resume-with optim.lr=1e-3 --resume-with optim.grad_clip=1.0   # resume a diverged run
+    python -m nfpi train --run-dir runs/c10 ... --resume-from 40    # from the checkpoint after 40 epochs
+    python -m nfpi train --run-dir runs/c10 ... --fresh             # epoch 0 again (old files kept aside)
     python -m nfpi config --experiment cifar10             # print the resolved config
     python -m nfpi config --keys                           # every key: type, default, allowed
     python -m nfpi downstream results/digits --set downstream.kind=cnn \\
@@ -29,7 +31,7 @@ from typing import Any
 
 from nfpi.checks import preflight
 from nfpi.config import ExperimentConfig
-from nfpi.entry import Parser, run_cli, setup_logging
+from nfpi.entry import Parser, add_resume_args, run_cli, setup_logging
 from nfpi.errors import ConfigError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 help="resume the run directory's checkpoint with a new optim.lr, optim.grad_clip, "
                 "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
             )
+            add_resume_args(p)
         else:
             p.add_argument(
                 "--keys",
@@ -197,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     config = resolve_config(args.experiment, args.set, args.config_file)
     for warning in preflight(config):
         log.warning(warning)
+    from nfpi.checkpoint import resolve_resume_from
     from nfpi.training import Trainer
 
     run_dir = args.run_dir or f"results/{config.name}"
     resume_with = dict(parse_override(s) for s in args.resume_with)
-    history = Trainer(config, run_dir, resume_overrides=resume_with).fit()
+    resume_from = resolve_resume_from(run_dir, args.resume_from) if args.resume_from else None
+    history = Trainer(
+        config, run_dir, resume_overrides=resume_with, resume_from=resume_from, fresh=args.fresh
+    ).fit()
     final = history[-1]
     print(json.dumps({k: round(v, 5) for k, v in final.items()}, indent=None))
     print(f"run directory: {run_dir}")

@@ -21,16 +21,38 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
 from nfpi.errors import NfpiError, UsageError
 
-__all__ = ["HelpFormatter", "Parser", "one_line", "run_cli", "setup_logging", "user_error"]
+__all__ = [
+    "HelpFormatter",
+    "Parser",
+    "add_resume_args",
+    "one_line",
+    "run_cli",
+    "setup_logging",
+    "user_error",
+]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM (while :func:`run_cli` runs): unwinds like Ctrl-C,
+    so every ``finally`` runs (no temporary file stays behind, a Ray driver marks its MLflow
+    run KILLED) and the command ends with one line and exit code 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 # Loggers of dependencies whose INFO lines say nothing a user acts on (MLflow's database
 # migrations on first use of a store).
 QUIET_LOGGERS = ("mlflow", "alembic", "urllib3", "filelock")
@@ -84,6 +106,24 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def add_resume_args(parser: argparse.ArgumentParser) -> None:
+    """``--resume-from EPOCH|PATH`` and ``--fresh`` (``python -m nfpi train``, ``ray_jobs/train.py``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume-from",
+        metavar="EPOCH|PATH",
+        help="resume from the checkpoint after EPOCH epochs of the run directory, or from a "
+        "checkpoint path (default: the newest checkpoint that verifies); it becomes the run's "
+        "newest, later epochs are trained again",
+    )
+    group.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again from epoch 0 over an earlier run in the run directory (its files are "
+        "moved to <run dir>/previous-<time>/, nothing is deleted)",
+    )
+
+
 def user_error(exc: BaseException) -> NfpiError | None:
     """The :class:`NfpiError` that ``exc`` is or wraps, or ``None`` (a bug, not a mistake).
 
@@ -125,20 +165,28 @@ def run_cli(
     stderr: IO[str] | None = None,
 ) -> int:
     """Run ``main(argv)`` and return the process's exit code: ``main``'s, 2 for a user mistake
-    (one line on ``stderr``), 130 when interrupted. With ``--debug`` in ``argv`` errors propagate
+    (one line on ``stderr``), 130 when interrupted, 143 on SIGTERM (one line; it unwinds
+    like Ctrl-C, see :class:`Terminated`). With ``--debug`` in ``argv`` errors propagate
     with their traceback. ``argparse``'s own exits (``--help``) pass through."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     out = stderr if stderr is not None else sys.stderr
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = None
     try:
         return int(main(args) or 0)
     except BrokenPipeError:  # the output was piped into a command that stopped reading (head)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
+        if isinstance(exc, Terminated):
+            out.write(f"{prog}: terminated by SIGTERM; what was saved is kept\n")
+            return EXIT_TERMINATED
         out.write(f"{prog}: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as exc:  # sorted into mistakes (one line) and bugs (re-raised)
@@ -147,6 +195,9 @@ def run_cli(
             raise
         out.write(f"{prog}: error: {one_line(err)} (--debug for the traceback)\n")
         return EXIT_USER_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _ConsoleFormatter(logging.Formatter):

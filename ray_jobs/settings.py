@@ -20,6 +20,10 @@ import logging
 import os
 import re
 import socket
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -45,13 +49,20 @@ __all__ = [
     "add_common_args",
     "check_before_ray",
     "check_reachable",
+    "check_tracking",
     "connect",
     "default_results_dir",
     "describe_outputs",
     "results_dir_of",
+    "untrusted_pickles",
 ]
 
 _log = logging.getLogger("nfpi.ray")
+#: Seconds :func:`check_tracking` waits for a tracking server (``NFPI_TRACKING_TIMEOUT``).
+TRACKING_TIMEOUT = float(os.environ.get("NFPI_TRACKING_TIMEOUT", "10"))
+#: SQLite stores up to this size get a full ``PRAGMA quick_check``; larger ones a header and
+#: schema read only (a quick check reads every page).
+QUICK_CHECK_BYTES = 256 * 2**20
 
 # Ray placement-group strategies for a run's Train workers (one bundle per worker).
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -209,9 +220,14 @@ def check_before_ray(
     ``--use-gpu``, CPUs for the workers; a trial's driver holds none). Returns the schedule
     warnings (each once).
 
+    The MLflow store is checked first (:func:`check_tracking`): a corrupt SQLite file or a
+    tracking server that does not answer is one line before Ray starts.
+
     Raises:
         ConfigError / DatasetNotFoundError: naming the field or path and the fix.
     """
+    if settings.tracking is not None:
+        check_tracking(settings.tracking.uri)
     warnings: dict[str, None] = {}
     seen: set[str] = set()
     for config in configs:
@@ -242,6 +258,132 @@ def check_before_ray(
             + f" = {need:g}; lower --num-workers or --cpus-per-worker",
         )
     return list(warnings)
+
+
+def check_tracking(uri: str, timeout: float | None = None) -> None:
+    """Whether the MLflow store at ``uri`` can be used, in at most ``timeout`` seconds
+    (default :data:`TRACKING_TIMEOUT`): an existing SQLite file must be a readable, intact
+    database; an ``http(s)`` tracking server must answer (any HTTP status: it may ask for
+    credentials); a database server (``postgresql://``, ``mysql://``...) must accept a TCP
+    connection. Other stores are left to MLflow.
+
+    Raises:
+        ConfigError: naming the store, what is wrong and the fix (one line).
+    """
+    timeout = TRACKING_TIMEOUT if timeout is None else timeout
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        _check_sqlite(uri, Path(uri[len("sqlite:///") :]), timeout)
+        return
+    if not parsed.hostname:
+        return
+    shown = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else ""))
+    where = urllib.parse.urlunparse(shown)  # without credentials
+    fix = (
+        "start the tracking server (or check the address, the network and "
+        "NFPI_TRACKING_TIMEOUT), or pass another --tracking-uri / MLFLOW_TRACKING_URI"
+    )
+    try:
+        if parsed.scheme in ("http", "https"):
+            health = urllib.parse.urlunparse(
+                parsed._replace(path=parsed.path.rstrip("/") + "/health")
+            )
+            try:
+                urllib.request.urlopen(health, timeout=timeout).close()
+            except urllib.error.HTTPError:
+                pass  # it answered (e.g. 401 behind authentication): reachable
+        else:
+            port = parsed.port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(
+                parsed.scheme.split("+")[0]
+            )
+            if port is None:
+                return
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except TimeoutError:
+        raise ConfigError(
+            "tracking_uri",
+            where,
+            f"a tracking server that answers: none did within {timeout:g} s; {fix}",
+        ) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):
+            raise ConfigError(
+                "tracking_uri", where,
+                f"a tracking server that answers: none did within {timeout:g} s; {fix}",
+            ) from None  # fmt: skip
+        raise ConfigError(
+            "tracking_uri", where, f"a reachable tracking server ({reason}); {fix}"
+        ) from None
+
+
+def _check_sqlite(uri: str, db: Path, timeout: float) -> None:
+    if not db.exists():
+        return  # MLflow creates it
+    fix = (
+        f"move it aside (mv {db} {db}.corrupt) to start a new store, restore a backup, or pass "
+        "another --tracking-uri / --results-dir"
+    )
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            if db.stat().st_size <= QUICK_CHECK_BYTES:
+                result = conn.execute("PRAGMA quick_check").fetchone()
+                if result is None or result[0] != "ok":
+                    raise sqlite3.DatabaseError(result[0] if result else "no result")
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            return  # in use by a live writer: MLflow waits for it
+        raise ConfigError(
+            "tracking_uri", uri, f"a readable SQLite MLflow store ({err}); {fix}"
+        ) from None
+    except sqlite3.DatabaseError as err:
+        raise ConfigError(
+            "tracking_uri", uri, f"an intact SQLite MLflow store, but it is corrupt ({err}); {fix}"
+        ) from None
+
+
+def untrusted_pickles(path: str | os.PathLike[str]) -> str | None:
+    """Why unpickling ``path`` (a pickle file, or a Tune experiment folder: its ``*.pkl`` files
+    and those of its trials) could run another user's code, or ``None`` when it cannot.
+
+    Unpickling runs code (Tune's ``Tuner.restore``, a trial's pickled error), so a pickle is
+    read only when this user (or root) owns it and its folders and nobody else can write to
+    them: on shared storage anyone with write access could otherwise plant one. A folder
+    writable by others is fine only with the sticky bit (``/tmp``), where they cannot replace
+    this user's files.
+    """
+    import stat
+
+    path = Path(path)
+    me = os.geteuid()
+    files = [path] if path.is_file() else [*path.glob("*.pkl"), *path.glob("*/*.pkl")]
+    folders = {path if path.is_dir() else path.parent, *(f.parent for f in files)}
+    folders |= {parent for folder in folders for parent in folder.parents}
+    for item in [*files, *sorted(folders)]:
+        try:
+            st = item.stat()
+        except OSError:
+            continue
+        if st.st_uid not in (me, 0):
+            return f"{item} belongs to user id {st.st_uid}, not to this user ({me})"
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            return f"{item} is writable by other users (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _local_cpus() -> int:
+    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
+    try:
+        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
+
+        return int(get_num_cpus())
+    except (ImportError, AttributeError):
+        return len(os.sched_getaffinity(0))
 
 
 def connect(address: str | None, verbose: bool = False) -> str:

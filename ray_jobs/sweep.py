@@ -72,6 +72,7 @@ from ray_jobs.settings import (
     check_before_ray,
     connect,
     describe_outputs,
+    untrusted_pickles,
 )
 from ray_jobs.tracking import UI, RunLogger, param_value, start_run, ui_command, ui_url
 from ray_jobs.train import final_metrics, run_experiment
@@ -612,6 +613,14 @@ def _run_sweep(
     storage = settings.storage
     try:
         if args.resume and tune.Tuner.can_restore(str(storage / sweep)):
+            untrusted = untrusted_pickles(storage / sweep)  # Tuner.restore unpickles: runs code
+            if untrusted is not None:
+                raise ConfigError(
+                    "--resume", str(storage / sweep),
+                    f"Tune state only this user can have written ({untrusted}); restoring it "
+                    "would unpickle it, which can run code: fix its ownership or permissions "
+                    "(e.g. chmod -R go-w) if you trust it, or start the sweep under a new name",
+                )  # fmt: skip
             tuner = tune.Tuner.restore(
                 str(storage / sweep),
                 trainable=trainable,

@@ -13,31 +13,37 @@ hands the all-reduced class statistics to the prior actor, writes the run's file
 logs metrics and pictures to MLflow. Re-running with the same ``--run-name`` and
 ``--results-dir`` resumes from the latest checkpoint; a lost worker restarts the group from it
 (``--max-failures``); ``--resume-with optim.lr=...`` resumes a diverged run with other optimiser
-knobs.
+knobs; ``--resume-from EPOCH|PATH`` resumes from a chosen checkpoint and ``--fresh`` starts again
+at epoch 0 on purpose (a run directory with history but no checkpoint that verifies is refused
+in one line naming both).
 
 Nothing lost, nothing twice: the driver holds the run directory's lock for the whole run; each
 (re)started rank 0 logs to MLflow every epoch of the checkpoint's history after the last step the
 MLflow run holds, then each new epoch after its checkpoint is saved, so every step is written
-once whatever was interrupted; Ray checkpoints uploaded but never registered (a crash between the
-two) are removed before and after a run. A deterministic error (any ``NfpiError`` that is not
-``retryable``: config, shape, divergence, FPI) ends the run at once, whatever
-``--max-failures`` says, with the error recorded in MLflow (``nfpi.error`` tag, ``error.txt``);
-the worker count is logged per attempt (metric and tag ``ray.num_workers``), not as a param, so a
-run may resume on another number of workers.
+once whatever was interrupted (epochs trained again replace their values: the MLflow run is
+superseded by a new one, :func:`supersede_run`); Ray checkpoints uploaded but never registered
+(a crash between the two) are removed before and after a run. A deterministic error (any
+``NfpiError`` that is not ``retryable``: config, shape, divergence, FPI) ends the run at once,
+whatever ``--max-failures`` says, with the error recorded in MLflow (``nfpi.error`` tag,
+``error.txt``); the worker count is logged per attempt (metric and tag ``ray.num_workers``), not
+as a param, so a run may resume on another number of workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import shutil
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import ray.train
 import ray.train.collective
@@ -45,14 +51,23 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from nfpi.checkpoint import checkpoint_epoch, find_checkpoint, load_checkpoint, lock_run_dir
+from nfpi.checkpoint import (
+    checkpoint_epoch,
+    find_checkpoint,
+    load_checkpoint,
+    lock_run_dir,
+    resolve_resume_from,
+    resume_checkpoint,
+    select_checkpoint,
+    set_aside_history,
+)
 from nfpi.checks import check_batch_split, train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
-from nfpi.entry import Parser, run_cli, setup_logging
-from nfpi.errors import NfpiError
+from nfpi.entry import Parser, add_resume_args, run_cli, setup_logging
+from nfpi.errors import ConfigError, NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
-from nfpi.training import Callback, EpochResult, Trainer
+from nfpi.training import Callback, EpochResult, Trainer, is_wall_clock
 from ray_jobs._ray_compat import ControllerCallback, FailureDecision, WorkerGroupCallback
 from ray_jobs.mlflow_logging import log_datasets, log_flow_model
 from ray_jobs.prior_actor import ActorPriorClient, prior_actor_factory
@@ -95,6 +110,7 @@ class WorkerSpec:
     callbacks: tuple[Callback, ...] = field(default_factory=tuple)
     actor_factory: Any = None  # starts a replacement prior actor (prior_actor_factory)
     resume_overrides: Mapping[str, Any] = field(default_factory=dict)
+    owns_run: bool = True  # the MLflow run is this run's own (it may be superseded)
 
 
 def deterministic_cause(error: BaseException | None) -> NfpiError | None:
@@ -166,12 +182,87 @@ def remove_unregistered_checkpoints(train_dir: Path) -> list[Path]:
     return orphans
 
 
-class _EpochsToMLflow:
-    """Rank 0's MLflow metrics: every history epoch after the last step the run holds, once."""
+SUPERSEDED_BY = "nfpi.superseded_by"  # tag of an MLflow run replaced by a re-run of its epochs
 
-    def __init__(self, logger: RunLogger) -> None:
+
+def current_run(tracking: Tracking, run_id: str) -> str:
+    """The run that replaced ``run_id`` (following :data:`SUPERSEDED_BY`), else ``run_id``."""
+    client, seen = tracking.client(), {run_id}
+    while True:
+        successor = client.get_run(run_id).data.tags.get(SUPERSEDED_BY)
+        if not successor or successor in seen:
+            return run_id
+        seen.add(successor)
+        run_id = successor
+
+
+def supersede_run(tracking: Tracking, run_id: str, reason: str) -> str:
+    """A new MLflow run in place of ``run_id`` (same name, parent, tags and params; tag
+    ``nfpi.supersedes``), for a resume that trains epochs again which ``run_id`` logged: MLflow
+    cannot delete logged metric values, and logging them again would give two values per step.
+    The old run keeps everything it logged, is tagged :data:`SUPERSEDED_BY` and ``reason`` and
+    is moved to MLflow's trash (deleted runs are restorable; ``mlflow gc`` alone removes them).
+    Returns the new run's id."""
+    client = tracking.client()
+    old = client.get_run(run_id)
+    tags = {
+        k: v
+        for k, v in old.data.tags.items()
+        if not k.startswith("mlflow.") or k == "mlflow.parentRunId"
+    }
+    tags["nfpi.supersedes"] = run_id
+    new = client.create_run(old.info.experiment_id, run_name=old.info.run_name, tags=tags)
+    params = [mlflow.entities.Param(k, v) for k, v in old.data.params.items()]
+    for i in range(0, len(params), 100):  # the batch API takes at most 100 params
+        client.log_batch(new.info.run_id, params=params[i : i + 100])
+    client.set_tag(run_id, SUPERSEDED_BY, new.info.run_id)
+    client.set_tag(run_id, "nfpi.superseded", reason[:5000])
+    client.set_terminated(run_id, status="KILLED")
+    client.delete_run(run_id)
+    log.warning("MLflow run %s superseded by %s: %s", run_id, new.info.run_id, reason)
+    return new.info.run_id
+
+
+class _EpochsToMLflow:
+    """Rank 0's MLflow metrics: every history epoch after the last step the run holds, once.
+
+    An epoch trained again (a resume from an earlier checkpoint, ``--resume-from``, ``--fresh``)
+    replaces the run's values: the run is superseded by a new one (:func:`supersede_run`) that
+    gets the checkpoint's history and then each new epoch, so every step has one value, the
+    current one. A run the caller owns (``supersede=False``) keeps its values and says so in
+    the tag ``nfpi.rerun_epochs``."""
+
+    def __init__(self, logger: RunLogger, supersede: bool = True) -> None:
         self.logger = logger
+        self.supersede = supersede
         self.last = logger.last_step("epoch")  # the "epoch" metric is in every epoch's metrics
+
+    def trained(self, epoch: int, history: Sequence[dict[str, float]], workers: int) -> None:
+        """Called once ``epoch`` is trained and checkpointed (``history`` up to it). An epoch
+        the run holds already with the same values (a deterministic re-run after a lost
+        worker; wall-clock times aside) is left as it is."""
+        if self.last is not None and epoch <= self.last and not self._as_logged(epoch, history):
+            reason = f"epochs {epoch}..{self.last} trained again from the checkpoint"
+            if not self.supersede:
+                self.logger.tag("nfpi.rerun_epochs", f"{reason}; MLflow holds the first values")
+            else:
+                new = supersede_run(self.logger.tracking, self.logger.run_id, reason)
+                self.logger = RunLogger(self.logger.tracking, new)
+                self.logger.metrics({"ray.num_workers": workers}, step=0)
+                self.logger.tag("ray.num_workers", str(workers))
+                self.last = None
+        self.log_new(history)
+
+    def _as_logged(self, epoch: int, history: Sequence[dict[str, float]]) -> bool:
+        """Whether the run holds exactly ``history[epoch]``'s values at step ``epoch``."""
+        client, run_id = self.logger.client, self.logger.run_id
+        for key, value in history[epoch].items():
+            if is_wall_clock(key) or not isinstance(value, (int, float)):
+                continue
+            logged = [m.value for m in client.get_metric_history(run_id, key) if m.step == epoch]
+            if logged != ([float(value)] if math.isfinite(value) else []):
+                return False
+        return True
 
     def log_new(self, history: Sequence[dict[str, float]]) -> None:
         for epoch, metrics in enumerate(history):
@@ -186,10 +277,14 @@ def _resume_source(run_dir: Path) -> Path | None:
     whose local disk held the run directory), whichever holds more epochs; ``None`` for a fresh
     start. A registered checkpoint is copied into the run directory first, which every worker
     reads (the results directory is shared storage on a cluster)."""
-    local = find_checkpoint(run_dir)
     registered = ray.train.get_checkpoint()
     if registered is None:
-        return local
+        return resume_checkpoint(run_dir)[0]  # a run dir with history but none: refused
+    try:
+        local = resume_checkpoint(run_dir)[0]
+    except NfpiError as err:  # the registered one is the history to resume
+        log.warning("%s; resuming from Ray Train's registered checkpoint instead", err)
+        local = None
     local_epoch = checkpoint_epoch(run_dir) if local is not None else None
     with registered.as_directory() as path:
         ray_epoch = checkpoint_epoch(path)
@@ -210,14 +305,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
     logger = epochs = None
     watch = contextlib.ExitStack()
+    workers = context.get_world_size()
     if rank == 0 and spec.tracking is not None and spec.mlflow_run_id is not None:
-        logger = RunLogger(spec.tracking, spec.mlflow_run_id)
+        logger = RunLogger(spec.tracking, current_run(spec.tracking, spec.mlflow_run_id))
         # One value per attempt (a restarted worker group is a new attempt): params are
         # immutable, and a resumed run may use another number of workers.
-        workers = context.get_world_size()
         logger.metrics({"ray.num_workers": workers}, step=logger.count("ray.num_workers"))
         logger.tag("ray.num_workers", str(workers))
-        epochs = _EpochsToMLflow(logger)
+        epochs = _EpochsToMLflow(logger, supersede=spec.owns_run)
         # Rank 0's node's CPU, memory, disk, network and GPU as MLflow system metrics, from
         # here (data loading and the flow's initialisation included) to the end of training.
         watch.enter_context(system_metrics(spec.tracking, spec.mlflow_run_id))
@@ -228,10 +323,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     )
 
     def report(trainer: Trainer, result: EpochResult) -> None:
-        if logger is not None and epochs is not None:
-            epochs.log_new(trainer.history)  # this epoch's checkpoint is saved already
+        if epochs is not None:
+            epochs.trained(result.epoch, trainer.history, workers)  # its checkpoint is saved
             for path in result.artifacts:
-                logger.artifact(path, "plots")
+                epochs.logger.artifact(path, "plots")
         checkpoint = name = None
         if result.checkpoint_dir is not None:
             checkpoint = Checkpoint.from_directory(str(result.checkpoint_dir))
@@ -258,7 +353,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     )
     with watch:
         history = trainer.fit()
-    if logger is not None and epochs is not None:
+    if epochs is not None:
+        logger = epochs.logger  # the run that holds this run's epochs now
         epochs.log_new(history)  # a finished run re-launched, or epochs of a cut-off attempt
         logger.artifact(spec.run_dir / "metrics.jsonl")
         if (spec.run_dir / "plots").is_dir():
@@ -297,6 +393,8 @@ def run_experiment(
     worker_callbacks: Sequence[Callback] = (),
     display_name: str | None = None,
     resume_overrides: Mapping[str, Any] | None = None,
+    resume_from: str | Path | None = None,
+    fresh: bool = False,
 ) -> ray.train.Result:
     """Run one experiment on the connected Ray cluster and return Ray Train's Result.
 
@@ -312,7 +410,12 @@ def run_experiment(
     (:func:`ray_jobs.mlflow_logging.log_flow_model`; registered under
     ``settings.registered_model`` when set); ``display_name`` names the MLflow run in the UI.
     ``resume_overrides`` (``--resume-with``) change optimiser knobs of a resumed run (see
-    :class:`nfpi.training.Trainer`).
+    :class:`nfpi.training.Trainer`). ``resume_from`` (``--resume-from EPOCH|PATH``) makes that
+    checkpoint the run directory's newest before Train starts; ``fresh`` (``--fresh``) moves an
+    earlier run's files aside and starts at epoch 0. Either way Ray Train's own folder of the run
+    is moved aside too (``<storage>/<run name>.previous-<time>``), so that its registered
+    checkpoints of later epochs are not resumed instead; epochs trained again supersede the
+    MLflow run that logged them (:func:`supersede_run`).
 
     Raises:
         RunDirectoryLockedError: another live run uses this run's directory.
@@ -322,6 +425,9 @@ def run_experiment(
     check_batch_split(config.optim.batch_size, settings.num_workers)
     config = config.resolved()  # the config that runs is the one logged (GD horizon filled)
     with lock_run_dir(settings.run_dir(run_name)):
+        if fresh or resume_from is not None:
+            _rewind(settings.run_dir(run_name), (storage or settings.storage) / run_name,
+                    resume_from, fresh)  # fmt: skip
         return _run_locked(
             config,
             settings,
@@ -334,6 +440,20 @@ def run_experiment(
             resume_overrides=dict(resume_overrides or {}),
             display_name=display_name,
         )
+
+
+def _rewind(run_dir: Path, train_dir: Path, resume_from: str | Path | None, fresh: bool) -> None:
+    """``--fresh`` / ``--resume-from`` in the driver, under the run directory's lock (see
+    :func:`run_experiment`)."""
+    if fresh:
+        set_aside_history(run_dir)
+    else:
+        select_checkpoint(run_dir, resolve_resume_from(run_dir, resume_from))
+    if train_dir.is_dir():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside = train_dir.with_name(f"{train_dir.name}.previous-{stamp}")
+        train_dir.rename(aside)
+        log.warning("Ray Train's folder of the run moved to %s (its checkpoints stay)", aside)
 
 
 def _run_locked(
@@ -392,6 +512,7 @@ def _run_locked(
         callbacks=tuple(worker_callbacks),
         actor_factory=factory,
         resume_overrides=resume_overrides,
+        owns_run=owns_run,
     )
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     trainer = TorchTrainer(
@@ -417,7 +538,7 @@ def _run_locked(
     except Exception as err:
         cause = deterministic_cause(err)
         if tracking is not None:
-            logger = RunLogger(tracking, mlflow_run_id)
+            logger = RunLogger(tracking, current_run(tracking, mlflow_run_id))
             logger.error(cause if cause is not None else err)
             if owns_run:
                 logger.finish("FAILED")
@@ -426,12 +547,13 @@ def _run_locked(
         raise
     except BaseException:  # Ctrl-C / SystemExit: the run is not left RUNNING forever
         if tracking is not None and owns_run:
-            RunLogger(tracking, mlflow_run_id).finish("KILLED")
+            RunLogger(tracking, current_run(tracking, mlflow_run_id)).finish("KILLED")
         raise
     finally:
         ray.kill(actor)
         remove_unregistered_checkpoints(storage / run_name)
     if tracking is not None:
+        mlflow_run_id = current_run(tracking, mlflow_run_id)  # superseded by a re-run?
         logger = RunLogger(tracking, mlflow_run_id)
         if result.checkpoint is not None:
             logger.tag("final_checkpoint", result.checkpoint.path)
@@ -485,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         help="resume the run's checkpoint with a new optim.lr, optim.grad_clip, "
         "optim.warmup_steps or optim.epochs (repeatable; what a diverged run needs)",
     )
+    add_resume_args(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
@@ -502,7 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     progress.listen()
     try:
         result = run_experiment(
-            config, settings, run_name, train_callbacks=[progress], resume_overrides=resume_with
+            config,
+            settings,
+            run_name,
+            train_callbacks=[progress],
+            resume_overrides=resume_with,
+            resume_from=args.resume_from,
+            fresh=args.fresh,
         )
     except BaseException:
         progress.close(failed=True)

@@ -1,4 +1,12 @@
-"""Safe, once-only extraction of dataset archives (``.tar``, ``.tar.gz``, ``.tgz``)."""
+"""Safe, once-only extraction of dataset archives (``.tar``, ``.tar.gz``, ``.tgz``).
+
+Decompression bombs are refused on the tar headers, before a byte of the offending member is
+written: an archive may hold at most ``$NFPI_ARCHIVE_MAX_BYTES`` bytes of files (default
+1 TiB), ``$NFPI_ARCHIVE_MAX_MEMBERS`` members (default 20 million: ImageNet-21k holds 14 M
+images) and, beyond its first 64 MiB, ``$NFPI_ARCHIVE_MAX_RATIO`` bytes of files per byte of
+archive (default 200; image datasets are already compressed and stay near 1). Each limit can be
+raised by its variable (or :class:`ArchiveLimits`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,19 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from nfpi.errors import DatasetNotFoundError, NfpiError
+from nfpi.errors import ConfigError, DatasetNotFoundError, NfpiError
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "CACHE_ENV",
+    "MAX_BYTES_ENV",
+    "MAX_MEMBERS_ENV",
+    "MAX_RATIO_ENV",
+    "ArchiveLimits",
     "UnsafeArchiveError",
     "extract_archive",
     "is_archive",
@@ -24,6 +38,42 @@ logger = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CACHE_ENV = "NFPI_DATA_CACHE"
+MAX_BYTES_ENV = "NFPI_ARCHIVE_MAX_BYTES"
+MAX_MEMBERS_ENV = "NFPI_ARCHIVE_MAX_MEMBERS"
+MAX_RATIO_ENV = "NFPI_ARCHIVE_MAX_RATIO"
+#: The ratio limit applies beyond this many bytes of files: a small archive of a few small
+#: files may compress well without being a bomb.
+RATIO_FLOOR = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """How much an archive may extract to (see the module); :meth:`from_env` reads the
+    ``NFPI_ARCHIVE_MAX_*`` variables over these defaults."""
+
+    max_bytes: int = 2**40
+    max_members: int = 20_000_000
+    max_ratio: float = 200.0
+
+    @classmethod
+    def from_env(cls) -> ArchiveLimits:
+        values = {}
+        for name, env, kind in (
+            ("max_bytes", MAX_BYTES_ENV, int),
+            ("max_members", MAX_MEMBERS_ENV, int),
+            ("max_ratio", MAX_RATIO_ENV, float),
+        ):
+            text = os.environ.get(env)
+            if text:
+                try:
+                    values[name] = kind(float(text)) if kind is int else kind(text)
+                except ValueError:
+                    raise ConfigError(
+                        env, text, f"a positive number (the archive's {name})"
+                    ) from None
+                if values[name] <= 0:
+                    raise ConfigError(env, text, f"a positive number (the archive's {name})")
+        return cls(**values)
 
 
 class UnsafeArchiveError(NfpiError, ValueError):
@@ -110,14 +160,62 @@ def _open_dir(root_fd: int, parts: tuple[str, ...]) -> int:
     return fd
 
 
-def _extract_members(tf: tarfile.TarFile, root: Path, archive: Path, dest: Path) -> int:
+def _bomb(archive: Path, what: str, env: str, suggestion: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(
+        f"archive {archive} {what}; refusing it as a possible decompression bomb, and nothing of "
+        f"it is kept. If the archive is genuine, raise the limit ({env}={suggestion}) or "
+        "extract it yourself and set data.root to the folder"
+    )
+
+
+def _check_limits(
+    member: tarfile.TarInfo, members: int, total: int, archive: Path, size: int,
+    limits: ArchiveLimits,
+) -> None:  # fmt: skip
+    """Refuse the archive once ``members`` / ``total`` bytes (this member's included, read
+    from its header) pass a limit."""
+    if members > limits.max_members:
+        raise _bomb(
+            archive, f"has more than {limits.max_members} members", MAX_MEMBERS_ENV,
+            str(limits.max_members * 10),
+        )  # fmt: skip
+    if total > limits.max_bytes:
+        raise _bomb(
+            archive,
+            f"would extract to more than {limits.max_bytes} bytes (member {member.name!r} "
+            f"brings the files to {total} bytes)",
+            MAX_BYTES_ENV,
+            str(max(total * 2, limits.max_bytes * 10)),
+        )
+    if total > RATIO_FLOOR and total > limits.max_ratio * max(size, 1):
+        raise _bomb(
+            archive,
+            f"expands {total / max(size, 1):.0f}-fold (member {member.name!r} brings the "
+            f"{size}-byte archive to {total} bytes of files), beyond the compression ratio "
+            f"limit of {limits.max_ratio:g}",
+            MAX_RATIO_ENV,
+            f"{max(limits.max_ratio * 10, 2 * total / max(size, 1)):.0f}",
+        )
+
+
+def _extract_members(
+    tf: tarfile.TarFile, root: Path, archive: Path, dest: Path,
+    limits: ArchiveLimits | None = None,
+) -> int:  # fmt: skip
     """Write every member of ``tf`` below ``root`` ourselves (streaming, one pass over a
     .tar.gz): folders with mode 0755, regular files with 0644 (0755 if executable). Never
-    through ``tarfile.extract*``, never creating a link. Returns the number of files."""
-    files = 0
+    through ``tarfile.extract*``, never creating a link. Returns the number of files.
+    ``limits`` (default :meth:`ArchiveLimits.from_env`) are checked on each member's header
+    before it is written."""
+    limits = limits or ArchiveLimits.from_env()
+    size = archive.stat().st_size
+    files = members = total = 0
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         for member in tf:
+            members += 1
+            total += member.size if member.isreg() else 0
+            _check_limits(member, members, total, archive, size, limits)
             parts = _member_parts(member, archive, dest)
             if not parts:
                 continue  # the archive's own top folder ("./")
@@ -148,7 +246,10 @@ def _extract_members(tf: tarfile.TarFile, root: Path, archive: Path, dest: Path)
 
 
 def extract_archive(
-    archive: str | os.PathLike[str], extract_to: str | os.PathLike[str] | None = None
+    archive: str | os.PathLike[str],
+    extract_to: str | os.PathLike[str] | None = None,
+    *,
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     """Extract ``archive`` once and return the folder holding its contents.
 
@@ -171,7 +272,8 @@ def extract_archive(
     Raises:
         DatasetNotFoundError: ``archive`` does not exist or is not a readable tar archive.
         UnsafeArchiveError: a member is a link, a device or a FIFO, or its name is absolute
-            or has a ``..`` component (nothing is kept).
+            or has a ``..`` component, or the archive passes one of ``limits`` (default: the
+            ``NFPI_ARCHIVE_MAX_*`` variables, see the module); nothing is kept.
     """
     archive = Path(archive).expanduser()
     if not archive.is_file():
@@ -193,7 +295,13 @@ def extract_archive(
         logger.info("extracting %s to %s (once)", archive, dest)
         try:
             with tarfile.open(archive) as tf:
-                files = _extract_members(tf, tmp, archive, dest)
+                files = _extract_members(tf, tmp, archive, dest, limits)
+        except (EOFError, zlib.error) as e:  # a compressed stream cut short or damaged
+            raise DatasetNotFoundError(
+                f"cannot read {archive}: it is truncated or corrupt ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:120]}); copy or download it again (its size now: "
+                f"{st.st_size} bytes), or set data.root to the extracted folder"
+            ) from None
         except tarfile.TarError as e:
             # tarfile lists one reason per compression it tried; the last is plain tar's.
             reasons = [r.strip(" -") for r in str(e).splitlines() if r.strip(" -")]

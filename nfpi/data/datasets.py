@@ -178,12 +178,29 @@ def _decode_native(path: str | Path) -> torch.Tensor | None:
     return x if x.dtype == torch.uint8 and x.shape[0] == 3 else None
 
 
+def _eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
+    """``img`` with 8 bits per channel. PIL converts 16-bit greyscale (modes ``I;16*``, ``I``)
+    to RGB by clipping at 255, which turns every level above 255 white; here the high byte is
+    kept instead (as PIL does for 16-bit RGB, and libpng's ``strip_16``)."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ShapeError(
+            f"image {path} has {img.mode} pixels outside 0..65535 (a 32-bit integer image); "
+            "convert it to 8 or 16 bits per channel"
+        )
+    if img.mode == "I" and (not values.size or values.max() <= 255):
+        return Image.fromarray(values.astype(np.uint8), "L")
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
+
+
 def read_image(path: str | Path, image_size: int | None = None) -> torch.Tensor:
     """Read an image file as an RGB uint8 tensor ``[3, H, W]``.
 
     JPEG and PNG files at their own size are decoded by ``torchvision.io`` (the same pixels as
     PIL, several times faster on small images); other formats, and files it cannot decode, by
-    PIL. With ``image_size = S`` the shorter side is resized to S (bilinear, antialiased) and
+    PIL. 16-bit greyscale images keep the high byte of each level (not clipped at 255). With ``image_size = S`` the shorter side is resized to S (bilinear, antialiased) and
     the centre S x S crop is kept, as in ImageNet evaluation; a JPEG at least twice S is then
     decoded at 1/2, 1/4 or 1/8 scale first (libjpeg's DCT scaling, PIL's draft mode: each side
     stays >= S), which decodes an ImageNet photo for S = 32 or 64 several times faster.
@@ -196,7 +213,7 @@ def read_image(path: str | Path, image_size: int | None = None) -> torch.Tensor:
         with Image.open(path) as img:
             if image_size is not None and img.format == "JPEG":
                 img.draft("RGB", (image_size, image_size))
-            arr = np.array(img.convert("RGB"), dtype=np.uint8)  # one writable copy
+            arr = np.array(_eight_bit(img, path).convert("RGB"), dtype=np.uint8)  # writable
     except OSError as e:
         raise OSError(f"cannot read image {path}: {e}") from e
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()

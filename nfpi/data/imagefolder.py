@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -94,6 +95,13 @@ def _classes(split_dir: Path) -> list[str]:
     classes = [d.name for d in _visible_dirs(split_dir)]
     if not classes:
         raise DatasetNotFoundError(f"no class folders in {split_dir}; expected {layout()}")
+    hidden = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("."))
+    if hidden:
+        logger.warning(
+            "%s: ignoring %d hidden folder(s) %s (names starting with '.' are not classes; "
+            "rename them to use them)",
+            split_dir, len(hidden), ", ".join(hidden[:5]) + (" ..." if len(hidden) > 5 else ""),
+        )  # fmt: skip
     return classes
 
 
@@ -109,18 +117,37 @@ def _image_files(class_dir: Path) -> list[Path]:
     return sorted(files)
 
 
-def _probe_shape(first_files: list[Path], image_size: int | None) -> tuple[int, int, int]:
-    """Image shape from the first file of every class (headers only); unequal sizes without
-    ``image_size`` are an error now rather than in the middle of an epoch."""
+#: Threads that read image headers at indexing time (file system latency, not CPU, dominates).
+PROBE_THREADS = 16
+
+
+def _header(path: Path) -> tuple[int, int] | str:
+    """The (width, height) of the image at ``path`` from its header, or why it cannot be read."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            width, height = img.size
+        return (width, height) if width > 0 and height > 0 else f"size {width}x{height}"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return " ".join(str(err).split())[:100] or type(err).__name__
+
+
+def _probe(paths: list[Path]) -> list[tuple[int, int] | str]:
+    """:func:`_header` of every file, read by :data:`PROBE_THREADS` threads."""
+    if len(paths) < 64:
+        return [_header(p) for p in paths]
+    with ThreadPoolExecutor(PROBE_THREADS) as pool:
+        return list(pool.map(_header, paths, chunksize=256))
+
+
+def _probe_shape(
+    sizes: dict[tuple[int, int], Path], image_size: int | None
+) -> tuple[int, int, int]:
+    """The image shape: ``image_size`` when given, else the one size of every image; unequal
+    sizes without ``image_size`` are an error now rather than in the middle of an epoch."""
     if image_size is not None:
         return (3, image_size, image_size)
-    sizes: dict[tuple[int, int], Path] = {}
-    for path in first_files:
-        try:
-            with Image.open(path) as img:
-                sizes.setdefault(img.size, path)
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
     if len(sizes) > 1:
         examples = "; ".join(f"{p} is {w}x{h}" for (w, h), p in list(sizes.items())[:3])
         raise ShapeError(
@@ -139,6 +166,11 @@ def load_imagefolder(
     extract_to: str | os.PathLike[str] | None = None,
 ) -> tuple[ImageFileDataset, DatasetInfo]:
     """Load one split of an ImageFolder tree as RGB uint8 images ``[3, H, W]``.
+
+    Every image's header is read once here (size, format; :data:`PROBE_THREADS` threads):
+    files that cannot be read are skipped with one warning giving their count, and images of
+    unequal sizes without ``image_size`` are an error, before any training. At least two class
+    folders are required.
 
     Class index = position of the class folder in the sorted list of the train split's class
     folders; the test split must have the same class folders (else an error), so labels mean
@@ -180,19 +212,41 @@ def load_imagefolder(
                 tree,
                 split_dir,
             )
+    if len(classes) < 2:
+        raise DatasetNotFoundError(
+            f"{split_dir} holds one class folder ({classes[0]}): a class-conditional flow needs "
+            "at least 2 classes (K >= 2), one folder per class; add the others"
+        )
+    per_class = [_image_files(split_dir / name) for name in classes]
+    headers = _probe([f for files in per_class for f in files])
     paths: list[Path] = []
     targets: list[int] = []
-    first_files = []
-    for y, name in enumerate(classes):
-        files = _image_files(split_dir / name)
-        if not files:
+    sizes: dict[tuple[int, int], Path] = {}
+    bad: list[tuple[Path, str]] = []
+    i = 0
+    for y, (name, files) in enumerate(zip(classes, per_class, strict=True)):
+        kept = 0
+        for path, header in zip(files, headers[i : i + len(files)], strict=True):
+            if isinstance(header, str):
+                bad.append((path, header))
+                continue
+            sizes.setdefault(header, path)
+            paths.append(path)
+            targets.append(y)
+            kept += 1
+        i += len(files)
+        if not kept:
             raise DatasetNotFoundError(
-                f"class folder {split_dir / name} holds no image files; expected {layout()}"
+                f"class folder {split_dir / name} holds no readable image files"
+                + (f" ({len(files)} unreadable, e.g. {bad[-1][0]}: {bad[-1][1]})" if files else "")
+                + f"; expected {layout()}"
             )
-        first_files.append(files[0])
-        paths.extend(files)
-        targets.extend([y] * len(files))
-    shape = _probe_shape(first_files, image_size)
+    if bad:
+        logger.warning(
+            "%s: skipped %d of %d image files whose headers cannot be read (e.g. %s: %s)",
+            split_dir, len(bad), len(bad) + len(paths), bad[0][0], bad[0][1],
+        )  # fmt: skip
+    shape = _probe_shape(sizes, image_size)
     info = DatasetInfo(
         name=f"imagefolder/{tree.name}",
         num_classes=len(classes),

@@ -242,6 +242,12 @@ def load_dataset(
         )
     where = f"{info.name} ({split} split)"
     check_dataset(dataset, info, where)
+    if info.num_classes < 2:  # before any training: the plots, NF-Acc and the KL terms need 2
+        raise ConfigError(
+            "num_classes",
+            info.num_classes,
+            f"at least 2 classes for a class-conditional flow ({where} has one)",
+        )
 
     if items_per_class is not None and name != "synthetic":
         keep = subsample_per_class(dataset.targets, items_per_class, seed, info.class_names)

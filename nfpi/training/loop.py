@@ -39,12 +39,15 @@ from tqdm import tqdm
 from nfpi.checkpoint import (
     RESUMABLE_KEYS,
     config_differences,
-    find_checkpoint,
     implausible,
     last_good_note,
     load_checkpoint,
+    load_weights,
     lock_run_dir,
+    resume_checkpoint,
     save_checkpoint,
+    select_checkpoint,
+    set_aside_history,
 )
 from nfpi.checks import check_batch_split
 from nfpi.config import ExperimentConfig
@@ -126,8 +129,13 @@ class Trainer:
         prior_client: who solves the prior on rank 0 (default: an in-process PriorService).
         callbacks: called as ``callback(trainer, EpochResult)`` at every epoch end, on all ranks.
         device: overrides ``config.device`` (e.g. the device Ray Train assigns).
-        resume_from: a checkpoint to resume from (see :func:`nfpi.checkpoint.find_checkpoint`);
-            default: the run directory's own last good checkpoint, if any.
+        resume_from: a checkpoint to resume from (see :func:`nfpi.checkpoint.find_checkpoint`;
+            ``--resume-from``); a run that holds its run directory's lock makes it the run
+            directory's newest first (:func:`nfpi.checkpoint.select_checkpoint`). Default: the
+            run directory's newest checkpoint that verifies; a run directory with history but
+            none raises :class:`CheckpointError` (:func:`nfpi.checkpoint.resume_checkpoint`).
+        fresh: start at epoch 0 even over an earlier run's history, which is moved to
+            ``run_dir/previous-<time>/`` first (``--fresh``; not with ``resume_from``).
         resume_overrides: dotted keys of :data:`nfpi.checkpoint.RESUMABLE_KEYS` (``optim.lr``,
             ``optim.grad_clip``, ``optim.warmup_steps``, ``optim.epochs``) applied on top of
             ``config``: a checkpoint whose config differs from it only in those keys is
@@ -149,7 +157,11 @@ class Trainer:
         resume_from: str | Path | None = None,
         resume_overrides: Mapping[str, Any] | None = None,
         lock_run_dir: bool = True,
+        fresh: bool = False,
     ) -> None:
+        if fresh and resume_from is not None:
+            raise ConfigError("fresh", True, "either fresh (start at epoch 0) or resume_from")
+        self.fresh = fresh
         self.resume_overrides = dict(resume_overrides or {})
         unknown = sorted(set(self.resume_overrides) - set(RESUMABLE_KEYS))
         if unknown:
@@ -319,10 +331,12 @@ class Trainer:
             "rng": get_rng_state(),
         }
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Resume from the checkpoint at ``path``; it must come from the same experiment (only
-        ``optim.epochs`` and the keys of ``resume_overrides`` may differ)."""
-        state = load_checkpoint(path, map_location=self.device)
+    def load_checkpoint(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Resume from the checkpoint at ``path`` (``state``: its contents, already loaded); it
+        must come from the same experiment (only ``optim.epochs`` and the keys of
+        ``resume_overrides`` may differ)."""
+        if state is None:
+            state = load_checkpoint(path, map_location=self.device)
         file = state["_file"]
         saved = ExperimentConfig.from_dict(state["config"]).flat()
         allowed = ("optim.epochs", *self.resume_overrides)
@@ -340,7 +354,7 @@ class Trainer:
                 f"checkpoint {file} was written by a different config: {diff} (saved, now); "
                 f"use a fresh run directory or the same config{hint}"
             )
-        self.flow.load_state_dict(state["flow"])
+        load_weights(self.flow, state["flow"], state)
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -382,8 +396,11 @@ class Trainer:
                 json.dumps(self.config.to_dict(), indent=2, default=str)
             )
         tmp = self.run_dir / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        try:
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            os.replace(tmp, self.run_dir / "metrics.jsonl")
+        finally:
+            tmp.unlink(missing_ok=True)  # interrupted (SIGTERM) or a full disk: no stale .tmp
 
     # ------------------------------------------------------------------------------- phases
     def _start(self) -> None:
@@ -529,9 +546,17 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, float]]:
         c = self.config
-        resume = self.resume_from or find_checkpoint(self.run_dir)
+        resume, state = self.resume_from, None
+        if self.fresh:
+            if self.is_main:
+                set_aside_history(self.run_dir)
+            barrier()
+        elif resume is not None and self.lock_run_dir and self.is_main:
+            resume = select_checkpoint(self.run_dir, resume)  # also what a later resume takes
+        elif resume is None:
+            resume, state = resume_checkpoint(self.run_dir, map_location=self.device)
         if resume is not None:
-            self.load_checkpoint(resume)
+            self.load_checkpoint(resume, state)
             self.resumed_from = Path(resume)
         else:
             if self.resume_overrides:

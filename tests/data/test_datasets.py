@@ -262,14 +262,14 @@ def test_imagefolder_unequal_sizes(tmp_path):
         load_dataset("imagefolder", "train", root=root)
     ds, info = load_dataset("imagefolder", "train", root=root, image_size=6)
     assert info.shape == (3, 6, 6) and all(tuple(ds[i][0].shape) == (3, 6, 6) for i in (0, 1))
-    # only the first image of each class is probed; a later odd size fails when read,
-    # naming the file
+    # every image's header is probed (issue 22): a later odd size fails at indexing, naming
+    # the file, not in the middle of an epoch
     root2 = tmp_path / "late"
     _write_image(root2 / "train" / "a" / "0.png", 0)
     _write_image(root2 / "train" / "a" / "1.png", 1, size=(9, 9))
-    ds, _ = load_dataset("imagefolder", "train", root=root2)
+    _write_image(root2 / "train" / "b" / "0.png", 1)
     with pytest.raises(ShapeError, match=r"1\.png"):
-        ds[1]
+        load_dataset("imagefolder", "train", root=root2)
 
 
 def test_imagefolder_missing_paths_name_the_path(tmp_path):

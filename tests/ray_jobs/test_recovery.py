@@ -238,6 +238,7 @@ def uninterrupted(ray_session, tmp_path_factory, _mlflow_template):
     return load_checkpoint(result.checkpoint.path)
 
 
+@pytest.mark.slow
 def test_killed_worker_in_a_two_worker_group_logs_each_step_once_and_ends_bit_identical(
     ray_session, tmp_path, tracking, uninterrupted
 ):
@@ -318,6 +319,7 @@ run_experiment(config, settings, "driver", worker_callbacks=[block_after_epoch_1
 """
 
 
+@pytest.mark.slow
 def test_killed_driver_relaunched_logs_each_step_once_and_ends_bit_identical(
     ray_session, tmp_path, tracking, uninterrupted
 ):

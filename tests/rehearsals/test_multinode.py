@@ -36,6 +36,7 @@ def test_diff_states_sees_one_ulp_a_dtype_and_a_missing_key_but_not_timings():
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 def test_two_nodes_then_a_lost_node_end_bit_identical_to_one_node(tmp_path, run_rehearsal):
     results = tmp_path / "results"
     report = run_rehearsal(
