@@ -19,7 +19,7 @@ from nfpi.entry import run_cli
 from nfpi.errors import CheckpointError
 from nfpi.training import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _state(checkpoint):
