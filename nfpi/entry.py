@@ -210,10 +210,23 @@ class _ConsoleFormatter(logging.Formatter):
         return f"{self.formatTime(record, '%H:%M:%S')} {message}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted (not
+    the stream it was created with, which a redirection or a test's capture may have closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def setup_logging(debug: bool = False) -> None:
     """Console logging of the entry points: INFO and up (DEBUG with ``--debug``) in one short
     line each, the dependencies in :data:`QUIET_LOGGERS` at WARNING."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(_ConsoleFormatter("%(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -197,9 +197,7 @@ def plan_of(
     flops, params = flow_cost(config)
     hours = None
     if train_images is not None:
-        evals = sum(
-            1 for e in range(epochs) if (e + 1) % config.eval.every == 0 or e == epochs - 1
-        )
+        evals = sum(1 for e in range(epochs) if (e + 1) % config.eval.every == 0 or e == epochs - 1)
         passes = 3 * epochs * train_images + (len(solves) + 1) * train_images
         passes += evals * (test_images or 0)
         hours = passes * flops / (tflops * 1e12) / 3600
@@ -293,6 +291,4 @@ def format_plans(
     )
     shared = f" ({len(plans)} trials share them)" if len(runs) < len(plans) else ""
     basis = THROUGHPUT_BASIS.format(tflops=tflops)
-    return "\n".join(lines) + (
-        f"\n\n{len(runs)} flow run(s){shared}, {total}; throughput {basis}."
-    )
+    return "\n".join(lines) + (f"\n\n{len(runs)} flow run(s){shared}, {total}; throughput {basis}.")

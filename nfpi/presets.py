@@ -135,9 +135,9 @@ __all__ = [
     "RELEASED",
     "RELEASED_RUN",
     "RELEASED_SCHEDULE",
-    "TRAIN_SETS",
     "TABLE1_SETTING",
     "TABLE2_LAMBDAS",
+    "TRAIN_SETS",
     "VARIANTS",
     "ReleasedConfig",
     "data_init_row",
@@ -460,7 +460,12 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         # GD (prior.method=gd) at the same objective: 100 Adam steps per epoch under the policy
         # that minimised the objective fastest at equal steps (benchmarks/README.md).
         "prior.gd.steps_per_solve": 100,
-        "prior.gd.policy": {"name": "sublinear_v1", "lr0": 0.3, "lr_min": 1e-3, "total_steps": None},
+        "prior.gd.policy": {
+            "name": "sublinear_v1",
+            "lr0": 0.3,
+            "lr_min": 1e-3,
+            "total_steps": None,
+        },
         "eval.tsne_points": 1000,
     },
     # ImageNet in ImageFolder layout at 32 x 32 (see "Choices the paper does not state").

@@ -376,16 +376,6 @@ def untrusted_pickles(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _local_cpus() -> int:
-    """The CPUs a local Ray gets on this machine (its own count, which honours cgroup limits)."""
-    try:
-        from ray._private.utils import get_num_cpus  # private, but what ray.init itself uses
-
-        return int(get_num_cpus())
-    except (ImportError, AttributeError):
-        return len(os.sched_getaffinity(0))
-
-
 def connect(address: str | None, verbose: bool = False) -> str:
     """Attach to ``address`` (or ``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local
     Ray; never both. Returns one line naming the cluster's resources and its log folder.

@@ -65,7 +65,7 @@ from nfpi.checks import check_batch_split, train_set_size
 from nfpi.config import ExperimentConfig
 from nfpi.data import load_dataset
 from nfpi.entry import Parser, add_resume_args, run_cli, setup_logging
-from nfpi.errors import ConfigError, NfpiError
+from nfpi.errors import NfpiError
 from nfpi.presets import EXPERIMENTS, parse_override, resolve_config
 from nfpi.training import Callback, EpochResult, Trainer, is_wall_clock
 from ray_jobs._ray_compat import ControllerCallback, FailureDecision, WorkerGroupCallback

@@ -353,10 +353,10 @@ def catalogue_markdown() -> str:
         "Generated from the code by `python -m search_spaces --write docs/spaces.md`;",
         "`tests/search_spaces/test_catalogue.py` fails when this page and the code differ.",
         "Options are given as `--set KEY=VALUE` (first value = default);",
-        "`python ray_jobs/sweep.py --space S --plan` prints what each trial of a space runs and",
+        "`python ray_jobs/sweep.py --space table1 --plan` prints what each trial of a space runs and",
         "what it costs.",
         "",
-        "## Search spaces (`search_spaces/`, `python ray_jobs/sweep.py --space NAME`)",
+        "## Search spaces (`search_spaces/`, `python ray_jobs/sweep.py --space digits`)",
         "",
         "| space | reproduces (default options) | base experiment | trials | kind | options |",
         "|---|---|---|---|---|---|",
@@ -371,10 +371,10 @@ def catalogue_markdown() -> str:
         )
     lines += [
         "",
-        "## Named experiments (`nfpi/presets.py`, `python -m nfpi train --experiment NAME`)",
+        "## Named experiments (`nfpi/presets.py`, `python -m nfpi train --experiment digits`)",
         "",
-        "Paper-scale experiments need `--set data.root=/abs/path`. The schedule column gives the "
-        "epochs after which the prior is updated; EMA is update-every / update-after-step.",
+        "Paper-scale experiments need `--set data.root=/abs/path`. The column 'updated' gives",
+        "the epochs after which the prior is updated; EMA is update-every / update-after-step.",
         "",
         "| experiment | data | flow | epochs | prior | updated | EMA |",
         "|---|---|---|---|---|---|---|",

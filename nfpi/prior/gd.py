@@ -359,9 +359,7 @@ class GDSolver:
             else:
                 loss = self._objective(m, s)
                 if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"GD objective is {float(loss)} at step {self.step_count}"
-                    )
+                    raise NonFiniteError(f"GD objective is {float(loss)} at step {self.step_count}")
                 loss.backward()
                 self.optimizer.step()
             if not (torch.isfinite(self.mu).all() and torch.isfinite(self.theta).all()):

@@ -14,8 +14,14 @@ from nfpi.presets import experiment_config
 
 def test_a_short_run_on_the_paper_schedule_is_warned_about(tmp_path):
     """10 epochs of CIFAR-10 at the paper's batch 512: the 1000 warm-up steps outlast the run
-    (970 steps) and the EMA averages more steps than it ran for."""
-    config = experiment_config("cifar10", {"data.root": str(tmp_path), "optim.epochs": 10})
+    (970 steps), and an EMA updated every 10 steps after step 100 (ema-pytorch's defaults)
+    averages more steps than it ran for. The release's EMA (every step from step 0) does not."""
+    root = {"data.root": str(tmp_path), "optim.epochs": 10}
+    released = preflight(experiment_config("cifar10", root))
+    assert len(released) == 1 and "optim.warmup_steps=1000" in released[0]
+    config = experiment_config(
+        "cifar10", {**root, "ema.update_every": 10, "ema.update_after_step": 100}
+    )
     warnings = preflight(config)
     assert len(warnings) == 2
     assert "optim.warmup_steps=1000" in warnings[0] and "970" in warnings[0]

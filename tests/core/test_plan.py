@@ -72,7 +72,11 @@ def test_plan_records_are_flat_and_complete():
     assert tuple(rec) == PLAN_FIELDS
     json.dumps(rec)  # flat and serialisable
     # digits: two solves (epochs 0 and 1) of 500 GD steps under the release's knots
-    assert (rec["solve_epochs"], rec["gd_steps"], rec["policy"]) == ([0, 1], 1000, "geometric_knots")
+    assert (rec["solve_epochs"], rec["gd_steps"], rec["policy"]) == (
+        [0, 1],
+        1000,
+        "geometric_knots",
+    )
     assert rec["train_images"] == 1437 and rec["gpu_hours"] > 0
 
 
@@ -112,7 +116,7 @@ def test_the_stored_paper_flow_costs_are_what_counting_gives(preset):
 )
 def test_a_trial_runs_the_config_its_plan_row_shows(monkeypatch, space, overrides):
     """run_trial hands Ray Train exactly the config --plan made its row from."""
-    import ray_jobs.sweep as sweep
+    from ray_jobs import sweep
 
     ran = []
 

@@ -39,8 +39,7 @@ def test_image_size_options_are_checked():
     assert DownstreamConfig.from_overrides(ok).image_size == 448
     with pytest.raises(ConfigError, match="nf_pool"):
         DownstreamConfig.from_overrides(
-            {"downstream.kind": "augment", "downstream.image_size": 64,
-             "downstream.nf_pool": {}}  # fmt: skip
+            {"downstream.kind": "augment", "downstream.image_size": 64, "downstream.nf_pool": {}}
         )
     with pytest.raises(ConfigError, match="cnn.input_size"):
         DownstreamConfig.from_overrides({"downstream.kind": "cnn", "downstream.image_size": 64})

@@ -74,9 +74,10 @@ def test_released_steps_separate_the_classes_and_stay_finite():
     from nfpi.prior import pairwise_kl
 
     off = ~torch.eye(4, dtype=torch.bool)
-    assert pairwise_kl(prior.means, prior.var)[off].min() > pairwise_kl(
-        before.means, before.var
-    )[off].min()
+    assert (
+        pairwise_kl(prior.means, prior.var)[off].min()
+        > pairwise_kl(before.means, before.var)[off].min()
+    )
 
 
 def test_released_form_without_the_nll_range_names_what_is_missing():
