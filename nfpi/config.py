@@ -228,13 +228,19 @@ class PriorConfig(Config):
 @dataclass(frozen=True)
 class OptimConfig(Config):
     """Flow optimisation: Adamax with linear warm-up (paper: lr 1e-2, 1000 warm-up steps, batch 512,
-    500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers."""
+    500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers.
+
+    ``invertible_backward``: the backward pass rebuilds each flow layer's input from its output
+    instead of keeping the activations (:mod:`nfpi.flows.reversible`): training memory flat in
+    the flow's depth (``mef-cifar`` at batch 64 on CPU: benchmarks/README.md), about one extra
+    forward pass per step, the same gradients up to round-off."""
 
     epochs: int = 10
     batch_size: int = 512
     lr: float = 1e-2
     warmup_steps: int = 1000
     grad_clip: float | None = None
+    invertible_backward: bool = False
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an int >= 1")

@@ -175,6 +175,7 @@ class Trainer:
         self.flow: FlowModel = build_flow(
             c.flow.preset, in_shape=tuple(self.info.shape), seed=c.seed, **c.flow.overrides()
         ).to(self.device)
+        self.flow.invertible_backward = c.optim.invertible_backward
         self.model: nn.Module = self.flow  # the DDP wrapper once training starts
         if prior_client is None and self.is_main:
             prior_client = PriorSchedule.default_client(c.prior, self.num_classes, self.dim)
