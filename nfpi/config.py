@@ -160,6 +160,14 @@ class PriorConfig(Config):
     it is scored on; under augmentation the frozen prior misses the clean test latents, which is
     what erodes NF-Acc after the solve, benchmarks/README.md "Erosion").
 
+    ``stats_from_training``: a prior update takes the class statistics gathered during the
+    epoch's training pass (the latents of every training batch, computed there anyway) instead
+    of a separate pass over the training set after the epoch. Cheaper (no extra pass), but not
+    the same statistics: the flow changes at every step of the epoch, the images carry the
+    training pass's dequantisation noise (and augmentation, so it needs ``stats_augment=True``
+    when ``data.augment`` is on), and the last incomplete batch is dropped. Off by default: its
+    effect on NF-Acc is not measured yet (benchmarks/README.md).
+
     ``objective`` (lambda, alpha, pi) is read by both solvers, so the FPI and GD rows of a sweep
     compare at equal objective by construction. ``gd_objective`` overrides it for GD only (the
     released GD weights differ from the released FPI lambda: method notes section 10).
@@ -171,6 +179,7 @@ class PriorConfig(Config):
     resolve_every: int = 0
     solve_until: int | None = None
     stats_augment: bool = True
+    stats_from_training: bool = False
     objective: Objective = field(default_factory=Objective)
     gd_objective: Objective | None = None
     fpi: FPIConfig = field(default_factory=lambda: FPIConfig(var_bounds=(0.25, 1.25)))
@@ -327,6 +336,17 @@ class ExperimentConfig(Config):
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        check(
+            not (
+                self.prior.stats_from_training
+                and self.data.augment
+                and not self.prior.stats_augment
+            ),
+            "prior.stats_from_training",
+            self.prior.stats_from_training,
+            "false with data.augment=true and prior.stats_augment=false (the training pass sees "
+            "augmented images; clean statistics need the separate pass)",
+        )
         check(
             bool(self.name) and "/" not in self.name,
             "name",
