@@ -63,6 +63,7 @@ def test_gradients_equal_autograd_float64(preset, shape, overrides):
         assert err < 1e-8, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_optimizer_steps_match_autograd():
     """Two training steps with either backward give the same weights (float64, to 1e-10)."""
     shape = (1, 8, 8)

@@ -37,6 +37,7 @@ def _spy(trainer: Trainer) -> tuple[list, list]:
     return updates, passes
 
 
+@pytest.mark.slow
 def test_gathered_statistics_are_the_training_latents_exactly(tmp_path, monkeypatch):
     """With the flow frozen (learning rate 0), the gathered statistics equal, bit for bit, a
     separate eval-mode pass of the same flow over the very inputs the training pass saw (its
@@ -79,6 +80,7 @@ def test_gathered_statistics_are_the_training_latents_exactly(tmp_path, monkeypa
         assert torch.equal(getattr(gathered, name), getattr(expected, name)), name
 
 
+@pytest.mark.slow
 def test_default_takes_a_separate_pass(tmp_path):
     trainer = _trainer(tmp_path)
     updates, passes = _spy(trainer)
