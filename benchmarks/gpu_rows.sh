@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA rows of issue 13 in one prepared run, about 4-5 minutes on one H100 (each step has its
-# own time limit; the limits add up to 7 minutes without Ray, 8.7 with it). Run from the
+# The CUDA rows of issues 13 and 24 in one prepared run, about 6-8 minutes on one H100 (each step
+# has its own time limit; the limits add up to 12.8 minutes without Ray, 14.5 with it). Run from the
 # repository root on a machine with one GPU:
 #
 #     OUT=/path/to/results bash benchmarks/gpu_rows.sh
@@ -56,7 +56,7 @@ step() {  # step NAME SCRIPT SECONDS ARGS...: one benchmark with a time limit
         for a in "$@"; do
             case $a in
             --quick) ;;
-            --steps | --warmup | --ks | --ds | --solve-repeats) skip=1 ;;
+            --steps | --warmup | --ks | --ds | --solve-repeats | --batch) skip=1 ;;
             --*) skip=0 && keep+=("$a") ;;
             *) [ "$skip" = 1 ] || keep+=("$a") ;;
             esac
@@ -91,7 +91,16 @@ if [ "$COMPILE" = 1 ]; then
 else
     record train_throughput_compile skipped 0 "COMPILE=0"
 fi
-# 6. 1-GPU Ray Train against the plain loop: needs Ray and ema-pytorch.
+# 6-7. Issue 24: mef-cifar with and without the invertible backward (optim.invertible_backward:
+#    activations rebuilt in backward from each layer's output), at batch 64 and 256: images/s,
+#    peak memory (torch.cuda.max_memory_allocated), the time-per-step ratio, the gradients'
+#    error against autograd and the rebuilt activations' error over the full depth. The
+#    release-equivalent ratio (project / Taylor loop with a host sync per term) is step 1's.
+step train_throughput_inv64 train_throughput 150 --steps 6 --warmup 2 --only-extra \
+    --invertible-backward
+step train_throughput_inv256 train_throughput 200 --batch 256 --steps 4 --warmup 2 --only-extra \
+    --invertible-backward
+# 8. 1-GPU Ray Train against the plain loop: needs Ray and ema-pytorch.
 missing=$($PY -c "import importlib.util as u; \
 print(' '.join(m for m in ('ray', 'ema_pytorch') if u.find_spec(m) is None))")
 if [ -z "$missing" ]; then

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +74,7 @@ from _common import (  # benchmarks/ is on sys.path
 
 MEF_REFERENCE_PARAMS = 42.9e6
 MODELS = ["mef-cifar"]
+PEER = "normflows-glow"
 EXPM = ("project", "taylor_host_sync")
 
 
@@ -115,8 +117,8 @@ def use_expm(kind: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def model_conv_shapes(flow: torch.nn.Module, in_shape: tuple[int, ...]) -> collections.Counter:
-    """Counter of (C_in, C_out, k, H, W) over every convolution of a forward pass."""
+def model_conv_shapes(forward) -> collections.Counter:
+    """Counter of (C_in, C_out, k, H, W) over every convolution of ``forward()``."""
     shapes: collections.Counter = collections.Counter()
     real = F.conv2d
 
@@ -128,7 +130,7 @@ def model_conv_shapes(flow: torch.nn.Module, in_shape: tuple[int, ...]) -> colle
     try:
         F.conv2d = counting
         with torch.no_grad():
-            flow(torch.randn(2, *in_shape, device=next(flow.parameters()).device))
+            forward()
     finally:
         F.conv2d = real
     return shapes
@@ -238,16 +240,71 @@ def _profile(step, device: str) -> dict[str, Any]:
     return {"categories": dict(by_cat), "top_ops": top}
 
 
+def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.hidden is None else {"hidden": args.hidden}
+
+
+def _peer_glow(target_params: int, spec, in_shape: tuple[int, int, int], k: int):
+    """normflows' Glow (``GlowBlock``: affine coupling with a sigmoid scale, LU 1x1 conv,
+    ActNorm; ``MultiscaleFlow`` with class-conditional diagonal gaussians) with the levels and
+    steps of ``spec`` and the hidden width whose flow parameter count (base distributions
+    excluded, as the project's prior is not a flow parameter) is nearest ``target_params``."""
+    import normflows as nf
+
+    levels, steps = spec.levels, spec.steps[0]
+    c, h, w = in_shape
+
+    def build(hidden: int):
+        q0, merges, flows = [], [], []
+        for i in range(levels):
+            block = [
+                nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel")
+                for _ in range(steps)
+            ]
+            flows.append([*block, nf.flows.Squeeze()])
+            if i > 0:
+                merges.append(nf.flows.Merge())
+                s = 2 ** (levels - i)
+                latent = (c * s, h // s, w // s)
+            else:
+                s = 2**levels
+                latent = (c * 2 * s, h // s, w // s)
+            q0.append(nf.distributions.ClassCondDiagGaussian(latent, k))
+        return nf.MultiscaleFlow(q0, flows, merges, class_cond=True)
+
+    def flow_params(model) -> int:
+        return sum(p.numel() for p in model.flows.parameters())
+
+    lo, hi = 1, 2048  # flow_params grows with the width: bisect, then take the nearer side
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if flow_params(build(mid)) <= target_params else (lo, mid)
+    best = min((lo, hi), key=lambda wd: abs(flow_params(build(wd)) - target_params))
+    torch.manual_seed(0)
+    model = build(best)
+    return model, best, flow_params(model)
+
+
 def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from nfpi.flows import build_flow
+    from nfpi.flows import PRESETS, build_flow
 
     device, batch, model = args.device, args.batch, args.worker
     rss_base = vm("VmRSS")
     torch.manual_seed(0)
-    in_shape = (3, 32, 32)
-    flow = build_flow(model, in_shape=in_shape).to(device)
+    in_shape = (3, args.image_size, args.image_size)
+    peer = model == PEER
+    preset = args.match if peer else model
+    flow = build_flow(preset, in_shape=in_shape, **_spec_overrides(args)).to(device)
     n_params = sum(p.numel() for p in flow.parameters())
     d, k = flow.latent_dim, 10
+    extra: dict[str, Any] = {"image_size": args.image_size, "hidden": flow.spec.hidden}
+    if peer:
+        spec = PRESETS[preset].replace(**_spec_overrides(args))
+        flow, width, n_peer = _peer_glow(n_params, spec, in_shape, k)
+        flow = flow.to(device)
+        extra.update(hidden=width, matched_model=preset, matched_params=n_params)
+        extra["params_with_base"] = sum(p.numel() for p in flow.parameters())
+        n_params = n_peer
     # Class gaussians (diagonal), fixed: the flow's training step is what is measured.
     means = torch.randn(k, d, device=device) * 0.1
     log_std = torch.zeros(k, d, device=device)
@@ -258,6 +315,8 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         return x, torch.randint(0, k, (n,), device=device)
 
     def loss_fn(net, x, y):
+        if peer:  # normflows' own class-conditional NLL (its base distributions are learned)
+            return (net.forward_kld(x, y) + d * math.log(128)) / (d * math.log(2))
         z, logdet = net(x)
         mu, ls = means[y], log_std[y]
         log_p = (-0.5 * ((z - mu) * torch.exp(-ls)) ** 2 - ls).sum(1)
@@ -265,13 +324,20 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         # bits/dim of the dequantised 8-bit images ([-1, 1] scaling adds d log 128).
         return (nll + d * math.log(128)) / (d * math.log(2))
 
-    flow.data_init(images(min(batch * 4, 256) if batch > 2 else 8)[0])
+    init = images(min(batch * 4, 256) if batch > 2 else 8)
+    if peer:  # normflows' ActNorm initialises itself on its first forward pass
+        with torch.no_grad():
+            flow.forward_kld(*init)
+    else:
+        flow.data_init(init[0])
     # The model's FLOPs, counted on the project's layers (the same model for every row).
     flop_per_image = _flop_per_image(flow, loss_fn, images(2))
     use_expm(args.expm)
-    shapes = model_conv_shapes(flow, in_shape)
+    shapes = model_conv_shapes(lambda: loss_fn(flow, *images(2)))
     peak_reps = 1 if args.steps <= 1 else 3
     peak0, mix0, conv_rows = conv_peak(shapes, batch, device, peak_reps)
+    if args.invertible_backward:  # after the FLOP count: the model's FLOPs, not the rebuild's
+        flow.invertible_backward = True
     net = torch.compile(flow) if args.compile else flow
     opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
     reset_device_peak(device)
@@ -308,6 +374,10 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{model}: non-finite loss at step {i}")
     peak_gpu = device_peak_mb(device)
+    # The training steps' peak, before the profile, the second conv peak and the checks below.
+    peak_train = peak_gpu if peak_gpu is not None else vm("VmHWM")
+    if args.invertible_backward:
+        extra.update(_invertible_checks(flow, loss_fn, images))
     profile = _profile(step, device) if args.profile else None
     peak1, mix1, _ = conv_peak(shapes, batch, device, peak_reps)
     peak, mix = max(peak0, peak1), max(mix0, mix1)
@@ -322,7 +392,8 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "images_per_s": round(images_per_s, 3),
         "images_per_s_median": round(batch / statistics.median(times), 3),
-        "peak_mb": round(peak_gpu if peak_gpu is not None else vm("VmHWM")),
+        "invertible_backward": bool(args.invertible_backward),
+        "peak_mb": round(peak_train),
         "gflop_per_image": round(flop_per_image / 1e9, 3),
         "achieved_gflops": round(achieved, 2),
         "peak_gflops": round(peak, 2),
@@ -340,10 +411,40 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         "bits_per_dim_last": round(loss.item(), 4),
         "loadavg_1min": os.getloadavg()[0],
         "conv_shapes": [[r["shape"], r["count"], round(r["gflops"], 1)] for r in conv_rows],
+        **extra,
     }
     if profile is not None:
         row["profile"] = profile
     return row
+
+
+def _invertible_checks(flow, loss_fn, images) -> dict[str, Any]:
+    """The invertible backward against autograd on this model (float32, its full depth): the
+    rebuilt activations' error (:func:`nfpi.flows.reversible.reconstruction_error`) and the
+    gradients' largest error relative to the largest gradient of the same parameter."""
+    from nfpi.flows.reversible import reconstruction_error
+
+    x, y = images(8)
+    rec = reconstruction_error(flow.flow, x)
+    grads = {}
+    for on in (False, True):
+        flow.invertible_backward = on
+        flow.zero_grad(set_to_none=True)
+        loss_fn(flow, x, y).backward()
+        grads[on] = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad(set_to_none=True)
+    rel = max(
+        ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(grads[False], grads[True], strict=True)
+        if a.abs().max() > 0
+    )
+    return {
+        "rebuild_max_abs_err": float(f"{rec['max_abs']:.3e}"),
+        "rebuild_max_rel_err": float(f"{rec['max_rel']:.3e}"),
+        "rebuild_input_max_abs_err": float(f"{rec['input_max_abs']:.3e}"),
+        "rebuild_layers": rec["layers"],
+        "grad_max_rel_err_vs_autograd": float(f"{rel:.3e}"),
+    }
 
 
 def _run_worker(args: list[str], threads: int | None) -> list[dict]:
@@ -410,14 +511,16 @@ def matrix_exp_rows(shapes: list[tuple[int, int]], reps: int, device: str) -> li
 
 def _print_train(rows: list[dict]) -> None:
     print(
-        f"{'model':<10} {'batch':>5} {'expm':<17} {'images/s':>8} {'median':>7} {'GFLOP/img':>9}"
+        f"{'model':<14} {'batch':>5} {'expm':<17} {'images/s':>8} {'median':>7} {'GFLOP/img':>9}"
         f" {'GFLOP/s':>8} {'peak GF/s':>9} {'util':>5} {'peak MiB':>8} {'fwd s':>6} {'bwd s':>6}"
         f" {'opt s':>6} {'load':>5}"
     )
     for r in rows:
         expm = r["expm"] + ("+compile" if r["compile"] else "")
+        expm = "inv-backward" if r["invertible_backward"] else expm
+        expm = "normflows" if r["model"] == PEER else expm
         print(
-            f"{r['model']:<10} {r['batch']:>5} {expm:<17} {r['images_per_s']:>8.2f}"
+            f"{r['model']:<14} {r['batch']:>5} {expm:<17} {r['images_per_s']:>8.2f}"
             f" {r['images_per_s_median']:>7.2f} {r['gflop_per_image']:>9.2f}"
             f" {r['achieved_gflops']:>8.1f} {r['peak_gflops']:>9.1f} {r['flop_utilization']:>5.2f}"
             f" {r['peak_mb']:>8} {r['forward_s']:>6.2f} {r['backward_s']:>6.2f}"
@@ -459,11 +562,34 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the torch.compile(flow) row (no eager rows, no matrix-exponential rows)",
     )
+    p.add_argument("--image-size", type=int, default=32, help="input H = W (default 32)")
+    p.add_argument("--hidden", type=int, default=None, help="coupling width (default: preset's)")
+    p.add_argument(
+        "--invertible-backward",
+        action="store_true",
+        help="add a row per model that rebuilds activations in backward (memory flat in depth), "
+        "with its reconstruction and gradient error against autograd",
+    )
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help=f"add a row per model for normflows' Glow of matched parameter count ({PEER}; "
+        "pip install -e '.[bench]')",
+    )
+    p.add_argument(
+        "--only-extra",
+        action="store_true",
+        help="only the project row and the rows the flags add (no release-equivalent row, no "
+        "matrix-exponential rows)",
+    )
+    p.add_argument("--match", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     check_device(args.device)
+    if args.peer and importlib.util.find_spec("normflows") is None:
+        p.error("--peer needs normflows: pip install -e '.[bench]' (or pip install normflows)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -491,23 +617,33 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
     records: list[dict] = []
-    plan = [] if args.compile_only else [(m, e, False) for m in models for e in args.expm]
+    expms = ["project"] if args.only_extra else args.expm
+    # (model, expm, extra worker flags); a row's flags: --compile, --invertible-backward, peer.
+    plan = [] if args.compile_only else [(m, e, []) for m in models for e in expms]
+    if args.invertible_backward and not args.compile_only:
+        plan += [(m, "project", ["--invertible-backward"]) for m in models]
+    if args.peer and not args.compile_only:
+        plan += [(PEER, "project", ["--match", m]) for m in models]
     if args.compile or args.compile_only:
-        plan += [(m, "project", True) for m in models]
-    for i, (model, expm, compiled) in enumerate(plan):
-        wargs = ["--worker", model, "--batch", str(batch), "--steps", str(steps)]
+        plan += [(m, "project", ["--compile"]) for m in models]
+    sizes = ["--image-size", str(args.image_size)]
+    sizes += [] if args.hidden is None else ["--hidden", str(args.hidden)]
+    for i, (model, expm, flags) in enumerate(plan):
+        wargs = ["--worker", model, "--batch", str(batch), "--steps", str(steps), *sizes]
         wargs += ["--warmup", str(args.warmup), "--expm", expm, "--device", args.device]
-        wargs += (["--profile"] if args.profile and i == 0 else []) + (
-            ["--compile"] if compiled else []
-        )
+        wargs += (["--profile"] if args.profile and i == 0 else []) + flags
         row = _run_worker(wargs, args.threads)[0]
         records.append(row)
-        if model == "mef-cifar":
+        if model == "mef-cifar" and args.image_size == 32 and args.hidden is None:
             rel = abs(row["params"] - MEF_REFERENCE_PARAMS) / MEF_REFERENCE_PARAMS
             assert rel < 5e-3, f"mef-cifar has {row['params']:,} parameters, reference 42.9 M"
     _print_train(records)
     for model in models:
-        by = {r["expm"]: r for r in records if r["model"] == model and not r["compile"]}
+        by = {
+            r["expm"]: r
+            for r in records
+            if r["model"] == model and not r["compile"] and not r["invertible_backward"]
+        }
         if "project" in by and "taylor_host_sync" in by:
             ratio = by["project"]["images_per_s"] / by["taylor_host_sync"]["images_per_s"]
             print(f"{model}: project / release-equivalent images/s = {ratio:.2f}x (target >= 2x)")
@@ -519,11 +655,32 @@ def main(argv: list[str] | None = None) -> None:
                 f"mix {r['achieved_gflops'] / r['conv_mix_gflops']:.2f}; "
                 f"peak memory {r['peak_mb']} MiB (target <= 3072)"
             )
+        inv = [r for r in records if r["model"] == model and r["invertible_backward"]]
+        if "project" in by and inv:
+            r, base = inv[0], by["project"]
+            print(
+                f"{model}: invertible backward: peak memory {r['peak_mb']} MiB vs "
+                f"{base['peak_mb']} MiB ({r['peak_mb'] / base['peak_mb']:.2f}x), time per step "
+                f"{base['images_per_s'] / r['images_per_s']:.2f}x (median "
+                f"{base['images_per_s_median'] / r['images_per_s_median']:.2f}x; target <= "
+                f"1.35x); gradients vs autograd: max rel err {r['grad_max_rel_err_vs_autograd']:.1e}"
+                f"; rebuilt activations over {r['rebuild_layers']} layers: max abs err "
+                f"{r['rebuild_max_abs_err']:.1e} (rel {r['rebuild_max_rel_err']:.1e})"
+            )
+        peer = [r for r in records if r["model"] == PEER and r.get("matched_model") == model]
+        if "project" in by and peer:
+            r, ours = peer[0], by["project"]
+            print(
+                f"{model} ({ours['params']:,} parameters, width {ours['hidden']}) / normflows "
+                f"Glow ({r['params']:,} flow parameters, width {r['hidden']}) images/s = "
+                f"{ours['images_per_s'] / r['images_per_s']:.2f}x (median "
+                f"{ours['images_per_s_median'] / r['images_per_s_median']:.2f}x; target >= 1.2x)"
+            )
     for r in records:
         if "profile" in r:
             _print_profile(r)
 
-    if args.compile_only:
+    if args.compile_only or args.only_extra:
         if args.out:
             write_records(args.out, records)
         return

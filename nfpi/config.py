@@ -224,6 +224,14 @@ class PriorConfig(Config):
     it is scored on; under augmentation the frozen prior misses the clean test latents, which is
     what erodes NF-Acc after the solve, benchmarks/README.md "Erosion").
 
+    ``stats_from_training``: a prior update takes the class statistics gathered during the
+    epoch's training pass (the latents of every training batch, computed there anyway) instead
+    of a separate pass over the training set after the epoch. Cheaper (no extra pass), but not
+    the same statistics: the flow changes at every step of the epoch, the images carry the
+    training pass's dequantisation noise (and augmentation, so it needs ``stats_augment=True``
+    when ``data.augment`` is on), and the last incomplete batch is dropped. Off by default: its
+    effect on NF-Acc is not measured yet (benchmarks/README.md).
+
     ``objective`` (lambda, alpha, pi) is read by both solvers, so the FPI and GD rows of a sweep
     compare at equal objective by construction. ``gd_objective`` overrides it for GD only (the
     released GD weights differ from the released FPI lambda: method notes section 10).
@@ -236,6 +244,7 @@ class PriorConfig(Config):
         resolve_every: re-solve the FPI every this many epochs after ``solve_epoch`` (0: once).
         solve_until: last epoch at whose end the prior is updated (None: no limit).
         stats_augment: take a solve's class statistics under the training augmentation.
+        stats_from_training: take a prior update's statistics from the epoch's training pass.
         objective: what both solvers minimise (lambda, alpha, pi).
         gd_objective: the GD baseline's own objective (None: ``objective``).
         fpi: how the FPI solver runs.
@@ -248,6 +257,7 @@ class PriorConfig(Config):
     resolve_every: int = 0
     solve_until: int | None = None
     stats_augment: bool = True
+    stats_from_training: bool = False
     objective: Objective = field(default_factory=Objective)
     gd_objective: Objective | None = None
     fpi: FPIConfig = field(default_factory=lambda: FPIConfig(var_bounds=(0.25, 1.25)))
@@ -255,6 +265,13 @@ class PriorConfig(Config):
 
     def validate(self) -> None:
         check(self.solve_epoch >= 0, "solve_epoch", self.solve_epoch, "an int >= 0")
+        check(
+            not (self.stats_from_training and self.gd_form_released),
+            "stats_from_training",
+            self.stats_from_training,
+            "false with gd.form='released' (its step needs the per-sample NLL range of a "
+            "separate statistics pass)",
+        )
         check(
             self.resolve_every >= 0,
             "resolve_every",
@@ -323,7 +340,10 @@ class OptimConfig(Config):
     """Flow optimisation: Adamax with linear warm-up (paper: lr 1e-2, 1000 warm-up steps, batch 512,
     500 epochs, no clipping). ``batch_size`` is global: split evenly across data-parallel workers.
     ``init_batch``: how many training images the data-dependent ActNorm init sees (the release:
-    1024).
+    1024). ``invertible_backward``: the backward pass rebuilds each flow layer's input from its
+    output instead of keeping the activations (:mod:`nfpi.flows.reversible`): training memory
+    flat in the flow's depth (``mef-cifar`` at batch 64 on CPU: benchmarks/README.md), about one
+    extra forward pass per step, the same gradients up to round-off.
 
     Attributes:
         epochs: training epochs.
@@ -332,6 +352,7 @@ class OptimConfig(Config):
         warmup_steps: optimiser steps of linear learning-rate warm-up.
         grad_clip: clip the gradient norm to this (None: no clipping).
         init_batch: training images of the flow's data-dependent ActNorm init.
+        invertible_backward: rebuild activations in backward instead of storing them.
     """
 
     epochs: int = 10
@@ -340,6 +361,7 @@ class OptimConfig(Config):
     warmup_steps: int = 1000
     grad_clip: float | None = None
     init_batch: int = 512
+    invertible_backward: bool = False
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an int >= 1")
@@ -477,6 +499,17 @@ class ExperimentConfig(Config):
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "an int >= 0")
+        check(
+            not (
+                self.prior.stats_from_training
+                and self.data.augment
+                and not self.prior.stats_augment
+            ),
+            "prior.stats_from_training",
+            self.prior.stats_from_training,
+            "false with data.augment=true and prior.stats_augment=false (the training pass sees "
+            "augmented images; clean statistics need the separate pass)",
+        )
         check(
             bool(self.name) and "/" not in self.name,
             "name",

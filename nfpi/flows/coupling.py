@@ -334,20 +334,28 @@ class AffineCoupling(_CouplingMixin, InvertibleLayer):
         raw = h[..., self.c2 :] + 2.0
         return h[..., : self.c2], raw
 
+    @staticmethod
+    def _couple(params: tuple[Tensor, Tensor], x2: Tensor) -> tuple[Tensor, Tensor]:
+        """(y2, log-det) from the net's (shift, raw) and x2, all NHWC."""
+        shift, raw = params
+        return torch.addcmul(shift, x2, torch.sigmoid(raw)), F.logsigmoid(raw).sum(dim=(1, 2, 3))
+
+    @staticmethod
+    def _uncouple(params: tuple[Tensor, Tensor], y2: Tensor) -> tuple[Tensor, Tensor]:
+        """(x2, log-det of the inverse) from the net's (shift, raw) and y2, all NHWC."""
+        shift, raw = params
+        return (y2 - shift) / torch.sigmoid(raw), -F.logsigmoid(raw).sum(dim=(1, 2, 3))
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_image(x, self.in_shape, "AffineCoupling.forward")
         x1, x2, h = self._net_nhwc(x)
-        shift, raw = self._params(h)
-        y2 = torch.addcmul(shift, x2, torch.sigmoid(raw))
-        logdet = F.logsigmoid(raw).sum(dim=(1, 2, 3))
+        y2, logdet = self._couple(self._params(h), x2)
         return torch.cat([x1, y2], dim=-1).permute(0, 3, 1, 2), logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_image(y, self.in_shape, "AffineCoupling.inverse")
         y1, y2, h = self._net_nhwc(y)
-        shift, raw = self._params(h)
-        x2 = (y2 - shift) / torch.sigmoid(raw)
-        logdet = -F.logsigmoid(raw).sum(dim=(1, 2, 3))
+        x2, logdet = self._uncouple(self._params(h), y2)
         return torch.cat([y1, x2], dim=-1).permute(0, 3, 1, 2), logdet
 
 
@@ -399,16 +407,26 @@ class MatrixExpCoupling(_CouplingMixin, InvertibleLayer):
     def _logdet(m: Tensor) -> Tensor:
         return torch.diagonal(m, dim1=-2, dim2=-1).sum(dim=(1, 2, 3))
 
+    def _couple(self, params: tuple[Tensor, Tensor], x2: Tensor) -> tuple[Tensor, Tensor]:
+        """(y2, log-det) from the net's (shift, M) and x2, all NHWC."""
+        shift, m = params
+        y2 = torch.matmul(expm(m), x2.unsqueeze(-1)).squeeze(-1) + shift
+        return y2, self._logdet(m)
+
+    def _uncouple(self, params: tuple[Tensor, Tensor], y2: Tensor) -> tuple[Tensor, Tensor]:
+        """(x2, log-det of the inverse) from the net's (shift, M) and y2, all NHWC."""
+        shift, m = params
+        x2 = torch.matmul(expm(-m), (y2 - shift).unsqueeze(-1)).squeeze(-1)
+        return x2, -self._logdet(m)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_image(x, self.in_shape, "MatrixExpCoupling.forward")
         x1, x2, h = self._net_nhwc(x)
-        shift, m = self._params(h)
-        y2 = torch.matmul(expm(m), x2.unsqueeze(-1)).squeeze(-1) + shift
-        return torch.cat([x1, y2], dim=-1).permute(0, 3, 1, 2), self._logdet(m)
+        y2, logdet = self._couple(self._params(h), x2)
+        return torch.cat([x1, y2], dim=-1).permute(0, 3, 1, 2), logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_image(y, self.in_shape, "MatrixExpCoupling.inverse")
         y1, y2, h = self._net_nhwc(y)
-        shift, m = self._params(h)
-        x2 = torch.matmul(expm(-m), (y2 - shift).unsqueeze(-1)).squeeze(-1)
-        return torch.cat([y1, x2], dim=-1).permute(0, 3, 1, 2), -self._logdet(m)
+        x2, logdet = self._uncouple(self._params(h), y2)
+        return torch.cat([y1, x2], dim=-1).permute(0, 3, 1, 2), logdet

@@ -167,6 +167,9 @@ class FlowModel(InvertibleLayer):
     shapes are ``latent_layout``.
 
     Build it with :func:`build_flow`; call :meth:`data_init` once on a fresh model.
+    ``invertible_backward = True`` makes training passes keep no activations: backward rebuilds
+    them from the layers' outputs (:mod:`nfpi.flows.reversible`; memory flat in depth, about
+    one extra forward pass per step).
 
     Example::
 
@@ -188,6 +191,9 @@ class FlowModel(InvertibleLayer):
         layout: list[tuple[int, int, int]] = []
         self.flow = self._level(0, self.in_shape, gen, layout)
         self.latent_layout = tuple(layout)
+        # Training option (not architecture): rebuild activations in backward from the layers'
+        # outputs instead of keeping them (nfpi.flows.reversible); same values and gradients.
+        self.invertible_backward = False
 
     def _level(
         self,
@@ -236,6 +242,10 @@ class FlowModel(InvertibleLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, C, H, W] -> (z [B, d], log|det dz/dx| [B])."""
         check_image(x, self.in_shape, f"FlowModel {self.name!r}")
+        if self.invertible_backward and torch.is_grad_enabled():
+            from nfpi.flows.reversible import invertible_forward  # imports the layers' modules
+
+            return invertible_forward(self.flow, x)
         return self.flow(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:

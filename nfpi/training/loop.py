@@ -184,6 +184,7 @@ class Trainer:
         self.flow: FlowModel = build_flow(
             c.flow.preset, in_shape=tuple(self.info.shape), seed=c.seed, **c.flow.overrides()
         ).to(self.device)
+        self.flow.invertible_backward = c.optim.invertible_backward
         self.model: nn.Module = self.flow  # the DDP wrapper once training starts
         if prior_client is None and self.is_main:
             prior_client = PriorSchedule.default_client(c.prior, self.num_classes, self.dim)
@@ -196,6 +197,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup)
         self.ema = FlowEMA(self.flow, c.ema)
         self.epoch, self.step = 0, 0
+        self.gathered_stats: ClassStatistics | None = None  # see _train_epoch
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from, if any
         self.comm = CommTimer()
@@ -433,6 +435,18 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         self.model.train()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # prior.stats_from_training: the class statistics of this epoch's training latents,
+        # for the prior update at its end (instead of a separate pass).
+        gathered = None
+        if c.prior.stats_from_training and self.schedule.due(epoch):
+            gathered = ClassStatistics.empty(
+                self.num_classes,
+                self.dim,
+                shift=self.prior.means,
+                full=c.prior.covariance == "full",
+                device=self.device,
+            )
+        self.gathered_stats = None
         bar = tqdm(
             self.train_loader,
             desc=f"epoch {epoch}",
@@ -444,7 +458,7 @@ class Trainer:
             if self.augment is not None:
                 x = self.augment(x, gen)
             x = dequantize(x, levels=self.info.levels)
-            nll, _ = nll_nats(self.model, self.prior, x, y, self.info.levels)
+            nll, z = nll_nats(self.model, self.prior, x, y, self.info.levels)
             loss = nll.mean() / (self.dim * math.log(2))  # bits/dim
             if not torch.isfinite(loss):
                 last, note = last_good_note(self.run_dir)
@@ -453,6 +467,8 @@ class Trainer:
                     f"diverged; {note}",
                     None if last is None else str(last),
                 )
+            if gathered is not None:
+                gathered.update_(z, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if c.optim.grad_clip is not None:
@@ -466,12 +482,18 @@ class Trainer:
             )
             bar.set_postfix(bpd=f"{loss.item():.3f}")
         all_reduce_(totals)
+        if gathered is not None:
+            self.gathered_stats = (
+                gathered.with_flat(all_reduce_(gathered.flat())) if self.world > 1 else gathered
+            )
         return {"train_bpd": float(totals[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0]}
 
     def _prior_update(self, epoch: int) -> tuple[dict[str, float], list[Path]]:
         before = self.prior.clone()
         t0 = time.perf_counter()
-        stats = self._statistics(self.flow, epoch)  # includes the all-reduce
+        stats = self.gathered_stats  # prior.stats_from_training: all-reduced already
+        if stats is None:
+            stats = self._statistics(self.flow, epoch)  # includes the all-reduce
         t1 = time.perf_counter()
         update = self.schedule.update(stats)
         metrics = {
