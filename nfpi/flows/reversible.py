@@ -17,7 +17,7 @@ it can rebuild each layer's input from the layer's output (RevNet, Gomez et al. 
 Peak memory is then the parameters, their gradients and optimiser state, plus one layer's
 activations at a time, whatever the number of steps. The price is one extra forward pass of
 every layer (and its inverse for the cheap ones) per training step. Gradients equal autograd's up
-to the round-off of the reconstruction (``tests/test_invertible_backward.py`` compares them in
+to the round-off of the reconstruction (``tests/flows/test_reversible.py`` compares them in
 float64; ``benchmarks/train_throughput.py --invertible-backward`` measures the reconstruction
 error of ``mef-cifar`` in float32 over its full depth).
 
