@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Entry points called in-process configure the root logger (``setup_logging``); undo it
+    after each test, so that one test's console handler does not print into the next's."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A private local Ray (never a running ``ray start`` cluster), shared by every Ray test.
