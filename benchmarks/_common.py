@@ -106,6 +106,45 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
     print(f"\nwrote {len(records)} records to {path}")
 
 
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What made a table: the commit (``+dirty`` when the tracked files differ from it), the
+    command line (``argv``, default ``sys.argv``, relative to the repository root) and the UTC
+    date, so that a published table shows when the code has moved on since."""
+    import shlex
+    import time
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        try:
+            argv[0] = os.path.relpath(argv[0], ROOT)
+        except ValueError:
+            pass
+    return {
+        "commit": commit,
+        "command": "python " + shlex.join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_published(
+    path: str | os.PathLike[str], records: list[dict[str, Any]], argv: list[str] | None = None
+) -> None:
+    """A published table's records, kept beside it: ``{commit, command, date, records}``
+    (:func:`provenance`; ``records`` flat as in :func:`write_records`)."""
+    doc = {**provenance(argv), "records": flat_records(records)}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {len(records)} records with commit {doc['commit'][:12]} to {path}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Devices: every benchmark takes --device cpu|cuda; these keep the timing and memory code shared.
 # ------------------------------------------------------------------------------------------------

@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 run_dir = Path(tmp) / f"{method}-{policy}-{seed}"
                 history = Trainer(cfg, run_dir).fit()
-                final = history[-1]
-                curves.setdefault((method, policy), []).append([h["nf_acc"] for h in history])
+                final = history[-1]  # the last epoch is always evaluated
+                if args.curves:  # otherwise only the last epoch has test metrics
+                    curves.setdefault((method, policy), []).append(
+                        [h["nf_acc"] for h in history]
+                    )
                 rec = {
                     "method": method,
                     "policy": policy,
