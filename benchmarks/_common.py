@@ -106,22 +106,34 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
     print(f"\nwrote {len(records)} records to {path}")
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _commit() -> str:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit
+
+
+# The code a run measures is the code it started with: the commit is read when the benchmark
+# imports this module, not when it writes its records (a commit made meanwhile is not its own).
+_START_COMMIT = _commit()
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """What made a table: the commit (``+dirty`` when the tracked files differ from it), the
-    command line (``argv``, default ``sys.argv``, relative to the repository root) and the UTC
-    date, so that a published table shows when the code has moved on since."""
+    """What made a table: the commit at the start of the run (``+dirty`` when the tracked files
+    differed from it), the command line (``argv``, default ``sys.argv``, relative to the
+    repository root) and the UTC date of writing, so that a published table shows when the code
+    has moved on since."""
     import shlex
     import time
 
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
+    commit = _START_COMMIT
     argv = list(sys.argv if argv is None else argv)
     if argv:
         try:

@@ -262,3 +262,17 @@ def test_device_cuda_without_a_gpu_is_refused(bench, monkeypatch):
         assert "--device cuda" in str(caught.value.code), (name, caught.value.code)
         checked += 1
     assert checked >= 6
+
+
+def test_write_published_keeps_commit_command_and_flat_records(bench, tmp_path):
+    import json
+    import re
+
+    common = bench("_common")
+    path = tmp_path / "t.json"
+    common.write_published(path, [{"a": 1, "b": {"c": [1, 2]}}], argv=["benchmarks/x.py", "--q"])
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"commit", "command", "date", "records"}
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", doc["commit"]), doc["commit"]
+    assert doc["command"] == "python benchmarks/x.py --q"
+    assert doc["records"] == [{"a": 1, "b.c": "[1, 2]"}]
