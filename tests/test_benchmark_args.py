@@ -63,7 +63,7 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
             "run",
             (
                 "--smoke-test --methods fpi --first-seed 1 --no-mlflow "
-                "--keep {tmp}/runs --set prior.resolve_every=0"
+                "--keep {tmp}/runs --set prior.resolve_every=0 --record {tmp}/p.json"
             ),
         ),
         (
