@@ -120,10 +120,13 @@ def run(spec: dict[str, Any], seed: int, epochs: int, extra: dict[str, Any], tmp
 
 
 def table(records: list[dict[str, Any]], which: str) -> str:
-    """Markdown: one row per setting of Table ``which``, mean +- std over seeds, per seed."""
+    """Markdown: one row per setting of Table ``which`` (``"3"``: the four rows; ``"2"``: the
+    lambdas, ascending), mean +- std over seeds, and each seed's NF-Acc."""
+    head = "setting" if which == "3" else "lambda"
     lines = [
-        f"| Table {which} row | lambda | seeds | NF-Acc (%) | per seed | test bits/dim |",
-        "|---|---|---|---|---|---|",
+        f"Table {which} on digits:",
+        f"| {head} | seeds | NF-Acc (%) | per seed | test bits/dim |",
+        "|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
@@ -135,11 +138,12 @@ def table(records: list[dict[str, Any]], which: str) -> str:
         acc = [100 * r["nf_acc"] for r in recs]
         bpd = [r["test_bpd"] for r in recs]
         sd = lambda v: f" +- {statistics.stdev(v):.2f}" if len(v) > 1 else ""
-        first = (
-            row if which == "3" else f"{lam:.6g}" + (" (= #4)" if "3" in recs[0]["table"] else "")
-        )
+        if which == "3":
+            first = f"{row}, lambda {lam:.6g}"
+        else:
+            first = f"{lam:.6g}" + (" (= #4)" if "3" in recs[0]["table"] else "")
         lines.append(
-            f"| {first} | {lam:.6g} | {len(recs)} | {statistics.mean(acc):.2f}{sd(acc)} | "
+            f"| {first} | {len(recs)} | {statistics.mean(acc):.2f}{sd(acc)} | "
             f"{' / '.join(f'{a:.2f}' for a in acc)} | {statistics.mean(bpd):.4f} |"
         )
     return "\n".join(lines)
