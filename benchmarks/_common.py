@@ -106,6 +106,57 @@ def write_records(path: str, records: list[dict[str, Any]]) -> None:
     print(f"\nwrote {len(records)} records to {path}")
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _commit() -> str:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit
+
+
+# The code a run measures is the code it started with: the commit is read when the benchmark
+# imports this module, not when it writes its records (a commit made meanwhile is not its own).
+_START_COMMIT = _commit()
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """What made a table: the commit at the start of the run (``+dirty`` when the tracked files
+    differed from it), the command line (``argv``, default ``sys.argv``, relative to the
+    repository root) and the UTC date of writing, so that a published table shows when the code
+    has moved on since."""
+    import shlex
+    import time
+
+    commit = _START_COMMIT
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        try:
+            argv[0] = os.path.relpath(argv[0], ROOT)
+        except ValueError:
+            pass
+    return {
+        "commit": commit,
+        "command": "python " + shlex.join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_published(
+    path: str | os.PathLike[str], records: list[dict[str, Any]], argv: list[str] | None = None
+) -> None:
+    """A published table's records, kept beside it: ``{commit, command, date, records}``
+    (:func:`provenance`; ``records`` flat as in :func:`write_records`)."""
+    doc = {**provenance(argv), "records": flat_records(records)}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {len(records)} records with commit {doc['commit'][:12]} to {path}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Devices: every benchmark takes --device cpu|cuda; these keep the timing and memory code shared.
 # ------------------------------------------------------------------------------------------------

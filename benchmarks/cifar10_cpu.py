@@ -2,6 +2,7 @@
 
     python benchmarks/cifar10_cpu.py [--quick | --smoke-test] [--out PATH] [--data TARBALL]
         [--methods data-init,gd,fpi] [--seeds N] [--epochs N] [--jobs N] [--threads N]
+        [--record PATH]
 
 Every run is the ``cifar10_cpu`` experiment (nfpi/presets.py) through the library loop
 (``Trainer``, no Ray) on the CIFAR-10 JPEG ImageFolder tarball (all 50k training and 10k test
@@ -36,7 +37,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, benchmark_parser, mode_name, write_records  # benchmarks/ on sys.path
+from _common import (  # benchmarks/ on sys.path
+    ROOT,
+    benchmark_parser,
+    mode_name,
+    write_published,
+    write_records,
+)
 
 from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import PRIOR_METHODS
@@ -183,6 +190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow store (default sqlite under results/)")
     parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
     parser.add_argument("--keep", type=Path, help="keep the run directories here")
+    parser.add_argument(
+        "--record", metavar="PATH", help="write {commit, command, date, records} here (published)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -339,6 +349,8 @@ def report(
         parent.finish()
     if args.out:
         write_records(args.out, records)
+    if args.record:
+        write_published(args.record, records)
 
 
 if __name__ == "__main__":

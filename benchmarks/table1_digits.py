@@ -2,7 +2,7 @@
 scikit-learn's digits, equal epoch budgets, several seeds; NF-Acc and test bits/dim (mean +- std).
 
     python benchmarks/table1_digits.py [--quick | --smoke-test] [--out PATH] [--epochs N]
-        [--methods data-init,gd,fpi] [--policies P,...] [--curves] [--set KEY=VALUE ...]
+        [--methods data-init,gd,fpi] [--policies P,...] [--curves] [--set KEY=VALUE ...] [--record PATH]
 
 Single-process runs of the library loop (no Ray), the ``digits`` experiment (tiny MEF flow)
 with plots off. Every method runs the preset's schedule (prior updates at the end of epochs 0
@@ -28,6 +28,7 @@ from _common import (  # benchmarks/ is on sys.path
     add_device_arg,
     benchmark_parser,
     check_device,
+    write_published,
     write_records,
 )
 
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra config overrides for every run (e.g. prior.objective.lam=300)",
     )
+    parser.add_argument(
+        "--record", metavar="PATH", help="write {commit, command, date, records} here (published)"
+    )
     add_device_arg(parser)
     args = parser.parse_args(argv)
     check_device(args.device)
@@ -144,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 run_dir = Path(tmp) / f"{method}-{policy}-{seed}"
                 history = Trainer(cfg, run_dir).fit()
-                final = history[-1]
-                curves.setdefault((method, policy), []).append([h["nf_acc"] for h in history])
+                final = history[-1]  # the last epoch is always evaluated
+                if args.curves:  # otherwise only the last epoch has test metrics
+                    curves.setdefault((method, policy), []).append([h["nf_acc"] for h in history])
                 rec = {
                     "method": method,
                     "policy": policy,
@@ -191,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e:<6}" + "".join(f"{100 * v:>22.2f}" for v in row))
     if args.out:
         write_records(args.out, records)
+    if args.record:
+        write_published(args.record, records)
     return 0
 
 

@@ -1,0 +1,230 @@
+"""Pixel baselines: scikit-learn classifiers fitted to the raw pixels of the split a flow sees.
+
+    python benchmarks/pixel_baselines.py [--quick | --smoke-test] [--out PATH] [--record PATH]
+        [--datasets cifar10,digits] [--sizes 16,32] [--pca 25,50,100,200] [--data TARBALL]
+        [--models qda,lda,gnb,logreg]
+
+The yardstick for NF-Acc (issue 23): a class-conditional flow's latent gaussians should classify
+clearly better than gaussians fitted to the pixels themselves. Each dataset is loaded exactly as
+the training loop loads it (``load_dataset`` with the experiment's ``data.split_kwargs``, seed 0):
+``cifar10`` is the ``cifar10_cpu`` experiment's split (the JPEG tarball, all 50k training and 10k
+test images, resized to ``--sizes``), ``digits`` the ``digits`` experiment's (1437 / 360). Features
+are the pixel values scaled to [0, 1]. Models, each fitted on the training split and scored on
+the test split:
+
+- ``qda``: quadratic discriminant analysis (one full-covariance gaussian per class) on the first k
+  principal components of the training pixels, k in ``--pca``, covariance regularisation 0.01 and
+  0.1 (``reg_param``; the better on the *test* set is reported, an optimistic baseline);
+- ``lda``: linear discriminant analysis on all pixels (shared covariance, ``svd`` solver);
+- ``gnb``: gaussian naive Bayes on all pixels (diagonal covariance per class);
+- ``logreg``: multinomial logistic regression on standardised pixels (lbfgs, C = 1, 300 iterations).
+
+Records: ``dataset``, ``size`` (side in pixels; 8 for digits), ``d``, ``model``, ``k`` (PCA
+components, null for the others), ``reg`` (QDA's reg_param), ``train_n``, ``test_n``,
+``train_acc``, ``test_acc``, ``seconds``.
+
+``--quick``: 200 training / 100 test images per class of CIFAR-10 at 16 x 16, PCA 25 and 50.
+``--smoke-test``: a generated 3-class JPEG ImageFolder (8 + 4 images per class) and digits, in
+seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import ROOT, benchmark_parser, mode_name, write_published, write_records
+
+from nfpi.data import load_dataset
+from nfpi.presets import experiment_config
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+MODELS = ("qda", "lda", "gnb", "logreg")
+DATASETS = ("cifar10", "digits")
+QDA_REGS = (0.01, 0.1)
+
+
+def _split(experiment: str, overrides: dict[str, Any], split: str) -> tuple[np.ndarray, ...]:
+    """``(X, y)`` of one split as the training loop loads it: X float64 [N, d] in [0, 1]."""
+    cfg = experiment_config(experiment, overrides)
+    ds, info = load_dataset(cfg.data.name, split, seed=cfg.seed, **cfg.data.split_kwargs(split))
+    if hasattr(ds, "images"):
+        x = ds.images
+    else:  # files: decode them once
+        x = np.stack([ds.load(i).numpy() for i in range(len(ds))])
+    x = np.asarray(x, dtype=np.float64).reshape(len(ds), -1) / (info.levels - 1)
+    return x, ds.targets.numpy()
+
+
+def _fits(
+    models: tuple[str, ...], pca_ks: list[int], xtr: np.ndarray, ytr: np.ndarray
+) -> list[tuple[str, int | None, float | None, Any]]:
+    """``(model, k, reg, predict)`` for every model and setting; ``predict`` maps pixels to labels."""
+    import warnings
+
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import (
+        LinearDiscriminantAnalysis,
+        QuadraticDiscriminantAnalysis,
+    )
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = []
+    if "qda" in models:
+        for k in [k for k in pca_ks if k < min(xtr.shape)]:
+            pca = PCA(n_components=k, random_state=0).fit(xtr)
+            ztr = pca.transform(xtr)
+            for reg in QDA_REGS:
+                qda = QuadraticDiscriminantAnalysis(reg_param=reg).fit(ztr, ytr)
+                out.append(("qda", k, reg, lambda x, p=pca, q=qda: q.predict(p.transform(x))))
+    if "lda" in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # collinear pixels (digits' constant borders)
+            lda = LinearDiscriminantAnalysis(solver="svd").fit(xtr, ytr)
+        out.append(("lda", None, None, lda.predict))
+    if "gnb" in models:
+        out.append(("gnb", None, None, GaussianNB().fit(xtr, ytr).predict))
+    if "logreg" in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lbfgs may stop at max_iter: a baseline either way
+            lr = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=300))
+            lr.fit(xtr, ytr)
+        out.append(("logreg", None, None, lr.predict))
+    return out
+
+
+def run_dataset(
+    name: str, size: int, experiment: str, overrides: dict[str, Any], models, pca_ks
+) -> list[dict[str, Any]]:
+    t0 = time.perf_counter()
+    xtr, ytr = _split(experiment, overrides, "train")
+    xte, yte = _split(experiment, overrides, "test")
+    print(
+        f"{name} {size} x {size}: {len(ytr)} train / {len(yte)} test images, d = {xtr.shape[1]} "
+        f"(loaded in {time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    records = []
+    t_fit = time.perf_counter()
+    for model, k, reg, predict in _fits(models, pca_ks, xtr, ytr):
+        rec = {
+            "dataset": name,
+            "size": size,
+            "d": int(xtr.shape[1]),
+            "model": model,
+            "k": k,
+            "reg": reg,
+            "train_n": len(ytr),
+            "test_n": len(yte),
+            "train_acc": float((predict(xtr) == ytr).mean()),
+            "test_acc": float((predict(xte) == yte).mean()),
+            "seconds": time.perf_counter() - t_fit,  # fit (shared PCA counted once) + predict
+        }
+        t_fit = time.perf_counter()
+        records.append(rec)
+        print(
+            f"  {model:<7} k={k or '-':<4} reg={reg or '-':<5} train {rec['train_acc']:.4f}  "
+            f"test {rec['test_acc']:.4f}",
+            flush=True,
+        )
+    return records
+
+
+def best_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (dataset, size, model, k): the QDA regularisation with the best test accuracy."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        key = (r["dataset"], r["size"], r["model"], r["k"])
+        if key not in best or r["test_acc"] > best[key]["test_acc"]:
+            best[key] = r
+    return list(best.values())
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    rows = [
+        "| dataset | size | model | PCA k | reg | train acc (%) | test acc (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in best_rows(records):
+        rows.append(
+            f"| {r['dataset']} | {r['size']} | {r['model']} | {r['k'] or '-'} | "
+            f"{r['reg'] or '-'} | {100 * r['train_acc']:.2f} | {100 * r['test_acc']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0], "200+100 CIFAR-10 images per class at 16 x 16 (~1 min)"
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 JPEG tarball")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset")
+    parser.add_argument("--sizes", default="16", help="CIFAR-10 sides, e.g. 16,32 (default 16)")
+    parser.add_argument("--pca", default="25,50,100,200", help="QDA's PCA components")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument(
+        "--record", metavar="PATH", help="write {commit, command, date, records} here (published)"
+    )
+    args = parser.parse_args(argv)
+    datasets = tuple(s for s in args.datasets.split(",") if s)
+    models = tuple(s for s in args.models.split(",") if s)
+    if not datasets or any(d not in DATASETS for d in datasets):
+        parser.error(f"--datasets {args.datasets!r}: choose from {', '.join(DATASETS)}")
+    if not models or any(m not in MODELS for m in models):
+        parser.error(f"--models {args.models!r}: choose from {', '.join(MODELS)}")
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        pca_ks = [int(s) for s in args.pca.split(",") if s]
+    except ValueError:
+        parser.error("--sizes and --pca take comma-separated integers, e.g. --sizes 16,32")
+    if not sizes or min(sizes) < 1 or not pca_ks or min(pca_ks) < 1:
+        parser.error("--sizes and --pca need at least one integer >= 1 each")
+
+    work = tempfile.TemporaryDirectory(prefix="pixel_baselines-")
+    cifar: dict[str, Any] = {}
+    data = args.data.expanduser().resolve()
+    if args.smoke_test:
+        from cifar10_cpu import smoke_imagefolder
+
+        data = smoke_imagefolder(Path(work.name) / "data")
+        sizes, pca_ks = [16], [2]
+    elif args.quick:
+        cifar = {"data.items_per_class": 200, "data.test_items_per_class": 100}
+        sizes, pca_ks = [16], [25, 50]
+    if "cifar10" in datasets and not data.exists():
+        print(
+            f"error: no CIFAR-10 data at {data}: pass --data with the cifar10-jpeg.tar.gz tarball "
+            "(or leave cifar10 out of --datasets)",
+            file=sys.stderr,
+        )
+        return 2
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    if "cifar10" in datasets:
+        for size in sizes:
+            overrides = {**cifar, "data.root": str(data), "data.image_size": size}
+            records += run_dataset("cifar10", size, "cifar10_cpu", overrides, models, pca_ks)
+    if "digits" in datasets:
+        records += run_dataset("digits", 8, "digits", {}, models, [k for k in pca_ks if k < 64])
+    print(
+        f"\nPixel baselines ({mode_name(args)}, {time.perf_counter() - t0:.0f} s; QDA: the better "
+        f"of reg_param {', '.join(map(str, QDA_REGS))} on the test set)"
+    )
+    print(table(records))
+    if args.out:
+        write_records(args.out, records)
+    if args.record:
+        write_published(args.record, records)
+    work.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
