@@ -456,15 +456,26 @@ class _FixedPointMap:
         """Raise FPIDivergenceError when the state has grown far beyond the data's own scale
         while the residual stopped decreasing: no finite fixed point is being approached."""
         var_now = x.scale if self.diag else torch.diagonal(x.scale, dim1=1, dim2=2)
-        growth = max(float(var_now.max()) / self.ref_var, _class_l2(x.mu - self.m) / self.ref_mu)
+        mean_growth = _class_l2(x.mu - self.m) / self.ref_mu
+        growth = max(float(var_now.max()) / self.ref_var, mean_growth)
         residuals = self.report.residuals
         if growth > self.config.divergence_factor and x.residual >= min(residuals[-10:]):
             self.report.stop_reason = "diverged"
             self.report.kl_min_after, self.report.kl_mean_after = _kl_summary(x.mu, x.scale)
+            if mean_growth > self.config.divergence_factor:
+                # Variance bounds and a means-only update cannot hold means that run away.
+                advice = (
+                    f"the means run away: the repulsion outweighs the likelihood at lambda = "
+                    f"{self.objective.lam:g}, whatever the variances do; lower lam"
+                )
+            else:
+                advice = (
+                    "the variances grow without bound: with them free this lambda has no "
+                    "finite fixed point: set var_bounds, lower lam, or update the means only"
+                )
             raise FPIDivergenceError(
                 f"FPI diverges at iteration {it}: means/variances grew to {growth:.3g}x the data "
-                f"scale ({self.report.summary()}); with both means and variances free this lambda "
-                "has no finite fixed point: set var_bounds, lower lam, or update the means only",
+                f"scale ({self.report.summary()}); {advice}",
                 self.report,
             )
 

@@ -359,3 +359,18 @@ def test_mismatched_init_is_rejected():
     stats = _blobs()
     with pytest.raises(ShapeError):
         solve_fpi(stats, *cfg_(), init=GaussianPrior.standard(4, 3))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FPIConfig(), FPIConfig(var_bounds=(0.25, 1.25)), FPIConfig(update="mean")],
+    ids=["both", "bounded", "means-only"],
+)
+def test_runaway_means_are_told_to_lower_lambda_only(config):
+    """At lambda = 1e30 the means run away whatever the variances do: the advice names lowering
+    lambda, not bounds or a means-only update (which were tried here and do not help)."""
+    with pytest.raises(FPIDivergenceError) as err:
+        solve_fpi(_blobs(), Objective(lam=1e30), config)
+    text = str(err.value)
+    assert "lower lam" in text and "means run away" in text
+    assert "var_bounds" not in text and "means only" not in text
