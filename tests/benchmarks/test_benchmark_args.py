@@ -118,6 +118,11 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         ),
         ("parse", "--smoke-test --compile-only"),
         ("parse", "--quick"),
+        (
+            "parse",
+            "--smoke-test --models glow-small --image-size 16 --hidden 32 --invertible-backward "
+            "--peer --only-extra",
+        ),
     ],
 }
 # Bad input refused before any work, with one line naming the flag (exit 2, no traceback).
