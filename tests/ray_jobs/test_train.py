@@ -156,8 +156,9 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
     ray_session, tmp_path, crash_epoch, lose_local, path
 ):
     """A worker dies at the end of epoch ``crash_epoch``, before reporting it. The restarted
-    group resumes from the run directory's last good checkpoint; with no checkpoint at all, from
-    scratch (prior actor reset). When the run directory is lost but Ray Train registered a
+    group resumes from the run directory's last good checkpoint; with no history at all (no
+    checkpoint, no metrics: a directory with history but no loadable checkpoint is refused
+    instead, tests/training/test_resume_history.py), from scratch (prior actor reset). When the run directory is lost but Ray Train registered a
     checkpoint, the group resumes from that one: tests/ray_jobs/test_recovery.py::
     test_killed_worker_in_a_two_worker_group_logs_each_step_once_and_ends_bit_identical (two
     workers, bit-identical to an uninterrupted run)."""
@@ -175,8 +176,9 @@ def test_killed_worker_resumes_and_finishes_like_an_uninterrupted_run(
         if result.epoch != crash_epoch:
             return
         marker.write_text(str(os.getpid()))
-        if lose_local:
+        if lose_local:  # nothing of the run reached its directory: the restart starts afresh
             shutil.rmtree(trainer.run_dir / "checkpoints")
+            (trainer.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         os._exit(1)  # the worker process dies before reporting this epoch
 
     result = run_experiment(config, settings, "crash", worker_callbacks=[crash_once])
