@@ -129,6 +129,17 @@ class _AttentionNetMixin:
     net: nn.Module
     attention: PixelAttention
 
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        hidden: int = 128,
+        blocks: int = 1,
+        heads: int = RELEASED_HEADS,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(in_shape, hidden=hidden, blocks=blocks, generator=generator)
+        self._setup_attention(heads, generator)
+
     def _setup_attention(self, heads: int, generator: torch.Generator | None) -> None:
         channels = self.net.out_bias.numel()
         check_heads(channels, heads, f" in {type(self).__name__}{self.in_shape}")
@@ -151,17 +162,6 @@ class AttentionMatrixExpCoupling(_AttentionNetMixin, MatrixExpCoupling):
         >>> y, logdet = layer(torch.randn(2, 4, 8, 8))
     """
 
-    def __init__(
-        self,
-        in_shape: tuple[int, int, int],
-        hidden: int = 128,
-        blocks: int = 1,
-        heads: int = RELEASED_HEADS,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(in_shape, hidden=hidden, blocks=blocks, generator=generator)
-        self._setup_attention(heads, generator)
-
 
 @register_layer("affine_coupling_attention")
 class AttentionAffineCoupling(_AttentionNetMixin, AffineCoupling):
@@ -173,14 +173,3 @@ class AttentionAffineCoupling(_AttentionNetMixin, AffineCoupling):
         >>> layer = AttentionAffineCoupling((4, 8, 8), hidden=16, blocks=1, heads=2)
         >>> y, logdet = layer(torch.randn(2, 4, 8, 8))
     """
-
-    def __init__(
-        self,
-        in_shape: tuple[int, int, int],
-        hidden: int = 128,
-        blocks: int = 1,
-        heads: int = RELEASED_HEADS,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(in_shape, hidden=hidden, blocks=blocks, generator=generator)
-        self._setup_attention(heads, generator)

@@ -84,35 +84,27 @@ class FlowSpec(Config):
         check(self.attention_heads >= 1, "attention_heads", self.attention_heads, "an int >= 1")
 
 
+# MEF on Glow's skeleton as used by the paper (method notes section 7); 42.9 M parameters on
+# 3x32x32 like the reference implementation.
+_MEF_CIFAR = FlowSpec(
+    levels=3,
+    steps=8,
+    blocks=(8, 4, 2),
+    hidden=128,
+    coupling="matrixexp",
+    conv1x1="matrixexp",
+    actnorm="element",
+)
+
 PRESETS: dict[str, FlowSpec] = {
-    # MEF on Glow's skeleton as used by the paper (method notes section 7); 42.9 M parameters on
-    # 3x32x32 like the reference implementation.
-    "mef-cifar": FlowSpec(
-        levels=3,
-        steps=8,
-        blocks=(8, 4, 2),
-        hidden=128,
-        coupling="matrixexp",
-        conv1x1="matrixexp",
-        actnorm="element",
-    ),
+    "mef-cifar": _MEF_CIFAR,
     # A smaller, faster Glow.
     "glow-small": FlowSpec(
         levels=3, steps=4, blocks=1, hidden=128, coupling="affine", conv1x1="lu", actnorm="channel"
     ),
     # mef-cifar with the release's attention layers (nfpi.flows.attention): the flow of its
     # ImageNet-32-pretrained, CIFAR-fine-tuned checkpoints (its README: ++use_attention_after=1).
-    "mef-cifar-attn": FlowSpec(
-        levels=3,
-        steps=8,
-        blocks=(8, 4, 2),
-        hidden=128,
-        coupling="matrixexp",
-        conv1x1="matrixexp",
-        actnorm="element",
-        attention=True,
-        attention_heads=6,
-    ),
+    "mef-cifar-attn": _MEF_CIFAR.replace(attention=True, attention_heads=6),
     # Tests, scikit-learn digits (1x8x8) and quick runs: the MEF layer types at toy size.
     "tiny": FlowSpec(
         levels=2,
