@@ -74,6 +74,10 @@ class DownstreamConfig(Config):
             the flow's 32 x 32 upsampled); ``None``: the flow's data resolution. Images the flow
             makes (generated sets, NF augmentation) are made at the flow's resolution and
             upsampled (bicubic, antialiased) to it.
+        items_per_class: the real training images per class the classifier sees (a subset
+            drawn with the flow's seed, as ``data.items_per_class`` draws one; Table 5 on a
+            subset); ``None``: the flow's training set. The NF augmentation's class statistics
+            still come from the flow's training set.
     """
 
     kind: Literal["cnn", "augment"] = "cnn"
@@ -85,6 +89,7 @@ class DownstreamConfig(Config):
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     nf_pool: PoolConfig | None = None
     image_size: int | None = None
+    items_per_class: int | None = None
 
     def validate(self) -> None:
         check(
@@ -107,6 +112,12 @@ class DownstreamConfig(Config):
             "None for kind='cnn' unless cnn.input_size is set (the generated images are made "
             "at the flow's resolution; cnn.input_size resizes them and the real test images "
             "alike)",
+        )
+        check(
+            self.items_per_class is None or self.items_per_class >= 1,
+            "items_per_class",
+            self.items_per_class,
+            "None (the flow's training set) or an int >= 1",
         )
         check(
             self.per_class is None or self.per_class >= 1,
@@ -275,7 +286,8 @@ def run_downstream(
     seed = model.config.seed
     flow_train, info = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
     train, test = flow_train, None
-    if config.image_size is not None and config.image_size != info.shape[-1]:
+    upsampled = config.image_size is not None and config.image_size != info.shape[-1]
+    if upsampled:
         if data.name != "imagefolder":
             raise ConfigError(
                 "downstream.image_size",
@@ -284,6 +296,9 @@ def run_downstream(
                 "cnn.input_size resizes them for the network) or an image folder",
             )
         data = data.replace(image_size=config.image_size)
+    if config.items_per_class is not None:
+        data = data.replace(items_per_class=config.items_per_class)
+    if upsampled or config.items_per_class is not None:
         train, _ = load_dataset(data.name, "train", seed=seed, **data.split_kwargs("train"))
     test, _ = load_dataset(data.name, "test", seed=seed, **data.split_kwargs("test"))
     k, names = info.num_classes, info.class_names
@@ -338,7 +353,7 @@ def run_downstream(
         elif clf.nf_augment is not None:
             nf_cfg = clf.nf_augment.replace(checkpoint=str(checkpoint))
             nf = NFAugment.from_checkpoint(nf_cfg, flow_train, device=device)
-            if train is not flow_train:
+            if upsampled:
                 nf = ResolutionBridge(nf, info.shape[-1])
         results[role] = _train(role, train, test, k, clf, names, out, callback, nf)
         metrics["aug_acc"] = results[role].accuracy

@@ -44,6 +44,21 @@ def test_augment_with_nf_augmentation(checkpoint, tmp_path):
     assert result.results["augmented"].nf_augment_stats  # the NF augmentation really ran
 
 
+def test_augment_trains_the_classifier_on_a_subset_of_the_flows_training_set(checkpoint, tmp_path):
+    nf = {"n_components": 4, "probability": 0.5, "per_class_fit_samples": 20}
+    overrides = {**FAST, "downstream.kind": "augment", "cnn.nf_augment": nf}
+    full = run_downstream(checkpoint, DownstreamConfig.from_overrides(overrides), tmp_path / "a")
+    subset = run_downstream(
+        checkpoint,
+        DownstreamConfig.from_overrides({**overrides, "downstream.items_per_class": 3, "cnn.batch_size": 10}),
+        tmp_path / "b",
+    )
+    k = len(subset.results["augmented"].per_class_accuracy)
+    # one epoch: every training image passes the NF augmentation once
+    assert subset.results["augmented"].nf_augment_stats["images"] == 3 * k
+    assert full.results["augmented"].nf_augment_stats["images"] > 3 * k
+
+
 def test_bad_downstream_values_name_their_field():
     with pytest.raises(ConfigError, match="downstream.kind"):
         DownstreamConfig.from_overrides({"downstream.kind": "gan"})
