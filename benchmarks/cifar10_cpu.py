@@ -27,6 +27,7 @@ the service's store ``results/mlflow.db``, experiment ``cifar10_cpu``; ``--no-ml
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import signal
@@ -107,7 +108,7 @@ def run_one(
         "seed": seed,
         "nf_acc": history[-1]["nf_acc"],
         "test_bpd": history[-1]["test_bpd"],
-        "nf_acc_after_solve": after["nf_acc"],
+        "nf_acc_after_solve": after.get("nf_acc", math.nan),  # NaN: not evaluated (eval.every)
         "minutes": minutes,
         "epochs": cfg.optim.epochs,
         "lam": cfg.prior.objective_for().lam,

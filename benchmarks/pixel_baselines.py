@@ -2,7 +2,7 @@
 
     python benchmarks/pixel_baselines.py [--quick | --smoke-test] [--out PATH] [--record PATH]
         [--datasets cifar10,digits] [--sizes 16,32] [--pca 25,50,100,200] [--data TARBALL]
-        [--models qda,lda,gnb,logreg]
+        [--models qda,lda,gnb,logreg] [--flow RUN_DIR ...]
 
 The yardstick for NF-Acc (issue 23): a class-conditional flow's latent gaussians should classify
 clearly better than gaussians fitted to the pixels themselves. Each dataset is loaded exactly as
@@ -19,7 +19,16 @@ the test split:
 - ``gnb``: gaussian naive Bayes on all pixels (diagonal covariance per class);
 - ``logreg``: multinomial logistic regression on standardised pixels (lbfgs, C = 1, 300 iterations).
 
-Records: ``dataset``, ``size`` (side in pixels; 8 for digits), ``d``, ``model``, ``k`` (PCA
+``--flow RUN_DIR`` (repeatable; a finished run directory, e.g. of ``cifar10_cpu.py --keep``) fits
+the same models to that flow's latents z of its own training and test splits instead of the pixels
+(the inputs dequantised with seeded noise, as the loop's evaluation does), and adds the flow's own
+prior as the model ``nf_prior`` (its NF-Acc, on the training split too). This is what separates
+the flow's latent space from the classifier put on it: ``gnb`` on the latents is the diagonal
+gaussians refitted to the latents' class moments (what the prior would be without the KLD term),
+``qda`` the full-covariance ones.
+
+Records: ``features`` (``pixels`` or ``latents``), ``flow`` (the run directory's name, null for
+pixels), ``dataset``, ``size`` (side in pixels; 8 for digits), ``d``, ``model``, ``k`` (PCA
 components, null for the others), ``reg`` (QDA's reg_param), ``train_n``, ``test_n``,
 ``train_acc``, ``test_acc``, ``seconds``.
 
@@ -58,6 +67,29 @@ def _split(experiment: str, overrides: dict[str, Any], split: str) -> tuple[np.n
         x = np.stack([ds.load(i).numpy() for i in range(len(ds))])
     x = np.asarray(x, dtype=np.float64).reshape(len(ds), -1) / (info.levels - 1)
     return x, ds.targets.numpy()
+
+
+def _latent_split(model: Any, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(Z, y, nf_prediction)`` of a trained flow's own ``split``: Z float64 [N, d] latents of
+    the inputs dequantised with seeded noise (as the loop's evaluation), and the class its prior
+    gives each (NF-Acc's argmax)."""
+    import torch
+
+    from nfpi.data.quantization import dequantize
+
+    cfg = model.config
+    ds, info = load_dataset(cfg.data.name, split, seed=cfg.seed, **cfg.data.split_kwargs(split))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    zs, ys, preds = [], [], []
+    loader = torch.utils.data.DataLoader(ds, batch_size=500, shuffle=False)
+    with torch.no_grad():
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            z, _ = model.flow(dequantize(x, gen, levels=info.levels))
+            zs.append(z.double().numpy())
+            ys.append(y.numpy())
+            preds.append(model.prior.classify(z).numpy())
+    return np.concatenate(zs), np.concatenate(ys), np.concatenate(preds)
 
 
 def _fits(
@@ -104,19 +136,69 @@ def run_dataset(
     name: str, size: int, experiment: str, overrides: dict[str, Any], models, pca_ks
 ) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
-    xtr, ytr = _split(experiment, overrides, "train")
-    xte, yte = _split(experiment, overrides, "test")
+    train = _split(experiment, overrides, "train")
+    test = _split(experiment, overrides, "test")
     print(
-        f"{name} {size} x {size}: {len(ytr)} train / {len(yte)} test images, d = {xtr.shape[1]} "
-        f"(loaded in {time.perf_counter() - t0:.0f} s)",
+        f"{name} {size} x {size}: {len(train[1])} train / {len(test[1])} test images, d = "
+        f"{train[0].shape[1]} (loaded in {time.perf_counter() - t0:.0f} s)",
         flush=True,
     )
+    head = {"features": "pixels", "flow": None, "dataset": name, "size": size}
+    return fit_and_score(head, train, test, models, pca_ks)
+
+
+def run_flow(run_dir: Path, models, pca_ks) -> list[dict[str, Any]]:
+    """The models on a trained flow's latents, and the flow's own prior (``nf_prior``)."""
+    from nfpi.checkpoint import load_trained
+
+    t0 = time.perf_counter()
+    model = load_trained(run_dir)
+    *train, nf_train = _latent_split(model, "train")
+    *test, nf_test = _latent_split(model, "test")
+    cfg = model.config
+    print(
+        f"latents of {run_dir.name} ({cfg.data.name}, epoch {model.epoch}): {len(train[1])} train / "
+        f"{len(test[1])} test images, d = {train[0].shape[1]} (encoded in "
+        f"{time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    head = {
+        "features": "latents",
+        "flow": run_dir.name,
+        "dataset": cfg.data.name,
+        "size": int(model.info.shape[-1]),
+    }
+    records = fit_and_score(head, train, test, models, pca_ks)
+    records.append(
+        {
+            **head,
+            "d": int(train[0].shape[1]),
+            "model": "nf_prior",
+            "k": None,
+            "reg": None,
+            "train_n": len(train[1]),
+            "test_n": len(test[1]),
+            "train_acc": float((nf_train == train[1]).mean()),
+            "test_acc": float((nf_test == test[1]).mean()),
+            "seconds": 0.0,
+        }
+    )
+    print(
+        f"  nf_prior                 train {records[-1]['train_acc']:.4f}  test "
+        f"{records[-1]['test_acc']:.4f}",
+        flush=True,
+    )
+    return records
+
+
+def fit_and_score(head: dict[str, Any], train, test, models, pca_ks) -> list[dict[str, Any]]:
+    """Every model fitted on ``train`` = (X, y) and scored on both splits."""
+    (xtr, ytr), (xte, yte) = train, test
     records = []
     t_fit = time.perf_counter()
     for model, k, reg, predict in _fits(models, pca_ks, xtr, ytr):
         rec = {
-            "dataset": name,
-            "size": size,
+            **head,
             "d": int(xtr.shape[1]),
             "model": model,
             "k": k,
@@ -141,7 +223,7 @@ def best_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (dataset, size, model, k): the QDA regularisation with the best test accuracy."""
     best: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        key = (r["dataset"], r["size"], r["model"], r["k"])
+        key = (r["features"], r["flow"], r["dataset"], r["size"], r["model"], r["k"])
         if key not in best or r["test_acc"] > best[key]["test_acc"]:
             best[key] = r
     return list(best.values())
@@ -149,12 +231,13 @@ def best_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(records: list[dict[str, Any]]) -> str:
     rows = [
-        "| dataset | size | model | PCA k | reg | train acc (%) | test acc (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| features | dataset | size | model | PCA k | reg | train acc (%) | test acc (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in best_rows(records):
+        features = r["features"] if r["flow"] is None else f"latents of {r['flow']}"
         rows.append(
-            f"| {r['dataset']} | {r['size']} | {r['model']} | {r['k'] or '-'} | "
+            f"| {features} | {r['dataset']} | {r['size']} | {r['model']} | {r['k'] or '-'} | "
             f"{r['reg'] or '-'} | {100 * r['train_acc']:.2f} | {100 * r['test_acc']:.2f} |"
         )
     return "\n".join(rows)
@@ -169,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="16", help="CIFAR-10 sides, e.g. 16,32 (default 16)")
     parser.add_argument("--pca", default="25,50,100,200", help="QDA's PCA components")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    parser.add_argument(
+        "--flow",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="RUN_DIR",
+        help="also fit the models to this trained flow's latents (repeatable)",
+    )
     parser.add_argument(
         "--record", metavar="PATH", help="write {commit, command, date, records} here (published)"
     )
@@ -213,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             records += run_dataset("cifar10", size, "cifar10_cpu", overrides, models, pca_ks)
     if "digits" in datasets:
         records += run_dataset("digits", 8, "digits", {}, models, [k for k in pca_ks if k < 64])
+    for run_dir in args.flow:
+        records += run_flow(run_dir.expanduser().resolve(), models, pca_ks)
     print(
         f"\nPixel baselines ({mode_name(args)}, {time.perf_counter() - t0:.0f} s; QDA: the better "
         f"of reg_param {', '.join(map(str, QDA_REGS))} on the test set)"

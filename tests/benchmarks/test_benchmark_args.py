@@ -57,6 +57,8 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
             ),
         ),
         ("parse", "--quick --data {tmp}/x.tar.gz --datasets cifar10 --sizes 16,32"),
+        # --flow runs in process on a trained run: test_pixel_baselines_on_a_flows_latents
+        ("parse", "--smoke-test --datasets digits --flow {tmp}/run"),
     ],
     "cifar10_cpu": [
         (
@@ -74,6 +76,17 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
             ),
         ),
         ("parse", "--quick --data {tmp}/x.tar.gz --seeds 2 --epochs 2"),
+    ],
+    "cifar10_cpu_tables": [
+        (
+            "run",
+            (
+                "--smoke-test --tables 2,5 --lambdas 0 --seeds 1 --first-seed 1 --epochs 1 "
+                "--cnn-per-class 2 --cnn-epochs 1 --t5-per-class 2 --t5-seeds 1 --jobs 1 "
+                "--work {tmp}/w --set flow.hidden=4 --record {tmp}/p.json"
+            ),
+        ),
+        ("parse", "--quick --data {tmp}/x.tar.gz --items-per-class 100 --tables 3"),
     ],
     "fpi_scaling": [
         (
@@ -120,8 +133,10 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         ("parse", "--quick"),
         (
             "parse",
-            "--smoke-test --models glow-small --image-size 16 --hidden 32 --invertible-backward "
-            "--peer --only-extra",
+            (
+                "--smoke-test --models glow-small --image-size 16 --hidden 32 "
+                "--invertible-backward --peer --only-extra"
+            ),
         ),
     ],
 }
@@ -135,6 +150,10 @@ ERRORS: list[tuple[str, str, str]] = [
     ("pixel_baselines", "--datasets cifar10 --data /nonexistent/cifar.tar.gz", "--data"),
     ("cifar10_cpu", "--data /nonexistent/cifar.tar.gz", "--data"),
     ("cifar10_cpu", "--smoke-test --methods nope", "--methods"),
+    ("cifar10_cpu_tables", "--smoke-test --tables 4", "--tables"),
+    ("cifar10_cpu_tables", "--smoke-test --lambdas 1,x", "--lambdas"),
+    ("cifar10_cpu_tables", "--smoke-test --t5-seeds 0", "--t5-seeds"),
+    ("cifar10_cpu_tables", "--data /nonexistent/cifar.tar.gz", "--data"),
 ]
 
 
@@ -281,3 +300,21 @@ def test_write_published_keeps_commit_command_and_flat_records(bench, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", doc["commit"]), doc["commit"]
     assert doc["command"] == "python benchmarks/x.py --q"
     assert doc["records"] == [{"a": 1, "b.c": "[1, 2]"}]
+
+
+@pytest.mark.slow
+def test_pixel_baselines_on_a_flows_latents(checkpoint, bench, tmp_path):
+    """``--flow RUN_DIR``: the models on the run's latents, and the run's own prior, whose test
+    accuracy is the run's last NF-Acc (same latents, same dequantisation noise)."""
+    import json
+
+    out = tmp_path / "r.json"
+    argv = ["--smoke-test", "--datasets", "digits", "--models", "gnb,qda", "--pca", "2"]
+    assert bench("pixel_baselines").main([*argv, "--flow", str(checkpoint), "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    latents = {r["model"]: r for r in records if r["features"] == "latents"}
+    assert set(latents) == {"gnb", "qda", "nf_prior"}
+    assert {r["flow"] for r in latents.values()} == {checkpoint.name}
+    last = json.loads((checkpoint / "metrics.jsonl").read_text().splitlines()[-1])
+    assert latents["nf_prior"]["test_acc"] == last["nf_acc"]
+    assert latents["nf_prior"]["test_n"] == latents["gnb"]["test_n"]  # the run's own test split
