@@ -42,8 +42,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,9 +59,11 @@ from nfpi.prior import GaussianPrior
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "FLOW_KEYS",
     "MAX_BITS_PER_DIM",
     "MAX_PARAMETER_ABS",
     "RESUMABLE_KEYS",
+    "CheckpointStore",
     "TrainedModel",
     "checkpoint_epoch",
     "config_differences",
@@ -98,6 +100,8 @@ MAX_PARAMETER_ABS = 1e4
 #: The config keys a resumed run may change (``--resume-with``): the optimiser knobs a diverged
 #: run needs (and a longer budget). Every other difference to the checkpoint's config is refused.
 RESUMABLE_KEYS = ("optim.lr", "optim.grad_clip", "optim.warmup_steps", "optim.epochs")
+#: The entries that make a state a flow's checkpoint (a classifier's has ``model`` instead).
+FLOW_KEYS = ("config", "flow")
 
 
 def _epoch_dir(epoch: int) -> str:
@@ -309,7 +313,9 @@ def _history(run_dir: Path) -> list[str]:
 
 
 def resume_checkpoint(
-    run_dir: str | Path, map_location: str | torch.device = "cpu"
+    run_dir: str | Path,
+    map_location: str | torch.device = "cpu",
+    required: tuple[str, ...] = FLOW_KEYS,
 ) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest checkpoint of ``run_dir`` that loads and verifies (:func:`load_checkpoint`)
     and its state: the one ``last_good`` names, else the others newest written first (each one
@@ -353,7 +359,7 @@ def resume_checkpoint(
                 problems.append(f"{folder.name} has no {CHECKPOINT_FILE}")
     for folder in candidates:
         try:
-            state = load_checkpoint(folder, map_location=map_location)
+            state = load_checkpoint(folder, map_location=map_location, required=required)
         except CheckpointError as err:
             if "could run code" in str(err):
                 raise  # tampering, not damage: never passed over for an older checkpoint
@@ -409,12 +415,14 @@ def resolve_resume_from(run_dir: str | Path, value: str | int | Path) -> Path:
     return file
 
 
-def select_checkpoint(run_dir: str | Path, path: str | Path) -> Path:
+def select_checkpoint(
+    run_dir: str | Path, path: str | Path, required: tuple[str, ...] = FLOW_KEYS
+) -> Path:
     """Make the checkpoint at ``path`` the newest of ``run_dir`` (``--resume-from``): verified
     (:func:`load_checkpoint`), copied in when it lies elsewhere (``imported-epoch-NNNN``, never
     over one of the run's own folders), marked as written now and named by ``last_good``, so
     that this resume and any later plain resume continue from it. Returns its file there."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, required=required)
     file = Path(state["_file"])
     root = Path(run_dir).resolve() / CHECKPOINTS_DIR
     folder = file.parent
@@ -493,9 +501,14 @@ def checkpoint_epoch(path: str | Path) -> int | None:
 _BLOCKED_OBJECT = re.compile(r"GLOBAL|global|allowlisted|safe_globals|Unsupported class|reduce")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    required: tuple[str, ...] = FLOW_KEYS,
+) -> dict[str, Any]:
     """The state dict of the checkpoint at ``path`` (see :func:`find_checkpoint`), loaded with
-    ``weights_only=True``. Raises :class:`CheckpointError` naming the file and the fix."""
+    ``weights_only=True``; it must hold the entries ``required`` (a flow's by default). Raises
+    :class:`CheckpointError` naming the file and the fix."""
     file = find_checkpoint(path)
     if file is None:
         raise CheckpointError(
@@ -522,8 +535,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"({type(inner).__name__}: {reason}); resume from an earlier epoch-NNNN folder or "
             "start a fresh run directory"
         ) from None
-    if not isinstance(state, dict) or "config" not in state or "flow" not in state:
-        raise CheckpointError(f"{file} is not an nfpi checkpoint (no config/flow entries)")
+    if not isinstance(state, dict) or not all(key in state for key in required):
+        raise CheckpointError(
+            f"{file} is not an nfpi checkpoint of this kind (no {'/'.join(required)} entries)"
+        )
     problems = implausible(state)
     if problems:  # e.g. written by a release that saved diverged weights
         raise CheckpointError(
@@ -609,6 +624,94 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
         yield run_dir
     finally:
         lock.release()
+
+
+class CheckpointStore:
+    """A run directory's checkpoints and run files, as every training loop uses them
+    (:func:`nfpi.epochs.fit_epochs`): the flow's and the downstream classifier's alike.
+
+    ``run_dir`` holds ``checkpoints/`` (:func:`save_checkpoint`: verified before written, the
+    last ``keep`` kept), ``config.json`` and ``metrics.jsonl`` (one line per finished epoch,
+    always the checkpoint's history). Only the main process (rank 0) writes; ``sync`` (a
+    barrier of all ranks) is called where every rank must wait for its writes.
+
+    Args:
+        run_dir: the run directory (created when first written).
+        main: whether this process writes (rank 0).
+        required: the entries that make a state this kind of checkpoint (:data:`FLOW_KEYS`).
+        sync: called by every rank after a fresh start's files are moved aside.
+        keep: checkpoints kept.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        main: bool = True,
+        required: tuple[str, ...] = FLOW_KEYS,
+        sync: Callable[[], None] | None = None,
+        keep: int = 3,
+    ) -> None:
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.main = main
+        self.required = required
+        self.sync = sync
+        self.keep = keep
+
+    def locked(self, enabled: bool = True) -> AbstractContextManager[Any]:
+        """The run directory's lock (:func:`lock_run_dir`) on the main process when
+        ``enabled``; nothing otherwise (the caller holds it, or another rank)."""
+        return lock_run_dir(self.run_dir) if enabled and self.main else nullcontext()
+
+    def resume(
+        self,
+        resume_from: str | Path | None = None,
+        *,
+        fresh: bool = False,
+        holds_lock: bool = True,
+        map_location: str | torch.device = "cpu",
+    ) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint a run starts from and its state (``(None, None)``: start at epoch 0).
+
+        ``fresh``: move an earlier run's files aside (:func:`set_aside_history`) and start at
+        epoch 0. ``resume_from``: that checkpoint, made the run directory's newest when this
+        process ``holds_lock`` (:func:`select_checkpoint`). Otherwise the newest checkpoint that
+        verifies (:func:`resume_checkpoint`; history without one raises
+        :class:`CheckpointError`).
+        """
+        if fresh:
+            if self.main:
+                set_aside_history(self.run_dir)
+            if self.sync is not None:
+                self.sync()
+            return None, None
+        if resume_from is None:
+            return resume_checkpoint(self.run_dir, map_location, self.required)
+        path = Path(resume_from)
+        if holds_lock and self.main:  # also what a later plain resume takes
+            path = select_checkpoint(self.run_dir, path, self.required)
+        return path, load_checkpoint(path, map_location=map_location, required=self.required)
+
+    def save(self, state: dict[str, Any]) -> Path | None:
+        """Write ``state`` as the checkpoint of its ``epoch`` (main process; ``None`` on the
+        others). Raises :class:`DivergenceError` or :class:`CheckpointError` as
+        :func:`save_checkpoint` does."""
+        return save_checkpoint(self.run_dir, state, keep=self.keep) if self.main else None
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """``config.json``: the config that runs (main process)."""
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
+
+    def write_metrics(self, history: list[dict[str, float]]) -> None:
+        """``metrics.jsonl`` rewritten from ``history`` (main process): after a resume it holds
+        exactly the epochs the checkpoint holds."""
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(
+                self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history)
+            )
 
 
 def load_weights(

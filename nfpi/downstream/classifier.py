@@ -23,10 +23,14 @@ to the device):
 The uint8 steps are vectorised over the batch (:mod:`nfpi.downstream.augment`,
 :mod:`nfpi.downstream.nf_augment`); random erasing and mixup/cutmix are timm's.
 
-Checkpoints: with ``checkpoint_dir`` every finished epoch is saved there (model, optimiser,
-schedule, history); a later call with the same config and directory resumes after the last saved
-epoch, bit-identical to an uninterrupted run (every epoch's randomness is a function of
-``(seed, epoch)``).
+The classifier trains through the epoch loop every model shares (:func:`nfpi.epochs.fit_epochs`,
+the flow's too), as a recipe (:class:`ClassifierRecipe`). With ``checkpoint_dir`` that directory
+is the classifier's run directory, laid out as a flow's (:class:`nfpi.checkpoint.CheckpointStore`):
+``checkpoints/epoch-NNNN/state.pt`` after every finished epoch (model, optimiser, schedule,
+history, last test; verified before written, the last 3 kept, read with ``weights_only=True``),
+``config.json`` and ``metrics.jsonl``. A later call with the same config and directory resumes
+after the last saved epoch, bit-identical to an uninterrupted run (every epoch's randomness is a
+function of ``(seed, epoch)``).
 
 Example::
 
@@ -40,10 +44,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +59,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
+from nfpi.checkpoint import CheckpointStore
 from nfpi.data import epoch_seed, make_loader, set_loader_epoch
 from nfpi.device import resolve_device
 from nfpi.downstream.augment import (
@@ -65,6 +69,7 @@ from nfpi.downstream.augment import (
 )
 from nfpi.downstream.models import UInt8Classifier, build_classifier
 from nfpi.downstream.nf_augment import NFAugment, NFAugmentConfig
+from nfpi.epochs import EpochResult, fit_epochs
 from nfpi.errors import (
     CheckpointError,
     ConfigError,
@@ -75,8 +80,9 @@ from nfpi.errors import (
 from nfpi.schema import Config, check, is_int
 
 __all__ = [
-    "CLASSIFIER_CHECKPOINT",
+    "CLASSIFIER_KEYS",
     "ClassifierConfig",
+    "ClassifierRecipe",
     "ClassifierResult",
     "channel_stats",
     "evaluate_classifier",
@@ -87,7 +93,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-CLASSIFIER_CHECKPOINT = "classifier.pt"
+#: The entries that make a state a classifier checkpoint (:class:`nfpi.checkpoint.CheckpointStore`).
+CLASSIFIER_KEYS = ("config", "model")
 # Config keys that may differ between a run and its resumption (where it runs, not what).
 _RESUMABLE_CHANGES = ("device", "num_workers", "eval_batch_size")
 _TIMM_OWNED_KWARGS = ("num_classes", "in_chans", "pretrained")
@@ -453,45 +460,243 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _comparable(config: ClassifierConfig) -> dict[str, Any]:
-    values = config.to_dict()
-    for key in _RESUMABLE_CHANGES:
-        values.pop(key)
-    return values
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}
 
 
-def _save_state(folder: Path, state: dict[str, Any]) -> None:
-    """Atomically (temporary file, then rename) write the classifier's checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CLASSIFIER_CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CLASSIFIER_CHECKPOINT)
+class ClassifierRecipe:
+    """The classifier's recipe for the shared epoch loop (:func:`nfpi.epochs.fit_epochs`): its
+    model, augmentation pipeline, optimiser and schedule, one epoch's training and test, and
+    what its checkpoint holds. :func:`train_classifier` runs it; the arguments are its.
 
+    Attributes:
+        epoch: epochs finished; history: their metrics.
+        accuracy, top5, confusion: the test of the last finished epoch.
+    """
 
-def _load_state(folder: Path, config: ClassifierConfig, n: int) -> dict[str, Any] | None:
-    """The checkpoint in ``folder`` if there is one; it must come from the same config and
-    training set size."""
-    file = folder / CLASSIFIER_CHECKPOINT
-    if not file.is_file():
-        return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing error
-        raise CheckpointError(
-            f"cannot read the classifier checkpoint {file} ({type(err).__name__}); delete it to "
-            "train the classifier from epoch 0"
-        ) from None
-    ours, theirs = _comparable(config), state.get("config", {})
-    theirs = {k: v for k, v in theirs.items() if k not in _RESUMABLE_CHANGES}
-    if ours != theirs or state.get("train_size") != n:
-        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        if state.get("train_size") != n:
-            differ.append(f"training set size ({state.get('train_size')} -> {n})")
-        raise CheckpointError(
-            f"the classifier checkpoint {file} was written by another run (differs in "
-            f"{differ}); use another output directory, or delete it to start from epoch 0"
+    def __init__(
+        self,
+        train_dataset: Any,
+        test_dataset: Any,
+        num_classes: int,
+        config: ClassifierConfig,
+        nf_augment: NFAugment | None = None,
+    ) -> None:
+        if not is_int(num_classes) or num_classes < 2:
+            raise ConfigError("num_classes", num_classes, "an int >= 2")
+        shape = _image_shape(train_dataset, "training")
+        test_shape = _image_shape(test_dataset, "test")
+        if test_shape != shape:
+            raise ShapeError(
+                f"training images are {shape}, test images {test_shape}: they must match"
+            )
+        n = len(train_dataset)
+        if n < config.batch_size:
+            raise ConfigError(
+                "batch_size", config.batch_size, f"<= the training set size {n} (batches are full)"
+            )
+        self.train_dataset, self.test_dataset, self.num_classes = (
+            train_dataset,
+            test_dataset,
+            num_classes,
         )
-    return state
+        self.device = device = resolve_device(config.device)
+        c, h, w = shape
+
+        torch.manual_seed(config.seed)
+        net = build_classifier(
+            config.model,
+            num_classes,
+            c,
+            min(h, w),
+            cifar_stem=config.cifar_stem,
+            pretrained_path=config.pretrained_path,
+            **config.model_kwargs,
+        )
+        mean, std = (
+            channel_stats(train_dataset)
+            if config.normalize == "dataset"
+            else ([127.5] * c, [127.5] * c)
+        )
+        self.model = UInt8Classifier(net, mean, std, config.input_size).to(device)
+
+        if nf_augment is None and config.nf_augment is not None:
+            nf_augment = NFAugment.from_checkpoint(config.nf_augment, train_dataset, device=device)
+        if nf_augment is not None:
+            config = config.replace(nf_augment=nf_augment.config)
+        self.config, self.nf_augment = config, nf_augment
+        self.crop_flip = BatchCropFlip(config.crop_padding if config.crop else 0, config.flip)
+        self.autoaug = (
+            BatchAutoAugment(config.autoaugment) if config.autoaugment is not None else None
+        )
+        self.randaug = (
+            BatchRandAugment(config.randaugment_ops, config.randaugment_magnitude)
+            if config.randaugment
+            else None
+        )
+        self.erasing = (
+            RandomErasing(config.random_erasing, mode="pixel", device=str(device))
+            if config.random_erasing > 0
+            else None
+        )
+        self.mixup = (
+            Mixup(
+                mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix,
+                label_smoothing=config.label_smoothing,
+                num_classes=num_classes,
+            )
+            if config.mixup > 0 or config.cutmix > 0
+            else None
+        )
+        self.criterion: nn.Module = (
+            SoftTargetCrossEntropy()
+            if self.mixup is not None
+            else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        )
+        self.steps = n // config.batch_size
+        self.optimizer = _optimizer(self.model, config)
+        self.scheduler = _scheduler(self.optimizer, config, self.steps)
+        self.loader = make_loader(
+            train_dataset,
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            num_workers=config.num_workers,
+            drop_last=True,
+        )
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.accuracy = self.top5 = float("nan")
+
+    def run_epoch(self, epoch: int) -> EpochResult:
+        """One epoch: training steps over the epoch's augmented batches, then the test."""
+        config, model = self.config, self.model
+        gen = _seed_all(config.seed, epoch)
+        set_loader_epoch(self.loader, config.seed, epoch)
+        if hasattr(self.train_dataset, "set_epoch"):  # e.g. PooledNFDataset: its NF variants
+            self.train_dataset.set_epoch(epoch)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in self.loader:
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise LabelRangeError(
+                    f"training labels span [{int(y.min())}, {int(y.max())}], expected "
+                    f"[0, {self.num_classes})"
+                )
+            xf = self._augmented(x, y, gen)
+            y = y.to(self.device)
+            if self.erasing is not None:
+                xf = self.erasing(xf)
+            target = y
+            if self.mixup is not None:
+                xf, target = self.mixup(xf, y)
+            logits = model.net(xf)
+            loss = self.criterion(logits, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            seen += len(y)
+        self.accuracy, self.top5, self.confusion = evaluate_topk(
+            model,
+            self.test_dataset,
+            self.num_classes,
+            batch_size=config.eval_batch_size,
+            device=self.device,
+            num_workers=config.num_workers,
+        )
+        metrics = {
+            "epoch": float(epoch),
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_acc": self.accuracy,
+            "test_top5": self.top5,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        return EpochResult(epoch, metrics)
+
+    def _augmented(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """The uint8 steps of the pipeline (module docstring), then the normalised float batch
+        on the device."""
+        if self.nf_augment is not None:
+            x = self.nf_augment(x, y, gen)
+        x = self.crop_flip(x, gen)
+        if self.autoaug is not None:
+            x = self.autoaug(x, gen)
+        if self.randaug is not None:
+            x = self.randaug(x, gen)
+        return self.model.normalize(x.to(self.device, non_blocking=True))
+
+    def guarded_state(self) -> dict[str, Any]:
+        """What the divergence guard checks after every epoch: the weights and the optimiser."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: everything a resume needs (tensors and plain values)."""
+        return {
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "train_size": len(self.train_dataset),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+            "confusion": self.confusion,
+            "accuracy": self.accuracy,
+            "top5": self.top5,
+            "nf_augment_stats": self._nf_stats(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of the same config (only :data:`_RESUMABLE_CHANGES` may
+        differ) and training set size.
+
+        Raises:
+            CheckpointError: it was written by another run (the message names what differs).
+        """
+        ours, theirs = _comparable(self.config.to_dict()), _comparable(state["config"])
+        n = len(self.train_dataset)
+        if ours != theirs or state.get("train_size") != n:
+            differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            if state.get("train_size") != n:
+                differ.append(f"training set size ({state.get('train_size')} -> {n})")
+            raise CheckpointError(
+                f"the classifier checkpoint {state.get('_file')} was written by another run "
+                f"(differs in {differ}); use another output directory, or --fresh / delete its "
+                "checkpoints/ to start from epoch 0"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history, self.confusion = list(state["history"]), state["confusion"]
+        self.accuracy, self.top5, self.epoch = state["accuracy"], state["top5"], int(state["epoch"])
+        if self.nf_augment is not None:
+            self.nf_augment.stats.update(state["nf_augment_stats"])
+
+    def _nf_stats(self) -> dict[str, int]:
+        return dict(self.nf_augment.stats) if self.nf_augment is not None else {}
+
+    def result(self, resumed_epochs: int) -> ClassifierResult:
+        """The :class:`ClassifierResult` of the recipe as it stands (the model in eval mode)."""
+        self.model.eval()
+        rows = self.confusion.sum(dim=1).to(torch.float64)
+        return ClassifierResult(
+            accuracy=self.accuracy,
+            top5_accuracy=self.top5,
+            per_class_accuracy=self.confusion.diag().to(torch.float64) / rows,
+            confusion=self.confusion,
+            history=self.history,
+            model=self.model,
+            config=self.config,
+            nf_augment_stats=self._nf_stats(),
+            resumed_epochs=resumed_epochs,
+        )
 
 
 def train_classifier(
@@ -504,12 +709,15 @@ def train_classifier(
     nf_augment: NFAugment | None = None,
     checkpoint_dir: str | Path | None = None,
 ) -> ClassifierResult:
-    """Train a classifier on ``train_dataset`` and test it on ``test_dataset`` every epoch.
+    """Train a classifier on ``train_dataset`` and test it on ``test_dataset`` every epoch: the
+    :class:`ClassifierRecipe` through the epoch loop every model shares
+    (:func:`nfpi.epochs.fit_epochs`).
 
     One optimiser step per batch with the configured schedule; the last incomplete training
     batch is dropped (equal batch sizes for BatchNorm and mixup). Runs are reproducible given
     ``config.seed`` on a given machine (model init from the seed, shuffling and augmentation
-    from ``epoch_seed(seed, epoch)``).
+    from ``epoch_seed(seed, epoch)``). An epoch whose loss or weights are not finite raises
+    :class:`~nfpi.errors.DivergenceError` and is not saved.
 
     Args:
         train_dataset: map-style, items ``(uint8 [C, H, W], int)``: a
@@ -519,219 +727,52 @@ def train_classifier(
         num_classes: K.
         config: the recipe (default :class:`ClassifierConfig()`).
         callback: ``callback(epoch, metrics)`` after each epoch trained in this call (logging,
-            MLflow, Tune).
+            MLflow, Tune), once its checkpoint is saved.
         nf_augment: a ready :class:`~nfpi.downstream.nf_augment.NFAugment` (then
             ``config.nf_augment`` may be ``None``: the transform's own config is recorded in the
             result); otherwise one is built from ``config.nf_augment.checkpoint`` and fitted on
             ``train_dataset``.
-        checkpoint_dir: save every finished epoch here and resume from it (see the module
-            docstring); ``None`` = no checkpoints.
+        checkpoint_dir: the classifier's run directory: every finished epoch is checkpointed
+            there and a later call resumes from it (see the module docstring); ``None`` = no
+            checkpoints.
 
     Returns:
         :class:`ClassifierResult`.
 
     Raises:
-        CheckpointError: ``checkpoint_dir`` holds the checkpoint of another config.
+        CheckpointError: ``checkpoint_dir`` holds the checkpoint of another config, or history
+            without a checkpoint that loads.
+        DivergenceError: an epoch diverged.
     """
-    config = config or ClassifierConfig()
-    if not is_int(num_classes) or num_classes < 2:
-        raise ConfigError("num_classes", num_classes, "an int >= 2")
-    shape = _image_shape(train_dataset, "training")
-    test_shape = _image_shape(test_dataset, "test")
-    if test_shape != shape:
-        raise ShapeError(f"training images are {shape}, test images {test_shape}: they must match")
-    n = len(train_dataset)
-    if n < config.batch_size:
-        raise ConfigError(
-            "batch_size", config.batch_size, f"<= the training set size {n} (batches are full)"
-        )
-    device = resolve_device(config.device)
-    c, h, w = shape
-
-    torch.manual_seed(config.seed)
-    net = build_classifier(
-        config.model,
-        num_classes,
-        c,
-        min(h, w),
-        cifar_stem=config.cifar_stem,
-        pretrained_path=config.pretrained_path,
-        **config.model_kwargs,
+    recipe = ClassifierRecipe(
+        train_dataset, test_dataset, num_classes, config or ClassifierConfig(), nf_augment
     )
-    mean, std = (
-        channel_stats(train_dataset)
-        if config.normalize == "dataset"
-        else (
-            [127.5] * c,
-            [127.5] * c,
-        )
-    )
-    model = UInt8Classifier(net, mean, std, config.input_size).to(device)
-
-    if nf_augment is None and config.nf_augment is not None:
-        nf_augment = NFAugment.from_checkpoint(config.nf_augment, train_dataset, device=device)
-    if nf_augment is not None:
-        config = config.replace(nf_augment=nf_augment.config)
-    crop_flip = BatchCropFlip(config.crop_padding if config.crop else 0, config.flip)
-    autoaug = BatchAutoAugment(config.autoaugment) if config.autoaugment is not None else None
-    randaug = (
-        BatchRandAugment(config.randaugment_ops, config.randaugment_magnitude)
-        if config.randaugment
-        else None
-    )
-    erasing = (
-        RandomErasing(config.random_erasing, mode="pixel", device=str(device))
-        if config.random_erasing > 0
-        else None
-    )
-    mixup = (
-        Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            label_smoothing=config.label_smoothing,
-            num_classes=num_classes,
-        )
-        if config.mixup > 0 or config.cutmix > 0
-        else None
-    )
-    criterion: nn.Module = (
-        SoftTargetCrossEntropy()
-        if mixup is not None
-        else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    )
-    steps = n // config.batch_size
-    optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, steps)
-    loader = make_loader(
-        train_dataset,
-        config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        num_workers=config.num_workers,
-        drop_last=True,
-    )
-
-    history: list[dict[str, float]] = []
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    accuracy = top5 = float("nan")
-    first = 0
-    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
-    state = None if folder is None else _load_state(folder, config, n)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, confusion = list(state["history"]), state["confusion"]
-        accuracy, top5, first = state["accuracy"], state["top5"], int(state["epoch"])
-        if nf_augment is not None:
-            nf_augment.stats.update(state["nf_augment_stats"])
-        log.info("classifier: resuming after epoch %d of %d from %s", first, config.epochs, folder)
-    log.info(
-        "classifier %s: %d training images, %d epochs x %d steps, device %s",
-        config.model,
-        n,
-        config.epochs,
-        steps,
-        device,
-    )
-
-    for epoch in range(first, config.epochs):
-        t0 = time.perf_counter()
-        gen = _seed_all(config.seed, epoch)
-        set_loader_epoch(loader, config.seed, epoch)
-        if hasattr(train_dataset, "set_epoch"):  # e.g. PooledNFDataset: the epoch's NF variants
-            train_dataset.set_epoch(epoch)
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in loader:
-            if int(y.min()) < 0 or int(y.max()) >= num_classes:
-                raise LabelRangeError(
-                    f"training labels span [{int(y.min())}, {int(y.max())}], expected "
-                    f"[0, {num_classes})"
+    config = recipe.config
+    store = None
+    if checkpoint_dir is not None:
+        store = CheckpointStore(checkpoint_dir, required=CLASSIFIER_KEYS)
+    with store.locked() if store is not None else nullcontext():
+        if store is not None:
+            _, state = store.resume()
+            if state is not None:
+                recipe.load_state_dict(state)
+                log.info(
+                    "classifier: resuming after epoch %d of %d from %s",
+                    recipe.epoch,
+                    config.epochs,
+                    store.run_dir,
                 )
-            if nf_augment is not None:
-                x = nf_augment(x, y, gen)
-            x = crop_flip(x, gen)
-            if autoaug is not None:
-                x = autoaug(x, gen)
-            if randaug is not None:
-                x = randaug(x, gen)
-            xf = model.normalize(x.to(device, non_blocking=True))
-            y = y.to(device)
-            if erasing is not None:
-                xf = erasing(xf)
-            target = y
-            if mixup is not None:
-                xf, target = mixup(xf, y)
-            logits = model.net(xf)
-            loss = criterion(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            seen += len(y)
-        if not math.isfinite(loss_sum):
-            log.warning("epoch %d: non-finite training loss", epoch)
-        accuracy, top5, confusion = evaluate_topk(
-            model,
-            test_dataset,
-            num_classes,
-            batch_size=config.eval_batch_size,
-            device=device,
-            num_workers=config.num_workers,
-        )
-        metrics = {
-            "epoch": float(epoch),
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "test_acc": accuracy,
-            "test_top5": top5,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        history.append(metrics)
+            store.write_config(config.to_dict())
+            store.write_metrics(recipe.history)
+        resumed = recipe.epoch
         log.info(
-            "classifier epoch %d: loss %.4f, train acc %.4f, test acc %.4f (top-5 %.4f)",
-            epoch,
-            metrics["train_loss"],
-            metrics["train_acc"],
-            accuracy,
-            top5,
+            "classifier %s: %d training images, %d epochs x %d steps, device %s",
+            config.model,
+            len(train_dataset),
+            config.epochs,
+            recipe.steps,
+            recipe.device,
         )
-        if folder is not None:
-            _save_state(
-                folder,
-                {
-                    "epoch": epoch + 1,
-                    "config": config.to_dict(),
-                    "train_size": n,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "confusion": confusion,
-                    "accuracy": accuracy,
-                    "top5": top5,
-                    "nf_augment_stats": dict(nf_augment.stats) if nf_augment is not None else {},
-                },
-            )
-        if callback is not None:
-            callback(epoch, metrics)
-    model.eval()
-    rows = confusion.sum(dim=1).to(torch.float64)
-    per_class = confusion.diag().to(torch.float64) / rows
-    return ClassifierResult(
-        accuracy=accuracy,
-        top5_accuracy=top5,
-        per_class_accuracy=per_class,
-        confusion=confusion,
-        history=history,
-        model=model,
-        config=config,
-        nf_augment_stats=dict(nf_augment.stats) if nf_augment is not None else {},
-        resumed_epochs=first,
-    )
+        hooks = [] if callback is None else [lambda r: callback(r.epoch, r.metrics)]
+        fit_epochs(recipe, config.epochs, store=store, callbacks=hooks, name="classifier ")
+    return recipe.result(resumed)

@@ -6,6 +6,14 @@ statistics of all ranks are summed before a prior update (:mod:`nfpi.training.ev
 0 hands them to the prior client and every rank receives the new prior
 (:mod:`nfpi.training.schedule`), and only rank 0 writes files.
 
+:class:`Trainer` is the flow's recipe for the epoch loop every model shares
+(:func:`nfpi.epochs.fit_epochs`). Its parts, each with one job: the run's data
+(:class:`~nfpi.training.run_data.RunData`), the prior's schedule
+(:class:`~nfpi.training.schedule.PriorSchedule`), the checkpoint store
+(:class:`~nfpi.checkpoint.CheckpointStore`) and the pictures (:mod:`nfpi.training.pictures`);
+what is left here is the method itself: the start (data-init of the flow and the prior), an
+epoch's training steps, the prior update, the evaluation, and what a checkpoint holds.
+
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per finished epoch, always
 the checkpoint's history), ``plots/`` and ``checkpoints/`` (:mod:`nfpi.checkpoint`). Every epoch
 ends with a checkpoint; a re-launched run resumes exactly where it stopped. Before each save the
@@ -17,60 +25,38 @@ trains in it (:func:`nfpi.checkpoint.lock_run_dir`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from nfpi.checkpoint import (
     RESUMABLE_KEYS,
+    CheckpointStore,
     config_differences,
-    implausible,
     last_good_note,
     load_checkpoint,
     load_weights,
-    lock_run_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    select_checkpoint,
-    set_aside_history,
 )
 from nfpi.checks import check_batch_split
 from nfpi.config import ExperimentConfig
-from nfpi.data import (
-    BatchAugment,
-    DecodedCache,
-    ImageDataset,
-    ImageFileDataset,
-    cache_root,
-    dequantize,
-    epoch_seed,
-    load_dataset,
-)
-from nfpi.data.load import NO_FLIP
-from nfpi.data.sharding import EpochShardSampler, IndexedDataset, ShardSampler
-from nfpi.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteLossError
+from nfpi.data import dequantize, epoch_seed
+from nfpi.epochs import EpochResult, fit_epochs
+from nfpi.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nfpi.flows import FlowModel, build_flow
-from nfpi.prior import ClassStatistics, GaussianPrior, PriorReport
+from nfpi.prior import ClassStatistics, GaussianPrior
 from nfpi.training.distributed import (
     CommTimer,
     all_reduce_,
     barrier,
-    broadcast_object,
     resolve_device,
     world,
     wrap_ddp,
@@ -86,6 +72,7 @@ from nfpi.training.randomness import (
     seed_phase,
     set_rng_state,
 )
+from nfpi.training.run_data import RunData
 from nfpi.training.schedule import PriorClient, PriorSchedule, report_metrics
 
 __all__ = ["WALL_CLOCK_KEYS", "Callback", "EpochResult", "Trainer", "is_wall_clock"]
@@ -101,23 +88,12 @@ def is_wall_clock(key: str) -> bool:
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class EpochResult:
-    """Handed to every callback at the end of an epoch, on every rank.
-
-    ``checkpoint_dir`` (rank 0 only) holds the checkpoint just written; ``artifacts`` the PNGs
-    written this epoch; ``prior_report`` the report of a prior update made this epoch.
-    """
-
-    epoch: int
-    metrics: dict[str, float]
-    checkpoint_dir: Path | None = None
-    artifacts: list[Path] = field(default_factory=list)
-    prior_report: PriorReport | None = None
-
-
 Callback = Callable[["Trainer", EpochResult], None]
+
+
+def _data(name: str) -> property:
+    """``Trainer.<name>``: the run data's (:class:`RunData`)."""
+    return property(lambda self: getattr(self.data, name), doc=f"``data.{name}``")
 
 
 class Trainer:
@@ -145,6 +121,17 @@ class Trainer:
         lock_run_dir: hold the run directory's lock during :meth:`fit` (rank 0). ``False`` when
             the caller holds it already (the Ray driver does, for all workers of its run).
     """
+
+    train_set = _data("train_set")
+    test_set = _data("test_set")
+    info = _data("info")
+    num_classes = _data("num_classes")
+    dim = _data("dim")
+    augment = _data("augment")
+    train_sampler = _data("train_sampler")
+    train_loader = _data("train_loader")
+    stats_loader = _data("stats_loader")
+    test_loader = _data("test_loader")
 
     def __init__(
         self,
@@ -176,10 +163,11 @@ class Trainer:
         self.rank, self.world = world()
         self.device = torch.device(device) if device is not None else resolve_device(c.device)
         self.callbacks = list(callbacks)
-        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.store = CheckpointStore(run_dir, main=self.is_main, sync=barrier)
+        self.run_dir = self.store.run_dir
         self.resume_from = Path(resume_from) if resume_from is not None else None
         check_batch_split(c.optim.batch_size, self.world)
-        self._build_data()
+        self.data = RunData(c, self.device, self.rank, self.world)
         # Model: every rank builds the same flow (seeded) and data-initialises it on the same batch.
         self.flow: FlowModel = build_flow(
             c.flow.preset, in_shape=tuple(self.info.shape), seed=c.seed, **c.flow.overrides()
@@ -207,76 +195,87 @@ class Trainer:
         # threads, communication threads included) and ``train_thread_cpu_s`` (this thread's).
         self.timings: dict[str, float] = {}
 
-    def _build_data(self) -> None:
-        """Datasets, augmentation and loaders. The training set (augmented) feeds training and
-        the statistics passes, as in the release; the test set is never augmented."""
-        c = self.config
-        data = c.data
-        self.train_set, self.info = load_dataset(
-            data.name, "train", seed=c.seed, **data.split_kwargs("train")
-        )
-        self.test_set, _ = load_dataset(data.name, "test", seed=c.seed, **data.split_kwargs("test"))
-        if c.data.decode_cache:
-            self.train_set = self._decoded(self.train_set)
-            self.test_set = self._decoded(self.test_set)
-        if len(self.train_set) < c.optim.batch_size:
-            raise ConfigError(
-                "optim.batch_size",
-                c.optim.batch_size,
-                f"<= the training set size ({len(self.train_set)})",
+    # ---------------------------------------------------------------------------------- fit
+    def fit(self) -> list[dict[str, float]]:
+        """Train to ``optim.epochs`` (resuming if a checkpoint exists); returns the per-epoch
+        metrics history.
+
+        Raises:
+            RunDirectoryLockedError: another live process trains in this run directory.
+            DivergenceError: an epoch diverged (nothing of it saved; see the message).
+        """
+        with self.store.locked(self.lock_run_dir):
+            resume, state = self.store.resume(
+                self.resume_from,
+                fresh=self.fresh,
+                holds_lock=self.lock_run_dir,
+                map_location=self.device,
             )
-        self.num_classes, self.dim = self.info.num_classes, math.prod(self.info.shape)
-        # The paper's augmentation, drawn per image but applied per batch on the device.
-        self.augment = (
-            BatchAugment(self.info.shape, flip=c.data.name not in NO_FLIP)
-            if c.data.augment
-            else None
-        )
-        self.train_sampler = EpochShardSampler(
-            len(self.train_set), seed=c.seed, rank=self.rank, world=self.world
-        )
-        loader_kw = {"num_workers": c.data.num_workers, "pin_memory": self.device.type == "cuda"}
-        self.train_loader = DataLoader(
-            self.train_set,
-            c.optim.batch_size // self.world,
-            sampler=self.train_sampler,
-            drop_last=True,
-            **loader_kw,
-        )
+            if resume is not None:
+                self.load_checkpoint(resume, state)
+                self.resumed_from = Path(resume)
+            else:
+                if self.resume_overrides:
+                    self._info("no checkpoint to resume: %s set a fresh run", self.resume_overrides)
+                self._start()
+            # After the resume: metrics.jsonl holds the checkpoint's history from the start.
+            self.store.write_config(self.config.to_dict())
+            self.store.write_metrics(self.history)
+            self.model = wrap_ddp(self.flow, self.device, self.comm)
+            return fit_epochs(
+                self,
+                self.config.optim.epochs,
+                store=self.store,
+                callbacks=[self._epoch_done],
+                sync=barrier,
+                main=self.is_main,
+            )
 
-        def shard(ds: Any) -> ShardSampler:
-            return ShardSampler(len(ds), rank=self.rank, world=self.world)
+    def run_epoch(self, epoch: int) -> EpochResult:
+        """One epoch of the method: the EMA's start when due, the training steps, the prior's
+        update when due, its separation, the evaluation and the pictures when due."""
+        c = self.config
+        t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
+        result = EpochResult(epoch, {"epoch": float(epoch)})
+        metrics = result.metrics
+        self.comm.reset()
+        if epoch == c.ema.start_epoch and not self.ema.active:
+            self.ema.start()
+        metrics.update(self._train_epoch(epoch))
+        metrics["time_train_s"] = time.perf_counter() - t0
+        metrics["time_allreduce_s"] = self.comm.reset()[0]
+        result.timings["train_cpu_s"] = time.process_time() - cpu0
+        result.timings["train_thread_cpu_s"] = time.thread_time() - thread0
+        if self.schedule.due(epoch):
+            prior_metrics, result.artifacts = self._prior_update(epoch)
+            metrics.update(prior_metrics)
+            result.prior_report = self.schedule.report
+        metrics["prior_version"] = float(self.schedule.version)
+        metrics.update(self.schedule.separation())
+        last = epoch == c.optim.epochs - 1
+        if (epoch + 1) % c.eval.every == 0 or last:
+            t_eval = time.perf_counter()
+            metrics.update(
+                evaluate(
+                    self.eval_flow(), self.prior, self.test_loader, self.device, c.seed,
+                    self.info.levels,
+                )
+            )  # fmt: skip
+            metrics["time_eval_s"] = time.perf_counter() - t_eval
+        plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
+        if self.is_main and c.eval.plots and plot_now:
+            result.artifacts += self._pictures(last, epoch)
+        return result
 
-        self.stats_loader = DataLoader(
-            IndexedDataset(self.train_set),
-            c.eval.batch_size,
-            sampler=shard(self.train_set),
-            **loader_kw,
-        )
-        self.test_loader = DataLoader(
-            self.test_set, c.eval.batch_size, sampler=shard(self.test_set), **loader_kw
-        )
-
-    def _decoded(self, dataset: ImageDataset) -> ImageDataset:
-        """``dataset`` backed by its decoded cache (:mod:`nfpi.data.cache`), built together by
-        all ranks when missing: each decodes one block, rank 0 publishes the file."""
-        if not isinstance(dataset, ImageFileDataset):
-            return dataset
-        cache = DecodedCache(cache_root(self.config.data.cache_dir), dataset)
-        # Rank 0 holds the build lock (other runs wanting this cache wait, then find it ready)
-        # and decides for all ranks: their disks may differ.
-        with cache.lock() if self.is_main else contextlib.nullcontext():
-            state = broadcast_object(cache.state() if self.is_main else None)
-            if state == "build":
-                if self.is_main:
-                    cache.prepare()
-                barrier()
-                cache.fill(self.rank, self.world, num_workers=self.config.data.num_workers)
-                barrier()
-                if self.is_main:
-                    cache.finish(self.world)
-                barrier()
-        return dataset if state == "skip" else cache.open()
+    def _epoch_done(self, result: EpochResult) -> None:
+        """After the epoch's checkpoint: its :attr:`timings`, then the callbacks."""
+        self.timings = {
+            **{k: v for k, v in result.metrics.items() if k.startswith(("time_", "prior_"))},
+            **{k: result.timings[k] for k in ("checkpoint_s", "barrier_s")},
+            **{k: result.timings[k] for k in ("train_cpu_s", "train_thread_cpu_s")},
+        }
+        for callback in self.callbacks:
+            callback(self, result)
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -333,6 +332,16 @@ class Trainer:
             "rng": get_rng_state(),
         }
 
+    def guarded_state(self) -> dict[str, Any]:
+        """What the divergence guard checks after every epoch (:func:`nfpi.epochs.fit_epochs`):
+        the flow, its EMA, the optimiser and the prior (identical on every rank)."""
+        return {
+            "flow": self.flow.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "prior": self.prior.state_dict(),
+        }
+
     def load_checkpoint(self, path: str | Path, state: dict[str, Any] | None = None) -> None:
         """Resume from the checkpoint at ``path`` (``state``: its contents, already loaded); it
         must come from the same experiment (only ``optim.epochs`` and the keys of
@@ -386,23 +395,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self._warmup, last_epoch=last - 1
         )  # its first step sets the rate of step ``last`` from the new base rate
-
-    def _write_run_files(self, metrics_only: bool = False) -> None:
-        """config.json and metrics.jsonl (rewritten from the history: after a resume it holds
-        exactly the epochs the checkpoint holds)."""
-        if not self.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not metrics_only:
-            (self.run_dir / "config.json").write_text(
-                json.dumps(self.config.to_dict(), indent=2, default=str)
-            )
-        tmp = self.run_dir / "metrics.jsonl.tmp"
-        try:
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-            os.replace(tmp, self.run_dir / "metrics.jsonl")
-        finally:
-            tmp.unlink(missing_ok=True)  # interrupted (SIGTERM) or a full disk: no stale .tmp
 
     # ------------------------------------------------------------------------------- phases
     def _start(self) -> None:
@@ -536,115 +528,3 @@ class Trainer:
                 titles=("data-init prior", "final prior"),
             )  # fmt: skip
         return paths
-
-    # ---------------------------------------------------------------------------------- fit
-    def _refuse_divergence(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Raise :class:`DivergenceError` (on every rank alike: metrics are all-reduced and
-        weights identical) if this epoch's metrics or state are not finite and plausible."""
-        problems = implausible(
-            {"flow": self.flow.state_dict(), "ema": self.ema.state_dict(),
-             "optimizer": self.optimizer.state_dict(), "prior": self.prior.state_dict()},
-            metrics,
-        )  # fmt: skip
-        if problems:
-            last, note = last_good_note(self.run_dir)
-            raise DivergenceError(
-                f"epoch {epoch} diverged ({'; '.join(problems)}); nothing of it was saved and "
-                f"{note}",
-                None if last is None else str(last),
-            )
-
-    def fit(self) -> list[dict[str, float]]:
-        """Train to ``optim.epochs`` (resuming if a checkpoint exists); returns the per-epoch
-        metrics history.
-
-        Raises:
-            RunDirectoryLockedError: another live process trains in this run directory.
-            DivergenceError: an epoch diverged (nothing of it saved; see the message).
-        """
-        locked = self.lock_run_dir and self.is_main
-        with lock_run_dir(self.run_dir) if locked else nullcontext():
-            return self._fit()
-
-    def _fit(self) -> list[dict[str, float]]:
-        c = self.config
-        resume, state = self.resume_from, None
-        if self.fresh:
-            if self.is_main:
-                set_aside_history(self.run_dir)
-            barrier()
-        elif resume is not None and self.lock_run_dir and self.is_main:
-            resume = select_checkpoint(self.run_dir, resume)  # also what a later resume takes
-        elif resume is None:
-            resume, state = resume_checkpoint(self.run_dir, map_location=self.device)
-        if resume is not None:
-            self.load_checkpoint(resume, state)
-            self.resumed_from = Path(resume)
-        else:
-            if self.resume_overrides:
-                self._info("no checkpoint to resume: %s set a fresh run", self.resume_overrides)
-            self._start()
-        # After the resume: metrics.jsonl holds the checkpoint's history from the start.
-        self._write_run_files()
-        self.model = wrap_ddp(self.flow, self.device, self.comm)
-        for epoch in range(self.epoch, c.optim.epochs):
-            t0, cpu0, thread0 = time.perf_counter(), time.process_time(), time.thread_time()
-            metrics: dict[str, float] = {"epoch": float(epoch)}
-            self.comm.reset()
-            if epoch == c.ema.start_epoch and not self.ema.active:
-                self.ema.start()
-            metrics.update(self._train_epoch(epoch))
-            metrics["time_train_s"] = time.perf_counter() - t0
-            metrics["time_allreduce_s"] = self.comm.reset()[0]
-            train_cpu_s = time.process_time() - cpu0
-            train_thread_s = time.thread_time() - thread0
-            artifacts: list[Path] = []
-            report = None
-            if self.schedule.due(epoch):
-                prior_metrics, artifacts = self._prior_update(epoch)
-                metrics.update(prior_metrics)
-                report = self.schedule.report
-            metrics["prior_version"] = float(self.schedule.version)
-            metrics.update(self.schedule.separation())
-            last = epoch == c.optim.epochs - 1
-            if (epoch + 1) % c.eval.every == 0 or last:
-                t_eval = time.perf_counter()
-                metrics.update(
-                    evaluate(
-                        self.eval_flow(),
-                        self.prior,
-                        self.test_loader,
-                        self.device,
-                        c.seed,
-                        self.info.levels,
-                    )
-                )
-                metrics["time_eval_s"] = time.perf_counter() - t_eval
-            plot_now = last or (c.eval.plot_every and (epoch + 1) % c.eval.plot_every == 0)
-            if self.is_main and c.eval.plots and plot_now:
-                artifacts += self._pictures(last, epoch)
-            metrics["epoch_seconds"] = time.perf_counter() - t0
-            self._refuse_divergence(epoch, metrics)
-            self.epoch = epoch + 1
-            self.history.append(metrics)
-            t_save = time.perf_counter()
-            ckpt = save_checkpoint(self.run_dir, self.state_dict()) if self.is_main else None
-            self._write_run_files(metrics_only=True)
-            t_barrier = time.perf_counter()
-            barrier()
-            self.timings = {
-                **{k: v for k, v in metrics.items() if k.startswith(("time_", "prior_"))},
-                "checkpoint_s": t_barrier - t_save,
-                "barrier_s": time.perf_counter() - t_barrier,
-                "train_cpu_s": train_cpu_s,
-                "train_thread_cpu_s": train_thread_s,
-            }
-            self._info(
-                "epoch %d: %s",
-                epoch,
-                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
-            )
-            result = EpochResult(epoch, metrics, ckpt, artifacts, report)
-            for callback in self.callbacks:
-                callback(self, result)
-        return self.history

@@ -246,3 +246,49 @@ def test_a_second_run_in_a_live_runs_directory_is_refused_naming_the_holder(tmp_
         first.wait(timeout=60)
     with lock_run_dir(run):  # released by the OS with the killed process
         pass
+
+
+# ------------------------------------------------------------------------- CheckpointStore
+def _state(epoch: int) -> dict:
+    return {"config": {"k": 1}, "model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}
+
+
+def test_the_store_writes_on_the_main_process_only(tmp_path):
+    from nfpi.checkpoint import CheckpointStore
+
+    other = CheckpointStore(tmp_path / "r", main=False, required=("config", "model"))
+    assert other.save(_state(1)) is None
+    other.write_config({"k": 1})
+    other.write_metrics([{"epoch": 0.0}])
+    assert not (tmp_path / "r").exists()
+    main = CheckpointStore(tmp_path / "r", required=("config", "model"))
+    assert main.save(_state(1)).name == "epoch-0001"
+    main.write_config({"k": 1})
+    main.write_metrics([{"epoch": 0.0, "loss": 1.5}])
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"k": 1}
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == '{"epoch": 0.0, "loss": 1.5}\n'
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+    ]  # fmt: skip  (no .tmp left behind)
+
+
+def test_the_store_resumes_the_newest_the_named_or_none_after_fresh(tmp_path):
+    from nfpi.checkpoint import CheckpointStore
+
+    synced = []
+    store = CheckpointStore(tmp_path, required=("config", "model"), sync=lambda: synced.append(1))
+    assert store.resume() == (None, None)  # an empty directory: start at epoch 0
+    for epoch in (1, 2):
+        store.save(_state(epoch))
+    store.write_metrics([{"epoch": 0.0}, {"epoch": 1.0}])
+    path, state = store.resume()
+    assert state["epoch"] == 2 and path.parent.name == "epoch-0002"
+    # --resume-from an earlier epoch: made the newest, so a later plain resume takes it too.
+    path, state = store.resume(tmp_path / "checkpoints" / "epoch-0001")
+    assert state["epoch"] == 1 and store.resume()[1]["epoch"] == 1
+    # --fresh: the earlier files moved aside (all ranks wait for it), then epoch 0.
+    assert store.resume(fresh=True) == (None, None) and synced == [1]
+    assert not (tmp_path / "checkpoints").exists() and store.resume() == (None, None)
+    assert len(list(tmp_path.glob("previous-*/checkpoints/epoch-0002"))) == 1

@@ -4,12 +4,14 @@ digits (real and generated data), the augmentation stack with NF augmentation, c
 import argparse
 import dataclasses
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from nfpi.checkpoint import load_trained
+from nfpi.checkpoint import load_checkpoint, load_trained
 from nfpi.data import TensorImageDataset, load_dataset
 from nfpi.downstream import (
     BatchAutoAugment,
@@ -29,6 +31,7 @@ from nfpi.downstream import (
     load_pretrained,
     train_classifier,
 )
+from nfpi.downstream.classifier import CLASSIFIER_KEYS
 from nfpi.errors import CheckpointError, ConfigError, ShapeError
 from nfpi.plots import confusion_png
 
@@ -525,6 +528,20 @@ def test_classifier_resumes_after_its_last_epoch_bit_identically(checkpoint, dig
     assert seen == [1] and resumed.resumed_epochs == 1
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The flow's checkpoint store: one verified checkpoint per epoch, metrics.jsonl = history.
+    ends = [
+        load_checkpoint(d, required=CLASSIFIER_KEYS) for d in (tmp_path / "whole", tmp_path / "r")
+    ]
+    assert [e["epoch"] for e in ends] == [2, 2]
+    assert Path(ends[1]["_file"]).parent.name == "epoch-0002"
+    assert (tmp_path / "r" / "checkpoints" / "epoch-0001" / "state.pt").is_file()
+    o, p = ends[0]["optimizer"]["state"], ends[1]["optimizer"]["state"]
+    assert o.keys() == p.keys()
+    assert all(torch.equal(o[i][k], p[i][k]) for i in o for k in o[i] if torch.is_tensor(o[i][k]))
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["test_acc"] for line in lines] == [
+        m["test_acc"] for m in whole.history
+    ]
     drop = lambda h: [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in h]
     assert drop(whole.history) == drop(resumed.history)
     assert torch.equal(whole.confusion, resumed.confusion)
