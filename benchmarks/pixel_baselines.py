@@ -2,13 +2,14 @@
 
     python benchmarks/pixel_baselines.py [--quick | --smoke-test] [--out PATH] [--record PATH]
         [--datasets cifar10,digits] [--sizes 16,32] [--pca 25,50,100,200] [--data TARBALL]
-        [--models qda,lda,gnb,logreg] [--flow RUN_DIR ...]
+        [--models qda,lda,gnb,logreg] [--items-per-class N] [--flow RUN_DIR ...]
 
 The yardstick for NF-Acc (issue 23): a class-conditional flow's latent gaussians should classify
 clearly better than gaussians fitted to the pixels themselves. Each dataset is loaded exactly as
 the training loop loads it (``load_dataset`` with the experiment's ``data.split_kwargs``, seed 0):
 ``cifar10`` is the ``cifar10_cpu`` experiment's split (the JPEG tarball, all 50k training and 10k
-test images, resized to ``--sizes``), ``digits`` the ``digits`` experiment's (1437 / 360). Features
+test images, resized to ``--sizes``; ``--items-per-class N``: the seeded training subset a flow of
+``data.items_per_class = N`` sees), ``digits`` the ``digits`` experiment's (1437 / 360). Features
 are the pixel values scaled to [0, 1]. Models, each fitted on the training split and scored on
 the test split:
 
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pca", default="25,50,100,200", help="QDA's PCA components")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     parser.add_argument(
+        "--items-per-class", type=int, help="CIFAR-10 training images per class (default all)"
+    )
+    parser.add_argument(
         "--flow",
         action="append",
         default=[],
@@ -277,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes and --pca take comma-separated integers, e.g. --sizes 16,32")
     if not sizes or min(sizes) < 1 or not pca_ks or min(pca_ks) < 1:
         parser.error("--sizes and --pca need at least one integer >= 1 each")
+    if args.items_per_class is not None and args.items_per_class < 1:
+        parser.error("--items-per-class must be >= 1")
 
     work = tempfile.TemporaryDirectory(prefix="pixel_baselines-")
     cifar: dict[str, Any] = {}
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.quick:
         cifar = {"data.items_per_class": 200, "data.test_items_per_class": 100}
         sizes, pca_ks = [16], [25, 50]
+    if args.items_per_class is not None:
+        cifar["data.items_per_class"] = args.items_per_class
     if "cifar10" in datasets and not data.exists():
         print(
             f"error: no CIFAR-10 data at {data}: pass --data with the cifar10-jpeg.tar.gz tarball "

@@ -58,7 +58,7 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         ),
         ("parse", "--quick --data {tmp}/x.tar.gz --datasets cifar10 --sizes 16,32"),
         # --flow runs in process on a trained run: test_pixel_baselines_on_a_flows_latents
-        ("parse", "--smoke-test --datasets digits --flow {tmp}/run"),
+        ("parse", "--smoke-test --datasets digits --items-per-class 4 --flow {tmp}/run"),
     ],
     "cifar10_cpu": [
         (
