@@ -235,12 +235,27 @@ def ray_head(tmp_path):
         return submit
 
     def stop():
-        """End every head this test started: its Ray session and session folder are gone."""
+        """End every head this test started: its Ray session and session folder are gone.
+
+        SIGTERM first; a head that has not ended a few seconds later (its graceful stop waits
+        on each process in turn, half a minute on a loaded machine) has its process group
+        killed, and any process of the session left outside that group, by its temp dir."""
+        from rehearsals.multinode import end_processes
+
         for head, head_log, ray_tmp in heads:
             if head_log.closed:
                 continue
             os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             head.wait(timeout=60)
+            end_processes(ray_tmp)
             head_log.close()
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
