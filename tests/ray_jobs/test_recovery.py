@@ -25,7 +25,7 @@ from nfpi.prior import ClassStatistics, PriorService
 from nfpi.training import Trainer
 from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError
 from ray_jobs.settings import RaySettings
-from ray_jobs.tracking import RunLogger, Tracking, start_run
+from ray_jobs.tracking import RunLogger, start_run
 from ray_jobs.train import deterministic_cause, remove_unregistered_checkpoints, run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,17 +225,12 @@ def test_deterministic_error_ends_the_run_after_one_attempt(ray_session, tmp_pat
     assert "DivergenceError" in text and "test_bpd=nan" in text
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory, _mlflow_template):
-    """A 2-worker run with MLflow on, never interrupted: what interrupted runs must equal."""
-    import shutil
-
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    shutil.copy(_mlflow_template, tmp / "mlflow.db")
-    tracking = Tracking(f"sqlite:///{tmp / 'mlflow.db'}", "ref", (tmp / "art").as_uri())
-    result = run_experiment(_smoke(), _settings(tmp, tracking, num_workers=2), "reference")
-    assert _steps(tracking, _only_run(tracking).info.run_id) == [0, 1, 2]
-    return load_checkpoint(result.checkpoint.path)
+@pytest.fixture
+def uninterrupted(uninterrupted_run):
+    """The final state of a 2-worker run of ``_smoke()`` with MLflow on, never interrupted
+    (tests/ray_jobs/conftest.py, shared by the session): what interrupted runs must equal."""
+    assert uninterrupted_run.config == _smoke()  # the same experiment as the interrupted runs
+    return uninterrupted_run.state
 
 
 @pytest.mark.slow
