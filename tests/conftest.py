@@ -12,6 +12,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # detection of a killed worker) waits up to 2 s for the next poll; the suite runs dozens of
 # short runs. Inherited by the suite's Ray and by the clusters that tests start in subprocesses.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a PreemptionWatcher actor (one more Python process importing Ray Train, a
+# few CPU seconds) for every run, to react to a cloud node's drain notice; nothing here drains
+# a node (the multi-node rehearsal removes one outright), so the suite's runs go without it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest
 

@@ -11,12 +11,13 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2  # runs side by side
-TIMEOUT_S = 300  # per run: a smoke run takes seconds (ray_overhead: Ray's start-up) when idle
+TIMEOUT_S = 600  # per run: a smoke run takes seconds (ray_overhead: Ray's start-up) when idle
 
 
 def bench_env() -> dict[str, str]:
@@ -45,19 +46,23 @@ def run_script(script: Path, argv: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def concurrent_runs(request, test_name: str, plan):
-    """``{key: Future[CompletedProcess]}`` for the selected items of ``test_name`` in the
-    requesting module; ``plan(params) -> (key, script, argv)`` from an item's parameters.
-    A generator for a module-scoped fixture to ``yield from``: at the module's end the runs
-    not started are cancelled and the running ones waited for."""
+@contextmanager
+def concurrent_runs(request, plans):
+    """``{key: Future[CompletedProcess]}`` for the selected items of the requesting module whose
+    test function ``plans`` names: ``plans[name](params) -> (key, script, argv)`` (or None: no
+    run) from the item's parameters (``{}`` when it has none). A context manager for a
+    module-scoped fixture: on leaving it (the module's end) the runs not started are cancelled
+    and the running ones waited for."""
     module = request.module.__name__
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bench")
-    futures: dict[str, Future] = {}
+    futures: dict = {}
     for item in request.session.items:
-        if item.module.__name__ != module or item.originalname != test_name:
+        plan = plans.get(getattr(item, "originalname", None))
+        if plan is None or item.module.__name__ != module:
             continue
-        key, script, argv = plan(item.callspec.params)
-        if key not in futures:
+        planned = plan(item.callspec.params if hasattr(item, "callspec") else {})
+        if planned is not None and planned[0] not in futures:
+            key, script, argv = planned
             futures[key] = pool.submit(run_script, script, argv)
     try:
         yield futures

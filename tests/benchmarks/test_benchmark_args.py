@@ -209,7 +209,8 @@ def combination_runs(request, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(name)
         return (name, text), BENCH / f"{name}.py", _argv(text, tmp)
 
-    yield from concurrent_runs(request, "test_combination_runs", plan)
+    with concurrent_runs(request, {"test_combination_runs": plan}) as futures:
+        yield futures
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def smoke_runs(request, tmp_path_factory):
         outs[script.stem] = tmp_path_factory.mktemp(script.stem) / "r.json"
         return script.stem, script, ["--smoke-test", "--out", str(outs[script.stem])]
 
-    for futures in concurrent_runs(request, "test_benchmark_smoke_test", plan):
+    with concurrent_runs(request, {"test_benchmark_smoke_test": plan}) as futures:
         yield {key: (future, outs[key]) for key, future in futures.items()}
 
 
