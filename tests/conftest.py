@@ -12,6 +12,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # detection of a killed worker) waits up to 2 s for the next poll; the suite runs dozens of
 # short runs. Inherited by the suite's Ray and by the clusters that tests start in subprocesses.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a PreemptionWatcher actor (one more Python process importing Ray Train, a
+# few CPU seconds) for every run, to react to a cloud node's drain notice; nothing here drains
+# a node (the multi-node rehearsal removes one outright), so the suite's runs go without it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest
 
@@ -235,12 +239,27 @@ def ray_head(tmp_path):
         return submit
 
     def stop():
-        """End every head this test started: its Ray session and session folder are gone."""
+        """End every head this test started: its Ray session and session folder are gone.
+
+        SIGTERM first; a head that has not ended a few seconds later (its graceful stop waits
+        on each process in turn, half a minute on a loaded machine) has its process group
+        killed, and any process of the session left outside that group, by its temp dir."""
+        from rehearsals.multinode import end_processes
+
         for head, head_log, ray_tmp in heads:
             if head_log.closed:
                 continue
             os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             head.wait(timeout=60)
+            end_processes(ray_tmp)
             head_log.close()
             shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 for each common mistake (issue 21)."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,17 +55,43 @@ def test_unreachable_address_fails_fast_in_one_line():
         check_reachable("ray://a b:c")
 
 
-# --------------------------------------------------------------------- ray job submit, no flag
+# ----------------------------------------------------------------------------- ray job submit
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_job_without_results_dir_keeps_its_results_after_the_session(tmp_path, ray_head):
-    """The README's `ray job submit -- python ray_jobs/sweep.py` with no --results-dir: the
-    results land in ~/nfpi-results (HOME is a temporary folder here), the job's first lines say
-    so with the `mlflow ui` command, and they are there after the Ray session has ended."""
+def test_jobs_submitted_to_a_ray_start_head_keep_their_results_after_the_session(
+    tmp_path, ray_head
+):
+    """Two ``ray job submit`` jobs against one ``ray start --head`` (token auth on), at once:
+
+    * the README's `ray job submit -- python ray_jobs/train.py` with no --results-dir: the
+      results land in ~/nfpi-results (HOME is a temporary folder here), the job's first lines
+      say so with the `mlflow ui` command, and they are there after the Ray session has ended;
+    * one with an absolute ``--results-dir``: it succeeds, prints its final metrics, and its
+      MLflow store is where the flag said (absolute paths survive the job's working dir).
+    """
     home = tmp_path / "home"
     home.mkdir()
     submit = ray_head(HOME=str(home))
-    out = submit("python", "ray_jobs/train.py", "--smoke-test", "--set", "eval.plots=false")
+    given = tmp_path / "given"
+    jobs = {
+        "default": ("python", "ray_jobs/train.py", "--smoke-test", "--set", "eval.plots=false"),
+        "flag": (
+            "python", "ray_jobs/train.py", "--smoke-test", "--results-dir", str(given / "results"),
+            "--set", "eval.plots=false",
+        ),
+    }  # fmt: skip
+    with ThreadPoolExecutor(len(jobs)) as pool:  # the head has 2 CPUs: one per job's worker
+        futures = {name: pool.submit(submit, *entrypoint) for name, entrypoint in jobs.items()}
+        outs = {name: future.result() for name, future in futures.items()}
+
+    out = outs["flag"]
+    assert out.returncode == 0, (
+        out.stdout[-2000:] + out.stderr[-2000:] + out.head_log.read_text()[-2000:]
+    )
+    assert "final:" in out.stdout and "succeeded" in out.stdout + out.stderr
+    assert (given / "results" / "mlflow.db").exists()  # absolute paths survive the job's cwd
+
+    out = outs["default"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = home / "nfpi-results"
     log = out.stdout + out.stderr

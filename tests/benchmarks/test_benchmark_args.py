@@ -9,18 +9,16 @@ here fails :func:`test_every_flag_has_a_combination`, so new flags get covered.
 
 import argparse
 import importlib
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import concurrent_runs
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.name.startswith("_"))
-TIMEOUT_S = 300
 
 # (kind, arguments): "run" = end to end in a subprocess (slow tier, smoke sizes); "parse" = parsed
 # only (the path runs minutes, needs a GPU, or is the plain smoke test the other file runs).
@@ -215,30 +213,27 @@ def test_combination_parses(name, text, bench, monkeypatch, tmp_path):
     parser.parse_args(_argv(text, tmp_path))  # argparse exits 2 on a combination it refuses
 
 
-def _run(name: str, argv: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_GCS_SERVER_PORT", None)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+RUNS = [(n, t) for n, combos in COMBOS.items() for kind, t in combos if kind == "run"]
+
+
+@pytest.fixture(scope="module")
+def combination_runs(request, tmp_path_factory):
+    """``{(script, combination): Future of its run}`` for the selected combinations, each with
+    a fresh ``{tmp}``, run two at a time (tests/benchmarks/conftest.py)."""
+
+    def plan(params):
+        name, text = params["name"], params["text"]
+        tmp = tmp_path_factory.mktemp(name)
+        return (name, text), BENCH / f"{name}.py", _argv(text, tmp)
+
+    with concurrent_runs(request, {"test_combination_runs": plan}) as futures:
+        yield futures
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name,text",
-    [(n, t) for n, combos in COMBOS.items() for kind, t in combos if kind == "run"],
-    ids=str,
-)
-def test_combination_runs(name, text, tmp_path):
-    proc = _run(name, _argv(text, tmp_path))
+@pytest.mark.parametrize("name,text", RUNS, ids=str)
+def test_combination_runs(name, text, combination_runs):
+    proc = combination_runs[name, text].result()
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 

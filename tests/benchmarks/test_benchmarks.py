@@ -6,17 +6,14 @@ benchmark is covered without editing this file.
 """
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import concurrent_runs
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
-TIMEOUT_S = 300  # a smoke run takes seconds (ray_overhead: Ray's start-up) on an idle machine
 
 
 def _is_number(token: str) -> bool:
@@ -44,26 +41,27 @@ def test_benchmarks_are_discovered():
     assert len(SCRIPTS) >= 6, [p.name for p in SCRIPTS]
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory):
+    """``{script stem: (Future of its --smoke-test run, its --out path)}`` for the selected
+    scripts, run two at a time (tests/benchmarks/conftest.py)."""
+    outs: dict[str, Path] = {}
+
+    def plan(params):
+        script = params["script"]
+        outs[script.stem] = tmp_path_factory.mktemp(script.stem) / "r.json"
+        return script.stem, script, ["--smoke-test", "--out", str(outs[script.stem])]
+
+    with concurrent_runs(request, {"test_benchmark_smoke_test": plan}) as futures:
+        yield {key: (future, outs[key]) for key, future in futures.items()}
+
+
 @pytest.mark.slow  # each script in a subprocess (ray_overhead starts Ray)
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
-def test_benchmark_smoke_test(script, tmp_path):
-    out = tmp_path / "r.json"
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # ray_overhead starts its own local Ray
-    env.pop("RAY_GCS_SERVER_PORT", None)  # the suite's own Ray's port (conftest)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script), "--smoke-test", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"{script.name} --smoke-test: {seconds:.1f} s")
+def test_benchmark_smoke_test(script, smoke_runs):
+    future, out = smoke_runs[script.stem]
+    proc = future.result()
+    print(f"{script.name} --smoke-test: {proc.seconds:.1f} s (two scripts at a time)")
     log = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, log
     assert _has_table(proc.stdout), f"no table printed\n{log}"

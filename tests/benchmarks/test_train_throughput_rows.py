@@ -1,35 +1,57 @@
 """benchmarks/train_throughput.py's issue-24 rows: any preset at any size and width, the
 invertible-backward row with its error checks, and the normflows peer at matched parameters."""
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.conftest import concurrent_runs
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
+ARGS = {
+    "test_invertible_backward_row_at_a_chosen_size_and_width": [
+        "--models", "glow-small", "--image-size", "16", "--hidden", "8", "--invertible-backward",
+    ],
+    "test_normflows_peer_row_has_a_matched_parameter_count": [
+        "--models", "glow-small", "--image-size", "16", "--hidden", "32", "--peer",
+    ],
+}  # fmt: skip
 
 
-def _run(tmp_path, *args):
-    out = tmp_path / "r.json"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--smoke-test", "--only-extra",
-         "--out", str(out), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def rows(request, tmp_path_factory):
+    """``rows(test name) -> (stdout, records)``: each selected test's ``--smoke-test
+    --only-extra`` run, the two run side by side (tests/benchmarks/conftest.py)."""
+    outs = {}
+
+    def plan(name):
+        def planned(params):
+            if name.startswith("test_normflows") and importlib.util.find_spec("normflows") is None:
+                return None  # the test skips itself
+            outs[name] = tmp_path_factory.mktemp("rows") / "r.json"
+            return (
+                name,
+                SCRIPT,
+                ["--smoke-test", "--only-extra", "--out", str(outs[name]), *ARGS[name]],
+            )
+
+        return planned
+
+    with concurrent_runs(request, {name: plan(name) for name in ARGS}) as futures:
+
+        def result(name):
+            proc = futures[name].result()
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            return proc.stdout, json.loads(outs[name].read_text())
+
+        yield result
 
 
 @pytest.mark.slow
-def test_invertible_backward_row_at_a_chosen_size_and_width(tmp_path):
-    stdout, rows = _run(
-        tmp_path, "--models", "glow-small", "--image-size", "16", "--hidden", "8",
-        "--invertible-backward",
-    )  # fmt: skip
+def test_invertible_backward_row_at_a_chosen_size_and_width(rows):
+    stdout, rows = rows("test_invertible_backward_row_at_a_chosen_size_and_width")
     assert [r["invertible_backward"] for r in rows] == [False, True]
     for r in rows:
         assert (r["model"], r["image_size"], r["hidden"]) == ("glow-small", 16, 8)
@@ -43,10 +65,9 @@ def test_invertible_backward_row_at_a_chosen_size_and_width(tmp_path):
 
 
 @pytest.mark.slow
-def test_normflows_peer_row_has_a_matched_parameter_count(tmp_path):
+def test_normflows_peer_row_has_a_matched_parameter_count(rows):
     pytest.importorskip("normflows")
-    stdout, rows = _run(tmp_path, "--models", "glow-small", "--image-size", "16", "--hidden",
-                        "32", "--peer")  # fmt: skip
+    stdout, rows = rows("test_normflows_peer_row_has_a_matched_parameter_count")
     ours, peer = rows
     assert peer["model"] == "normflows-glow" and peer["matched_model"] == "glow-small"
     assert peer["matched_params"] == ours["params"]

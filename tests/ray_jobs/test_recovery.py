@@ -25,7 +25,7 @@ from nfpi.prior import ClassStatistics, PriorService
 from nfpi.training import Trainer
 from ray_jobs.prior_actor import ActorPriorClient, PriorActorTimeoutError
 from ray_jobs.settings import RaySettings
-from ray_jobs.tracking import RunLogger, Tracking, start_run
+from ray_jobs.tracking import RunLogger, start_run
 from ray_jobs.train import deterministic_cause, remove_unregistered_checkpoints, run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,17 +225,12 @@ def test_deterministic_error_ends_the_run_after_one_attempt(ray_session, tmp_pat
     assert "DivergenceError" in text and "test_bpd=nan" in text
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory, _mlflow_template):
-    """A 2-worker run with MLflow on, never interrupted: what interrupted runs must equal."""
-    import shutil
-
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    shutil.copy(_mlflow_template, tmp / "mlflow.db")
-    tracking = Tracking(f"sqlite:///{tmp / 'mlflow.db'}", "ref", (tmp / "art").as_uri())
-    result = run_experiment(_smoke(), _settings(tmp, tracking, num_workers=2), "reference")
-    assert _steps(tracking, _only_run(tracking).info.run_id) == [0, 1, 2]
-    return load_checkpoint(result.checkpoint.path)
+@pytest.fixture
+def uninterrupted(uninterrupted_run):
+    """The final state of a 2-worker run of ``_smoke()`` with MLflow on, never interrupted
+    (tests/ray_jobs/conftest.py, shared by the session): what interrupted runs must equal."""
+    assert uninterrupted_run.config == _smoke()  # the same experiment as the interrupted runs
+    return uninterrupted_run.state
 
 
 @pytest.mark.slow
@@ -391,33 +386,7 @@ def test_resume_on_another_number_of_workers(ray_session, tmp_path, tracking):
 
 
 # ------------------------------------------------------------------------------------ sweep
-def test_sweep_that_died_before_tune_saved_state_resumes_afresh_under_its_parent(
-    ray_session, tmp_path, tracking, monkeypatch
-):
-    """Before: the killed sweep's parent MLflow run stayed RUNNING (checked against main), and
-    ``--resume`` of a sweep killed before Tune wrote its state failed with FileNotFoundError
-    (tuner.pkl; the issue's report). Now the parent ends KILLED, and ``--resume`` starts the
-    sweep afresh under the same name and parent run."""
-    from ray_jobs import sweep
-
-    args = ["--space", "smoke", "--results-dir", str(tmp_path), "--tracking-uri", tracking.uri]
-    args += ["--mlflow-experiment", tracking.experiment, "--set", "optim.epochs=1"]
-
-    def killed(address, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C while connecting, before the Tuner exists
-
-    monkeypatch.setattr(sweep, "connect", killed)
-    with pytest.raises(KeyboardInterrupt):
-        sweep.main(args)
-    monkeypatch.undo()
-    (parent,) = MlflowClient(tracking.uri).search_runs([tracking.experiment_id()])
-    assert parent.info.status == "KILLED"
-    assert not (tmp_path / "ray" / "smoke" / "tuner.pkl").exists()
-
-    assert sweep.main([*args, "--resume"]) == 0
-    runs = MlflowClient(tracking.uri).search_runs([tracking.experiment_id()])
-    parents = [r for r in runs if "nfpi.sweep" in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert [p.info.run_id for p in parents] == [parent.info.run_id]
-    assert parents[0].info.status == "FINISHED" and len(children) == 2
-    assert all(c.info.status == "FINISHED" for c in children)
+# A sweep killed before Tune saved its state: its parent run ends KILLED and ``--resume``
+# starts it afresh under the same parent (the smoke sweep's own test, which runs it that way):
+# tests/ray_jobs/test_train.py::
+# test_smoke_sweep_killed_before_tune_saved_state_resumes_and_writes_parent_and_child_runs.

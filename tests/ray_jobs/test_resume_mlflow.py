@@ -6,8 +6,6 @@ from mlflow.tracking import MlflowClient
 
 from nfpi.checkpoint import checkpoint_epoch
 from nfpi.errors import CheckpointError
-from nfpi.presets import experiment_config
-from ray_jobs.settings import RaySettings
 from ray_jobs.tracking import RunLogger, start_run
 from ray_jobs.train import _EpochsToMLflow, current_run, run_experiment
 
@@ -75,33 +73,38 @@ def test_a_run_the_caller_owns_is_not_superseded_and_says_so(tracking):
 
 
 @pytest.mark.slow
-def test_ray_run_resume_from_an_earlier_epoch_and_refusal_of_lost_history(
-    ray_session, tmp_path, tracking
-):
+def test_ray_run_resume_from_an_earlier_epoch_and_refusal_of_lost_history(uninterrupted_run):
     """``ray_jobs/train.py --resume-from 1`` (``run_experiment(resume_from=1)``) of a finished
-    2-epoch run trains epoch 2 again although Ray Train holds a registered checkpoint of epoch
-    2; MLflow's current run has steps 0 and 1 once each. A run directory whose checkpoints are
-    gone (and Ray's folder too) is refused in one named error, not trained from epoch 0."""
-    config = experiment_config("smoke", {"eval.plots": False, "optim.epochs": 2})
-    settings = RaySettings(results_dir=tmp_path / "results", tracking=tracking, num_workers=1)
-    run_experiment(config, settings, "rw")
-    first = MlflowClient(tracking.uri).search_runs([tracking.experiment_id()])[0].info.run_id
-    # Epoch 1 again with another learning rate: other values, which replace the first ones.
-    run_experiment(config, settings, "rw", resume_from="1", resume_overrides={"optim.lr": 5e-3})
+    3-epoch run (2 workers; the session's uninterrupted run, tests/ray_jobs/conftest.py) trains
+    epochs 1 and 2 again although Ray Train holds a registered checkpoint of epoch 3; MLflow's
+    current run has steps 0, 1 and 2 once each. A run directory whose checkpoints are gone (and
+    Ray's folder too) is refused in one named error, not trained from epoch 0."""
+    config, settings, tracking = (
+        uninterrupted_run.config,
+        uninterrupted_run.settings,
+        uninterrupted_run.tracking,
+    )
+    name = uninterrupted_run.name
+    run_dir = settings.run_dir(name)
+    assert checkpoint_epoch(run_dir) == 3 and config.optim.lr == 1e-2
+    (first,) = [
+        r.info.run_id for r in MlflowClient(tracking.uri).search_runs([tracking.experiment_id()])
+    ]
+    # Epochs 1 and 2 again with another learning rate: other values, which replace the first.
+    run_experiment(config, settings, name, resume_from="1", resume_overrides={"optim.lr": 5e-3})
     run_id = current_run(tracking, first)
     assert run_id != first
     lr = MlflowClient(tracking.uri).get_metric_history(run_id, "lr")
-    assert sorted((m.step, m.value) for m in lr) == [(0, 1e-2), (1, 5e-3)]
-    assert [s for s, _ in _values(tracking, run_id, "epoch")] == [0, 1]
+    assert sorted((m.step, m.value) for m in lr) == [(0, 1e-2), (1, 5e-3), (2, 5e-3)]
+    assert [s for s, _ in _values(tracking, run_id, "epoch")] == [0, 1, 2]
     assert MlflowClient(tracking.uri).get_run(run_id).info.status == "FINISHED"
-    run_dir = settings.run_dir("rw")
-    assert checkpoint_epoch(run_dir) == 2
-    assert list(settings.storage.glob("rw.previous-*"))  # Ray's folder set aside, not deleted
+    assert checkpoint_epoch(run_dir) == 3
+    assert list(settings.storage.glob(f"{name}.previous-*"))  # Ray's folder set aside, not deleted
 
     import shutil
 
     shutil.rmtree(run_dir / "checkpoints")
-    shutil.rmtree(settings.storage / "rw")
+    shutil.rmtree(settings.storage / name)
     with pytest.raises(CheckpointError, match="--fresh"):
-        run_experiment(config, settings, "rw")
+        run_experiment(config, settings, name)
     assert not (run_dir / "checkpoints").exists()
