@@ -20,7 +20,7 @@ the test split:
 - ``gnb``: gaussian naive Bayes on all pixels (diagonal covariance per class);
 - ``logreg``: multinomial logistic regression on standardised pixels (lbfgs, C = 1, 300 iterations).
 
-``--flow RUN_DIR`` (repeatable; a finished run directory, e.g. of ``cifar10_cpu.py --keep``) fits
+``--flow RUN_DIR`` (repeatable; named by its last two path parts; a finished run directory, e.g. of ``cifar10_cpu.py --keep``) fits
 the same models to that flow's latents z of its own training and test splits instead of the pixels
 (the inputs dequantised with seeded noise, as the loop's evaluation does), and adds the flow's own
 prior as the model ``nf_prior`` (its NF-Acc, on the training split too). This is what separates
@@ -165,7 +165,7 @@ def run_flow(run_dir: Path, models, pca_ks) -> list[dict[str, Any]]:
     )
     head = {
         "features": "latents",
-        "flow": run_dir.name,
+        "flow": f"{run_dir.parent.name}/{run_dir.name}",  # e.g. a --keep folder's fpi-s0
         "dataset": cfg.data.name,
         "size": int(model.info.shape[-1]),
     }

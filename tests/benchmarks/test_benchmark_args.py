@@ -309,7 +309,7 @@ def test_pixel_baselines_on_a_flows_latents(checkpoint, bench, tmp_path):
     records = json.loads(out.read_text())
     latents = {r["model"]: r for r in records if r["features"] == "latents"}
     assert set(latents) == {"gnb", "qda", "nf_prior"}
-    assert {r["flow"] for r in latents.values()} == {checkpoint.name}
+    assert {r["flow"] for r in latents.values()} == {f"{checkpoint.parent.name}/{checkpoint.name}"}
     last = json.loads((checkpoint / "metrics.jsonl").read_text().splitlines()[-1])
     assert latents["nf_prior"]["test_acc"] == last["nf_acc"]
     assert latents["nf_prior"]["test_n"] == latents["gnb"]["test_n"]  # the run's own test split
