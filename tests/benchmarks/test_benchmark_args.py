@@ -120,9 +120,12 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         ("parse", "--quick"),
         (
             "parse",
-            "--smoke-test --models glow-small --image-size 16 --hidden 32 --invertible-backward "
-            "--peer --only-extra",
+            (
+                "--smoke-test --models glow-small --image-size 16 --hidden 32 "
+                "--invertible-backward --peer --only-extra"
+            ),
         ),
+        ("parse", "--smoke-test --only-extra --interleave 2 --record r.json"),
     ],
 }
 # Bad input refused before any work, with one line naming the flag (exit 2, no traceback).
