@@ -195,6 +195,9 @@ def _flop_per_image(flow, loss_fn, batch: tuple[torch.Tensor, torch.Tensor]) -> 
 CATEGORIES = (  # (profiler range name prefix, category); the nearest enclosing range decides
     ("_ScaledConv2dBackward", "conv-norm convolutions, backward"),
     ("_ScaledConv2d", "conv-norm convolutions, forward"),
+    # A residual block's conv2 (1x1) + ELU + conv3 (3x3): its backward also recomputes conv2.
+    ("_RecomputedMiddleBackward", "conv-norm convolutions, backward"),
+    ("_RecomputedMiddle", "conv-norm convolutions, forward"),
     ("_Expm", "matrix exponential (fwd + bwd)"),
     ("_ELUInplace", "ELU (fwd + bwd)"),
     ("aten::elu", "ELU (fwd + bwd)"),
@@ -213,8 +216,8 @@ def _category(event) -> str:
     while e is not None:
         for prefix, name in CATEGORIES:
             if e.name.startswith(prefix):
-                if not prefix.startswith("aten::"):
-                    return name
+                if not prefix.startswith("aten::") or prefix == "aten::elu":
+                    return name  # (ELU's backward inside a recomputed block counts as ELU)
                 found = found or name
         e = e.cpu_parent
     return found or "other (actnorm, coupling arithmetic, loss, autograd)"
