@@ -14,11 +14,11 @@ it can rebuild each layer's input from the layer's output (RevNet, Gomez et al. 
 * a coupling (``y1 = x1``, ``y2 = f(net(x1), x2)``) runs its net once in backward: the net's
   output on ``y1 = x1`` gives both the inverse ``x2`` and the recomputed forward.
 
-The last group of every run (a level's last flow step) runs under plain autograd instead: its
-activations are the first that the backward needs, at a moment when the parameter gradients of
-the levels before it do not exist yet, so keeping them from the forward pass raises the peak
-no more than rebuilding them would (one step's activations), and saves that step's
-recomputation (1/8 of mef-cifar's extra forward pass).
+Without ``chunk`` (below), the last group of every run (a level's last flow step) runs under
+plain autograd instead: its activations are the first that the backward needs, at a moment
+when the parameter gradients of the levels before it do not exist yet, so keeping them from
+the forward pass raises the peak no more than rebuilding the whole batch would (one step's
+activations), and saves that step's recomputation (1/8 of mef-cifar's extra forward pass).
 
 A coupling is rebuilt and back-propagated in pieces of ``chunk`` samples
 (``FlowModel.rebuild_chunk``, default 16): its net's activations are the largest transient of
@@ -189,15 +189,20 @@ class _InvertibleChain(torch.autograd.Function):
 def _chain(
     groups: list[InvertibleLayer], x: Tensor, logdet: Tensor, chunk: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """All groups but the last through :class:`_InvertibleChain`; the last under plain
-    autograd (see the module docstring: its activations are the first the backward needs, so
-    keeping them costs no more memory than rebuilding them, and saves one recomputation)."""
-    if len(groups) > 1:
-        leaves = [leaf for group in groups[:-1] for leaf in _leaves(group) or ()]
+    """The groups through :class:`_InvertibleChain`; without ``chunk``, the last one under
+    plain autograd instead (see the module docstring: its activations are the first the
+    backward needs, so keeping them costs no more memory than rebuilding the whole batch, and
+    saves one recomputation; a rebuild in pieces needs less than that, so then nothing is kept)."""
+    kept = groups[-1:] if chunk is None else []
+    chained = groups[: len(groups) - len(kept)]
+    if chained:
+        leaves = [leaf for group in chained for leaf in _leaves(group) or ()]
         params = [p for layer in leaves for p in _trainable(layer)]
-        x, logdet = _InvertibleChain.apply(x, logdet, groups[:-1], leaves, chunk, *params)
-    x, ld = groups[-1](x)
-    return x, logdet + ld
+        x, logdet = _InvertibleChain.apply(x, logdet, chained, leaves, chunk, *params)
+    for group in kept:
+        x, ld = group(x)
+        logdet = logdet + ld
+    return x, logdet
 
 
 def invertible_forward(

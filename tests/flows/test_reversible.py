@@ -121,13 +121,18 @@ def _saved_bytes(flow, x) -> int:
 def test_saved_activations_do_not_grow_with_depth():
     shape = (1, 8, 8)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(4), dtype=F64)
-    plain, invertible = {}, {}
+    plain, invertible, pieces = {}, {}, {}
     for steps in (1, 2, 4):
         flow = _flow("tiny", shape, steps=steps)
         plain[steps] = _saved_bytes(flow, x)
         flow.invertible_backward = True
+        flow.rebuild_chunk = None  # whole-batch rebuild: each level's last step is kept
         invertible[steps] = _saved_bytes(flow, x)
+        flow.rebuild_chunk = 2
+        pieces[steps] = _saved_bytes(flow, x)
     assert plain[4] > 2 * plain[1]  # autograd keeps every step's activations
+    # Rebuilt in pieces, every step is rebuilt: one image per level is all that is kept.
+    assert pieces[1] == pieces[4] == 4 * (64 + 32) * 8
     # One step per level runs under plain autograd (its activations are the first the backward
     # needs), the others keep only their output: the same bytes at 2 steps as at 4 ...
     assert invertible[4] == invertible[2]
