@@ -27,9 +27,9 @@ a flow mixes samples after data init, so a piece at a time gives the same values
 parameter gradients as sums over the pieces.
 
 Peak memory is then the parameters, their gradients and optimiser state, plus one layer's
-activations at a time (and one kept step per level before its backward starts), whatever the
-number of steps. The price is one extra forward pass of
-every layer (and its inverse for the cheap ones) per training step. Gradients equal autograd's up
+activations at a time (a piece's, or, rebuilding whole batches, one kept step per level
+before its backward starts), whatever the number of steps. The price is one extra forward pass
+of every layer (and its inverse for the cheap ones) per training step. Gradients equal autograd's up
 to the round-off of the reconstruction (``tests/flows/test_reversible.py`` compares them in
 float64; ``benchmarks/train_throughput.py --invertible-backward`` measures the reconstruction
 error of ``mef-cifar`` in float32 over its full depth).
@@ -39,8 +39,8 @@ inputs), so ``torch.autograd.grad``, DDP's gradient hooks and gradient accumulat
 as they would under plain autograd.
 
 Limits: every layer of a chain must be exactly invertible (all of :mod:`nfpi.flows` are) and
-deterministic; a layer still waiting for its data-dependent initialisation, or a pass without
-autograd, runs the plain path.
+deterministic, and (for ``chunk``) treat the samples of a batch independently; a layer still
+waiting for its data-dependent initialisation, or a pass without autograd, runs the plain path.
 """
 
 from __future__ import annotations
