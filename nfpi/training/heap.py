@@ -34,7 +34,8 @@ def return_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
     give it back on ``free``), and trim the heap's free top above that size. Returns whether
     the setting took effect: ``False`` (and no change) where the C library is not glibc.
 
-    Called by training when ``optim.invertible_backward`` is on and the device is the CPU.
+    For training with ``optim.invertible_backward`` on the CPU (the benchmark's invertible
+    row calls it at the start of its worker).
 
     Example::
 
