@@ -40,6 +40,13 @@ optimizer, everything else; then the top operators by self time.
 ``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded);
 ``--compile-only`` runs that row alone (``benchmarks/gpu_rows.sh`` gives it its own time limit).
 
+``--invertible-backward`` adds a row whose flow rebuilds activations in backward (its worker
+returns freed memory to the OS first, as training on the CPU should: ``nfpi.training.heap``);
+``--interleave N`` adds, per model, N rounds of autograd and invertible-backward steps
+alternating in one worker (CPU and wall seconds per step, the ratios at the same load);
+``--record PATH`` writes ``{commit, command, date, records}`` (a published table's record).
+On the CPU, ``peak_mb`` is the training steps' own peak (``VmHWM`` restarted before them).
+
 ``--smoke-test``: the ``tiny`` preset at batch 2, one timed step per row, small matrix batches.
 """
 
