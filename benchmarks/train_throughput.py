@@ -40,6 +40,13 @@ optimizer, everything else; then the top operators by self time.
 ``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded);
 ``--compile-only`` runs that row alone (``benchmarks/gpu_rows.sh`` gives it its own time limit).
 
+``--invertible-backward`` adds a row whose flow rebuilds activations in backward (its worker
+returns freed memory to the OS first, as training on the CPU should: ``nfpi.training.heap``);
+``--interleave N`` adds, per model, N rounds of autograd and invertible-backward steps
+alternating in one worker (CPU and wall seconds per step, the ratios at the same load);
+``--record PATH`` writes ``{commit, command, date, records}`` (a published table's record).
+On the CPU, ``peak_mb`` is the training steps' own peak (``VmHWM`` restarted before them).
+
 ``--smoke-test``: the ``tiny`` preset at batch 2, one timed step per row, small matrix batches.
 """
 
@@ -69,6 +76,7 @@ from _common import (  # benchmarks/ is on sys.path
     synchronize,
     vm,
     worker_env,
+    write_published,
     write_records,
 )
 
@@ -194,6 +202,9 @@ def _flop_per_image(flow, loss_fn, batch: tuple[torch.Tensor, torch.Tensor]) -> 
 CATEGORIES = (  # (profiler range name prefix, category); the nearest enclosing range decides
     ("_ScaledConv2dBackward", "conv-norm convolutions, backward"),
     ("_ScaledConv2d", "conv-norm convolutions, forward"),
+    # A residual block's conv2 (1x1) + ELU + conv3 (3x3): its backward also recomputes conv2.
+    ("_RecomputedMiddleBackward", "conv-norm convolutions, backward"),
+    ("_RecomputedMiddle", "conv-norm convolutions, forward"),
     ("_Expm", "matrix exponential (fwd + bwd)"),
     ("_ELUInplace", "ELU (fwd + bwd)"),
     ("aten::elu", "ELU (fwd + bwd)"),
@@ -212,8 +223,8 @@ def _category(event) -> str:
     while e is not None:
         for prefix, name in CATEGORIES:
             if e.name.startswith(prefix):
-                if not prefix.startswith("aten::"):
-                    return name
+                if not prefix.startswith("aten::") or prefix == "aten::elu":
+                    return name  # (ELU's backward inside a recomputed block counts as ELU)
                 found = found or name
         e = e.cpu_parent
     return found or "other (actnorm, coupling arithmetic, loss, autograd)"
@@ -287,8 +298,11 @@ def _peer_glow(target_params: int, spec, in_shape: tuple[int, int, int], k: int)
 
 def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     from nfpi.flows import PRESETS, build_flow
+    from nfpi.training.heap import return_freed_memory
 
     device, batch, model = args.device, args.batch, args.worker
+    # As training does with optim.invertible_backward on the CPU (nfpi.training.heap).
+    returned = args.invertible_backward and device == "cpu" and return_freed_memory()
     rss_base = vm("VmRSS")
     torch.manual_seed(0)
     in_shape = (3, args.image_size, args.image_size)
@@ -341,6 +355,8 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     net = torch.compile(flow) if args.compile else flow
     opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
     reset_device_peak(device)
+    rss_before_steps = vm("VmRSS")
+    _reset_hwm(device)  # the steps' own peak, not data init's or the conv peak's
     times, cpu_times, phases = [], [], collections.defaultdict(list)
     loss = torch.zeros(())
 
@@ -406,6 +422,13 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s_per_step": round(statistics.median(cpu_times), 3),
         "steps": args.steps,
         "rss_base_mb": round(rss_base),
+        "rss_before_steps_mb": round(rss_before_steps),
+        "params_mb": round(sum(p.numel() * p.element_size() for p in flow.parameters()) / 2**20),
+        "optimizer_state_mb": round(
+            sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
+            / 2**20
+        ),
+        "freed_memory_returned": bool(returned),
         "params": n_params,
         "threads": torch.get_num_threads(),
         "bits_per_dim_last": round(loss.item(), 4),
@@ -415,6 +438,88 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     if profile is not None:
         row["profile"] = profile
+    return row
+
+
+def _reset_hwm(device: str) -> None:
+    """Start the CPU peak (``VmHWM``) again from the current resident set (Linux
+    ``/proc/self/clear_refs``; a no-op elsewhere and on CUDA)."""
+    if device == "cpu":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _interleave_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time per training step of autograd and of the invertible backward, alternating in one
+    process (``--interleave N``: N rounds, the order rotating each round, after one warm-up step
+    of each), so that both modes see the same machine load. Three modes: ``autograd`` and
+    ``invertible`` with glibc's steady-state thresholds (32 MiB: what its dynamic threshold
+    reaches after data init), ``invertible_returned`` with :func:`return_freed_memory`'s (what
+    training uses on the CPU). Returns CPU seconds (all threads) and wall seconds per step."""
+    from nfpi.flows import build_flow
+    from nfpi.training.heap import return_freed_memory
+
+    device, batch = args.device, args.batch
+    torch.manual_seed(0)
+    in_shape = (3, args.image_size, args.image_size)
+    flow = build_flow(args.worker, in_shape=in_shape, **_spec_overrides(args)).to(device)
+    d, k = flow.latent_dim, 10
+    means, log_std = torch.randn(k, d, device=device) * 0.1, torch.zeros(k, d, device=device)
+
+    def images(n: int = batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.randint(0, 256, (n, *in_shape), device=device).float()
+        x = (pixels + torch.rand_like(pixels)) / 256 * 2 - 1
+        return x, torch.randint(0, k, (n,), device=device)
+
+    flow.data_init(images(min(batch * 4, 256) if batch > 2 else 8)[0])
+    opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
+    big = 32 * 1024 * 1024
+
+    def step(mode: str) -> tuple[float, float]:
+        if device == "cpu":
+            return_freed_memory(128 * 1024 if mode == "invertible_returned" else big)
+        flow.invertible_backward = mode != "autograd"
+        x, y = images()
+        synchronize(device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        z, logdet = flow(x)
+        log_p = (-0.5 * (z - means[y]) ** 2 - log_std[y]).sum(1)
+        (-(log_p - 0.5 * d * math.log(2 * math.pi) + logdet).mean() / d).backward()
+        opt.step()
+        synchronize(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    modes = ["autograd", "invertible", "invertible_returned"]
+    for mode in modes:
+        step(mode)  # warm-up (optimiser state, oneDNN primitives)
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    load = [os.getloadavg()[0]]
+    for r in range(args.interleave):
+        for mode in modes[r % 3 :] + modes[: r % 3]:
+            w, c = step(mode)
+            wall[mode].append(round(w, 3))
+            cpu[mode].append(round(c, 3))
+        load.append(os.getloadavg()[0])
+    base_cpu, base_wall = statistics.median(cpu["autograd"]), statistics.median(wall["autograd"])
+    row: dict[str, Any] = {
+        "bench": "interleaved_step",
+        "model": args.worker,
+        "batch": batch,
+        "device": device,
+        "rounds": args.interleave,
+        "threads": torch.get_num_threads(),
+        "loadavg_1min": load,
+    }
+    for mode in modes:
+        row[f"{mode}_cpu_s"] = cpu[mode]
+        row[f"{mode}_wall_s"] = wall[mode]
+        row[f"{mode}_cpu_ratio"] = round(statistics.median(cpu[mode]) / base_cpu, 3)
+        row[f"{mode}_wall_ratio"] = round(statistics.median(wall[mode]) / base_wall, 3)
     return row
 
 
@@ -582,7 +687,19 @@ def main(argv: list[str] | None = None) -> None:
         help="only the project row and the rows the flags add (no release-equivalent row, no "
         "matrix-exponential rows)",
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add, per model, N rounds of autograd and invertible-backward training steps "
+        "alternating in one worker (the time ratio at the same load)",
+    )
+    p.add_argument(
+        "--record", metavar="PATH", help="write {commit, command, date, records} here (published)"
+    )
     p.add_argument("--match", help=argparse.SUPPRESS)
+    p.add_argument("--interleave-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shapes", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
@@ -595,6 +712,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker == "matrix_exp":
         print(json.dumps(matrix_exp_rows(json.loads(args.shapes), args.reps, args.device)))
+        return
+    if args.interleave < 0:
+        p.error(f"--interleave must be >= 0 rounds, got {args.interleave}")
+    if args.interleave_worker:
+        print(json.dumps(_interleave_worker(args)))
         return
     if args.worker:
         args.expm = args.expm[0]
@@ -680,9 +802,27 @@ def main(argv: list[str] | None = None) -> None:
         if "profile" in r:
             _print_profile(r)
 
+    if args.interleave and not args.compile_only:
+        for model in models:
+            wargs = ["--worker", model, "--interleave-worker", "--interleave", str(args.interleave)]
+            wargs += ["--batch", str(batch), *sizes, "--device", args.device]
+            r = _run_worker(wargs, args.threads)[0]
+            records.append(r)
+            print(
+                f"{model}: interleaved in one worker, {r['rounds']} rounds, load "
+                f"{min(r['loadavg_1min']):.1f}-{max(r['loadavg_1min']):.1f}: median CPU s per step "
+                + ", ".join(
+                    f"{m} {statistics.median(r[m + '_cpu_s']):.2f}"
+                    for m in ("autograd", "invertible", "invertible_returned")
+                )
+                + f"; invertible / autograd {r['invertible_cpu_ratio']:.2f}x CPU "
+                f"({r['invertible_wall_ratio']:.2f}x wall), with freed memory returned "
+                f"{r['invertible_returned_cpu_ratio']:.2f}x CPU "
+                f"({r['invertible_returned_wall_ratio']:.2f}x wall; target <= 1.35x)"
+            )
+
     if args.compile_only or args.only_extra:
-        if args.out:
-            write_records(args.out, records)
+        _write(args, records)
         return
     mrows = _run_worker(
         ["--worker", "matrix_exp", "--shapes", json.dumps(shapes), "--reps", str(reps)]
@@ -703,8 +843,14 @@ def main(argv: list[str] | None = None) -> None:
                 f" {t['taylor_host_sync']['seconds']:>13.4f} {ref / ours:>14.2f}x"
                 f" {t['project']['max_abs_err']:>9.1e}"
             )
+    _write(args, records)
+
+
+def _write(args: argparse.Namespace, records: list[dict]) -> None:
     if args.out:
         write_records(args.out, records)
+    if args.record:
+        write_published(args.record, records)
 
 
 if __name__ == "__main__":

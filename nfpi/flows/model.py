@@ -161,7 +161,7 @@ class FlowModel(InvertibleLayer):
     Build it with :func:`build_flow`; call :meth:`data_init` once on a fresh model.
     ``invertible_backward = True`` makes training passes keep no activations: backward rebuilds
     them from the layers' outputs (:mod:`nfpi.flows.reversible`; memory flat in depth, about
-    one extra forward pass per step).
+    one extra forward pass per step), each coupling in pieces of ``rebuild_chunk`` samples.
 
     Example::
 
@@ -186,6 +186,9 @@ class FlowModel(InvertibleLayer):
         # Training option (not architecture): rebuild activations in backward from the layers'
         # outputs instead of keeping them (nfpi.flows.reversible); same values and gradients.
         self.invertible_backward = False
+        # Its backward rebuilds each coupling in pieces of at most this many samples (None:
+        # the whole batch): the transient of a coupling's rebuild shrinks with it.
+        self.rebuild_chunk: int | None = 16
 
     def _level(
         self,
@@ -237,7 +240,7 @@ class FlowModel(InvertibleLayer):
         if self.invertible_backward and torch.is_grad_enabled():
             from nfpi.flows.reversible import invertible_forward  # imports the layers' modules
 
-            return invertible_forward(self.flow, x)
+            return invertible_forward(self.flow, x, self.rebuild_chunk)
         return self.flow(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -136,6 +136,7 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
                 "--invertible-backward --peer --only-extra"
             ),
         ),
+        ("parse", "--smoke-test --only-extra --interleave 2 --record r.json"),
     ],
 }
 # Bad input refused before any work, with one line naming the flag (exit 2, no traceback).

@@ -73,3 +73,21 @@ def test_normflows_peer_row_has_a_matched_parameter_count(rows):
     assert peer["matched_params"] == ours["params"]
     assert abs(peer["params"] - ours["params"]) <= 0.02 * ours["params"]
     assert "normflows Glow" in stdout and "images/s =" in stdout
+
+
+@pytest.mark.slow
+def test_interleaved_time_ratio_row_and_published_record(tmp_path):
+    record = tmp_path / "published.json"
+    stdout, rows = _run(tmp_path, "--invertible-backward", "--interleave", "2",
+                        "--record", str(record))  # fmt: skip
+    plain, inv, inter = rows
+    assert inv["freed_memory_returned"] is True and plain["freed_memory_returned"] is False
+    assert inv["params_mb"] == plain["params_mb"] and inv["optimizer_state_mb"] >= 0
+    assert inter["bench"] == "interleaved_step" and inter["rounds"] == 2
+    for mode in ("autograd", "invertible", "invertible_returned"):
+        cpu, wall = json.loads(inter[f"{mode}_cpu_s"]), json.loads(inter[f"{mode}_wall_s"])
+        assert len(cpu) == len(wall) == 2 and min(wall) > 0
+    assert inter["autograd_cpu_ratio"] == 1.0
+    assert "interleaved in one worker" in stdout
+    doc = json.loads(record.read_text())
+    assert set(doc) == {"commit", "command", "date", "records"} and len(doc["records"]) == 3

@@ -63,6 +63,29 @@ def test_gradients_equal_autograd_float64(preset, shape, overrides):
         assert err < 1e-8, f"{name}: relative gradient error {err:.2e}"
 
 
+@pytest.mark.parametrize("chunk", [2, None])
+def test_rebuild_in_pieces_equals_autograd_float64(chunk):
+    """Couplings rebuilt 2 samples at a time (pieces of 2, 2, 1) or the whole batch at once."""
+    flow = _flow("tiny", (1, 8, 8), steps=3)
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=F64)
+    z0, ld0, g0 = _grads(flow, x, invertible=False)
+    flow.rebuild_chunk = chunk
+    z1, ld1, g1 = _grads(flow, x, invertible=True)
+    assert torch.equal(z0, z1) and torch.equal(ld0, ld1)
+    for (name, _), a, b in zip([("x", 0), *flow.named_parameters()], g0, g1, strict=True):
+        assert a.abs().max() > 0, name
+        err = ((a - b).abs().max() / a.abs().max()).item()
+        assert err < 1e-8, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_bad_chunk_is_refused_in_one_line():
+    flow = _flow("tiny", (1, 8, 8))
+    x = torch.randn(2, 1, 8, 8, dtype=F64)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="chunk must be None or an int >= 1"):
+            invertible_forward(flow.flow, x, bad)
+
+
 @pytest.mark.slow
 def test_optimizer_steps_match_autograd():
     """Two training steps with either backward give the same weights (float64, to 1e-10)."""
@@ -98,16 +121,27 @@ def _saved_bytes(flow, x) -> int:
 def test_saved_activations_do_not_grow_with_depth():
     shape = (1, 8, 8)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(4), dtype=F64)
-    plain, invertible = {}, {}
-    for steps in (1, 4):
+    plain, invertible, pieces = {}, {}, {}
+    for steps in (1, 2, 4):
         flow = _flow("tiny", shape, steps=steps)
         plain[steps] = _saved_bytes(flow, x)
         flow.invertible_backward = True
+        flow.rebuild_chunk = None  # whole-batch rebuild: each level's last step is kept
         invertible[steps] = _saved_bytes(flow, x)
+        flow.rebuild_chunk = 2
+        pieces[steps] = _saved_bytes(flow, x)
     assert plain[4] > 2 * plain[1]  # autograd keeps every step's activations
-    assert invertible[4] == invertible[1]  # one output per level, whatever the depth
-    # ... which is about one image per level (2 levels: 64 + 32 values of 8 bytes per sample).
-    assert invertible[4] <= 4 * x[0].numel() * 8 * 2
+    # Rebuilt in pieces, every step is rebuilt: one image per level is all that is kept.
+    assert pieces[1] == pieces[4] == 4 * (64 + 32) * 8
+    # One step per level runs under plain autograd (its activations are the first the backward
+    # needs), the others keep only their output: the same bytes at 2 steps as at 4 ...
+    assert invertible[4] == invertible[2]
+    # ... which are one step's activations plus one image per level (2 levels: 64 + 32 values
+    # of 8 bytes per sample; with more than one step the kept step's input requires grad, so
+    # its per-element ActNorm also keeps its 64-value scale), less than two steps' worth.
+    assert invertible[1] == plain[1]  # a single step is the kept one
+    assert invertible[4] == plain[1] + 4 * (64 + 32) * 8 + 64 * 8
+    assert invertible[4] < plain[2]
 
 
 def test_frozen_parameters_and_input_gradient_only():
