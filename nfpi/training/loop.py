@@ -62,6 +62,7 @@ from nfpi.training.distributed import (
     wrap_ddp,
 )
 from nfpi.training.ema import FlowEMA
+from nfpi.training.heap import return_freed_memory
 from nfpi.training.evaluation import collect_statistics, evaluate, keyed_inputs, nll_nats
 from nfpi.training.finetune import load_pretrained_flow
 from nfpi.training.pictures import prior_update_pictures, sample_and_tsne_pictures
@@ -173,6 +174,8 @@ class Trainer:
             c.flow.preset, in_shape=tuple(self.info.shape), seed=c.seed, **c.flow.overrides()
         ).to(self.device)
         self.flow.invertible_backward = c.optim.invertible_backward
+        if c.optim.invertible_backward and self.device.type == "cpu":
+            return_freed_memory()  # the memory saved goes back to the OS (nfpi.training.heap)
         self.model: nn.Module = self.flow  # the DDP wrapper once training starts
         if prior_client is None and self.is_main:
             prior_client = PriorSchedule.default_client(c.prior, self.num_classes, self.dim)

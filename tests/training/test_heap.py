@@ -55,3 +55,18 @@ def test_bad_threshold_is_refused_in_one_line():
     for bad in (0, -1, 64 * 1024 * 1024, 1.5):
         with pytest.raises(ValueError, match="threshold_bytes must be an int in"):
             return_freed_memory(bad)
+
+
+@pytest.mark.parametrize("invertible", [False, True])
+def test_the_trainer_returns_freed_memory_only_with_the_invertible_backward(
+    invertible, monkeypatch, tmp_path
+):
+    from nfpi.presets import experiment_config
+    from nfpi.training import Trainer, loop
+
+    calls = []
+    monkeypatch.setattr(loop, "return_freed_memory", lambda: calls.append(1) or True)
+    config = experiment_config("smoke", {"optim.invertible_backward": invertible})
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.flow.invertible_backward is invertible
+    assert calls == ([1] if invertible else [])
