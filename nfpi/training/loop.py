@@ -62,9 +62,9 @@ from nfpi.training.distributed import (
     wrap_ddp,
 )
 from nfpi.training.ema import FlowEMA
-from nfpi.training.heap import return_freed_memory
 from nfpi.training.evaluation import collect_statistics, evaluate, keyed_inputs, nll_nats
 from nfpi.training.finetune import load_pretrained_flow
+from nfpi.training.heap import return_freed_memory
 from nfpi.training.pictures import prior_update_pictures, sample_and_tsne_pictures
 from nfpi.training.randomness import (
     PHASE_STATS,

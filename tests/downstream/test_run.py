@@ -50,7 +50,9 @@ def test_augment_trains_the_classifier_on_a_subset_of_the_flows_training_set(che
     full = run_downstream(checkpoint, DownstreamConfig.from_overrides(overrides), tmp_path / "a")
     subset = run_downstream(
         checkpoint,
-        DownstreamConfig.from_overrides({**overrides, "downstream.items_per_class": 3, "cnn.batch_size": 10}),
+        DownstreamConfig.from_overrides(
+            {**overrides, "downstream.items_per_class": 3, "cnn.batch_size": 10}
+        ),
         tmp_path / "b",
     )
     k = len(subset.results["augmented"].per_class_accuracy)
