@@ -17,6 +17,10 @@ ARGS = {
     "test_normflows_peer_row_has_a_matched_parameter_count": [
         "--models", "glow-small", "--image-size", "16", "--hidden", "32", "--peer",
     ],
+    # + --record <its folder>/published.json
+    "test_interleaved_time_ratio_row_and_published_record": [
+        "--invertible-backward", "--interleave", "2",
+    ],
 }  # fmt: skip
 
 
@@ -31,10 +35,13 @@ def rows(request, tmp_path_factory):
             if name.startswith("test_normflows") and importlib.util.find_spec("normflows") is None:
                 return None  # the test skips itself
             outs[name] = tmp_path_factory.mktemp("rows") / "r.json"
+            extra = ARGS[name]
+            if name.startswith("test_interleaved"):
+                extra = [*extra, "--record", str(outs[name].with_name("published.json"))]
             return (
                 name,
                 SCRIPT,
-                ["--smoke-test", "--only-extra", "--out", str(outs[name]), *ARGS[name]],
+                ["--smoke-test", "--only-extra", "--out", str(outs[name]), *extra],
             )
 
         return planned
@@ -45,6 +52,8 @@ def rows(request, tmp_path_factory):
             proc = futures[name].result()
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             return proc.stdout, json.loads(outs[name].read_text())
+
+        result.out = outs
 
         yield result
 
@@ -76,10 +85,9 @@ def test_normflows_peer_row_has_a_matched_parameter_count(rows):
 
 
 @pytest.mark.slow
-def test_interleaved_time_ratio_row_and_published_record(tmp_path):
-    record = tmp_path / "published.json"
-    stdout, rows = _run(tmp_path, "--invertible-backward", "--interleave", "2",
-                        "--record", str(record))  # fmt: skip
+def test_interleaved_time_ratio_row_and_published_record(rows):
+    name = "test_interleaved_time_ratio_row_and_published_record"
+    stdout, rows, record = *rows(name), rows.out[name].with_name("published.json")
     plain, inv, inter = rows
     assert inv["freed_memory_returned"] is True and plain["freed_memory_returned"] is False
     assert inv["params_mb"] == plain["params_mb"] and inv["optimizer_state_mb"] >= 0
