@@ -138,6 +138,8 @@ def table(records: list[dict[str, Any]]) -> str:
     import statistics
 
     def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+        if any(math.isnan(v) for v in values):
+            return "-"  # not evaluated (eval.every)
         mean = statistics.mean(values) * scale
         sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
         return f"{mean:.{digits}f}" + (f" +- {sd:.{digits}f}" if len(values) > 1 else "")
@@ -170,7 +172,8 @@ def curves(results: list[dict[str, Any]]) -> str:
         cells = []
         for r in results:
             h = r["history"][e] if e < len(r["history"]) else None
-            cells.append("" if h is None else f"{100 * h['nf_acc']:.1f} / {h['test_bpd']:.3f}")
+            evaluated = h is not None and "nf_acc" in h  # eval.every may skip epochs
+            cells.append(f"{100 * h['nf_acc']:.1f} / {h['test_bpd']:.3f}" if evaluated else "")
         rows.append(f"| {e} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -69,8 +69,8 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         (
             "run",
             (
-                "--smoke-test --methods data-init --jobs 2 --threads 1 "
-                "--tracking-uri sqlite:///{tmp}/m.db"
+                "--smoke-test --methods data-init --jobs 2 --threads 1 --seeds 2 --epochs 2 "
+                "--tracking-uri sqlite:///{tmp}/m.db --set eval.every=2"
             ),
         ),
         ("parse", "--quick --data {tmp}/x.tar.gz --seeds 2 --epochs 2"),
