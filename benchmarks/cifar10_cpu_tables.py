@@ -210,8 +210,8 @@ def flow_table(records: list[dict[str, Any]], which: str) -> str:
     for r in records:
         if which in str(r["table"]).split(","):
             groups.setdefault((r["row"], r["lam"]), []).append(r)
-    if which == "2":
-        groups = dict(sorted(groups.items(), key=lambda kv: kv[0][1]))
+    # Table 2 by lambda, Table 3 by row (#1 ... #4)
+    groups = dict(sorted(groups.items(), key=lambda kv: kv[0][1] if which == "2" else kv[0][0]))
     for (row, lam), recs in groups.items():
         first = f"{row}, lambda {lam:.6g}" if which == "3" else f"{lam:.6g}"
 
