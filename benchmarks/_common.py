@@ -147,6 +147,19 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
+def mean_sd(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean +- std`` of ``values`` times ``scale`` (the mean alone for one value; ``-`` when a
+    value is NaN: not measured), for the tables' cells."""
+    import math
+    import statistics
+
+    if any(math.isnan(v) for v in values):
+        return "-"
+    scaled = [v * scale for v in values]
+    sd = f" +- {statistics.stdev(scaled):.{digits}f}" if len(scaled) > 1 else ""
+    return f"{statistics.mean(scaled):.{digits}f}{sd}"
+
+
 def write_published(
     path: str | os.PathLike[str], records: list[dict[str, Any]], argv: list[str] | None = None
 ) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 from _common import (  # benchmarks/ on sys.path
     ROOT,
     benchmark_parser,
+    mean_sd,
     mode_name,
     write_published,
     write_records,
@@ -134,16 +135,8 @@ def log_to_mlflow(tracking: Any, parent_id: str, result: dict[str, Any]) -> None
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per method, mean +- std over seeds."""
-    import statistics
-
-    def fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-        if any(math.isnan(v) for v in values):
-            return "-"  # not evaluated (eval.every)
-        mean = statistics.mean(values) * scale
-        sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        return f"{mean:.{digits}f}" + (f" +- {sd:.{digits}f}" if len(values) > 1 else "")
-
+    """Markdown: one row per method, mean +- std over seeds (``-``: not evaluated, eval.every)."""
+    fmt = mean_sd
     rows = [
         "| method | seeds | NF-Acc (%) | NF-Acc after 1st update (%) | test bits/dim | minutes |",
         "|---|---|---|---|---|---|",

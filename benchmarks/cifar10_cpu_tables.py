@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from _common import benchmark_parser, mode_name, write_published, write_records
+from _common import benchmark_parser, mean_sd, mode_name, write_published, write_records
 from cifar10_cpu import DEFAULT_DATA, SMOKE, run_one, smoke_imagefolder
 
 from nfpi.presets import experiment_config, parse_override, released_overrides
@@ -191,10 +190,8 @@ def table5_task(flow_dir: str, aug: str, seed: int, cnn: dict[str, Any], per_cla
     }
 
 
-def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    values = [v * scale for v in values]
-    sd = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{sd}"
+def pct(values: list[float]) -> str:
+    return mean_sd(values, 100.0)
 
 
 def flow_table(records: list[dict[str, Any]], which: str) -> str:
@@ -219,8 +216,8 @@ def flow_table(records: list[dict[str, Any]], which: str) -> str:
             return " / ".join(f"{100 * r[key]:.2f}" for r in recs)
 
         lines.append(
-            f"| {first} | {len(recs)} | {mean_sd([r['nf_acc'] for r in recs])} | "
-            f"{mean_sd([r['cnn_acc'] for r in recs])} | {per('nf_acc')} | {per('cnn_acc')} | "
+            f"| {first} | {len(recs)} | {pct([r['nf_acc'] for r in recs])} | "
+            f"{pct([r['cnn_acc'] for r in recs])} | {per('nf_acc')} | {per('cnn_acc')} | "
             f"{mean_sd([r['test_bpd'] for r in recs], 1.0, 3)} |"
         )
     return "\n".join(lines)
@@ -237,8 +234,8 @@ def table5(records: list[dict[str, Any]]) -> str:
             top1 = [r["top1"] for r in recs]
             per_seed = " / ".join(f"{100 * a:.2f}" for a in top1)
             lines.append(
-                f"| {aug} | {len(recs)} | {mean_sd(top1)} | "
-                f"{mean_sd([r['top5'] for r in recs])} | {per_seed} |"
+                f"| {aug} | {len(recs)} | {pct(top1)} | "
+                f"{pct([r['top5'] for r in recs])} | {per_seed} |"
             )
     return "\n".join(lines)
 
