@@ -27,6 +27,7 @@ the service's store ``results/mlflow.db``, experiment ``cifar10_cpu``; ``--no-ml
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -46,11 +47,13 @@ from _common import (  # benchmarks/ on sys.path
     write_published,
     write_records,
 )
+from _peer import NAME as PEER
 
 from nfpi.presets import experiment_config, parse_override
 from nfpi.prior import PRIOR_METHODS
 
-METHODS = PRIOR_METHODS
+METHODS = PRIOR_METHODS  # the default runs: the three priors of Table 1
+ALL_METHODS = (*METHODS, PEER)  # and the peer, on request (--methods ...,normflows-glow)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 QUICK = {"data.items_per_class": 200, "data.test_items_per_class": 100, "optim.epochs": 2}
 SMOKE = {
@@ -90,6 +93,8 @@ def run_one(
 
     from nfpi.training import Trainer
 
+    if method == PEER:
+        return run_peer(seed, overrides, run_dir, threads)
     torch.set_num_threads(threads)
     cfg = experiment_config(
         "cifar10_cpu",
@@ -113,6 +118,98 @@ def run_one(
         "minutes": minutes,
         "epochs": cfg.optim.epochs,
         "lam": cfg.prior.objective_for().lam,
+    }
+    return {"record": record, "history": history, "config": cfg.flat(), "run_dir": run_dir}
+
+
+def run_peer(seed: int, overrides: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """The peer's run: normflows' Glow with class-conditional diagonal gaussians learned by
+    gradient descent together with the flow (normflows' class-conditional recipe), its flow
+    parameters matched to this experiment's flow, on the experiment's data, batch, epochs,
+    optimiser (Adamax at ``optim.lr`` with ``optim.warmup_steps`` of warm-up), gradient clipping
+    and dequantisation: the library loop's step without the prior service. NF-Acc is the class
+    of the largest ``log p(x | y)`` on the test set, as the project's flows are scored; the same
+    epochs are evaluated (``eval.every`` and the last)."""
+    import torch
+    from _peer import bits_per_dim, class_log_probs, peer_glow
+    from torch import nn
+
+    from nfpi.data import dequantization_offset, dequantize
+    from nfpi.flows import build_flow
+    from nfpi.training.randomness import PHASE_TRAIN, seed_phase
+    from nfpi.training.run_data import RunData
+
+    torch.set_num_threads(threads)
+    cfg = experiment_config(
+        "cifar10_cpu", {"seed": seed, "name": f"cifar10_cpu-{PEER}-s{seed}", **overrides}
+    )
+    t0 = time.perf_counter()
+    cpu = torch.device("cpu")
+    data = RunData(cfg, cpu)
+    shape, levels = tuple(data.info.shape), data.info.levels
+    ours = build_flow(cfg.flow.preset, in_shape=shape, seed=seed, **cfg.flow.overrides())
+    n_ours = sum(p.numel() for p in ours.parameters())
+    model, width, n_peer = peer_glow(n_ours, ours.spec, shape, data.num_classes, seed)
+    offset = dequantization_offset(data.dim, levels)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr)
+    warm = max(cfg.optim.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    init = torch.utils.data.DataLoader(data.train_set, cfg.optim.init_batch, shuffle=False)
+    x0, y0 = next(iter(init))
+    with torch.no_grad():  # normflows' ActNorm initialises itself on its first batch
+        model.forward_kld(dequantize(x0, levels=levels), y0)
+
+    def test() -> dict[str, float]:
+        gen = torch.Generator().manual_seed(seed)
+        model.eval()
+        nll = correct = count = 0.0
+        with torch.no_grad():
+            for x, y in data.test_loader:
+                log_p = class_log_probs(model, dequantize(x, gen, levels=levels))
+                nll += float(
+                    bits_per_dim(log_p.gather(1, y[:, None])[:, 0], data.dim, offset).sum()
+                )
+                correct += float((log_p.argmax(1) == y).sum())
+                count += len(y)
+        model.train()
+        return {"test_bpd": nll / count, "nf_acc": correct / count}
+
+    history = []
+    for epoch in range(cfg.optim.epochs):
+        gen = seed_phase(seed, epoch, PHASE_TRAIN)
+        data.train_sampler.set_epoch(epoch)
+        total = seen = 0.0
+        for x, y in data.train_loader:
+            if data.augment is not None:
+                x = data.augment(x, gen)
+            loss = bits_per_dim(model.log_prob(dequantize(x, levels=levels), y), data.dim, offset)
+            loss = loss.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{PEER}: non-finite loss at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        entry: dict[str, float] = {"epoch": epoch, "train_bpd": total / seen}
+        if (epoch + 1) % cfg.eval.every == 0 or epoch == cfg.optim.epochs - 1:
+            entry.update(test())
+        history.append(entry)
+        print(f"  {PEER} seed {seed} epoch {epoch}: {entry}", flush=True)
+    record = {
+        "method": PEER,
+        "seed": seed,
+        "nf_acc": history[-1]["nf_acc"],
+        "test_bpd": history[-1]["test_bpd"],
+        "nf_acc_after_solve": history[0].get("nf_acc", math.nan),  # after epoch 0, as the others
+        "minutes": (time.perf_counter() - t0) / 60,
+        "epochs": cfg.optim.epochs,
+        "lam": math.nan,  # no KLD term: its gaussians are learned by the NLL alone
+        "params": n_peer,
+        "matched_params": n_ours,
+        "hidden": width,
     }
     return {"record": record, "history": history, "config": cfg.flat(), "run_dir": run_dir}
 
@@ -141,7 +238,7 @@ def table(records: list[dict[str, Any]]) -> str:
         "| method | seeds | NF-Acc (%) | NF-Acc after 1st update (%) | test bits/dim | minutes |",
         "|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in ALL_METHODS:
         recs = [r for r in records if r["method"] == method]
         if not recs:
             continue
@@ -157,7 +254,7 @@ def table(records: list[dict[str, Any]]) -> str:
 def curves(results: list[dict[str, Any]]) -> str:
     """Markdown: test NF-Acc / bits/dim after each epoch, one column per run."""
     results = sorted(
-        results, key=lambda r: (METHODS.index(r["record"]["method"]), r["record"]["seed"])
+        results, key=lambda r: (ALL_METHODS.index(r["record"]["method"]), r["record"]["seed"])
     )
     names = [f"{r['record']['method']} s{r['record']['seed']}" for r in results]
     rows = ["| epoch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -178,7 +275,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 JPEG tarball or tree"
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(ALL_METHODS)} (default: the three priors; "
+        f"{PEER} is the normflows peer at matched parameters, needs pip install -e '.[bench]')",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the preset's 8)")
@@ -200,9 +302,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
-        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if PEER in methods and importlib.util.find_spec("normflows") is None:
+        parser.error(f"--methods {PEER} needs normflows: pip install -e '.[bench]'")
     args.methods = methods
     if args.jobs < 1 or args.threads < 1 or args.seeds < 1 or args.first_seed < 0:
         parser.error("--jobs, --threads and --seeds must be >= 1, --first-seed >= 0")

@@ -79,10 +79,12 @@ from _common import (  # benchmarks/ is on sys.path
     write_published,
     write_records,
 )
+from _peer import NAME as PEER_NAME
+from _peer import peer_glow
 
 MEF_REFERENCE_PARAMS = 42.9e6
 MODELS = ["mef-cifar"]
-PEER = "normflows-glow"
+PEER = PEER_NAME
 EXPM = ("project", "taylor_host_sync")
 
 
@@ -255,47 +257,6 @@ def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {} if args.hidden is None else {"hidden": args.hidden}
 
 
-def _peer_glow(target_params: int, spec, in_shape: tuple[int, int, int], k: int):
-    """normflows' Glow (``GlowBlock``: affine coupling with a sigmoid scale, LU 1x1 conv,
-    ActNorm; ``MultiscaleFlow`` with class-conditional diagonal gaussians) with the levels and
-    steps of ``spec`` and the hidden width whose flow parameter count (base distributions
-    excluded, as the project's prior is not a flow parameter) is nearest ``target_params``."""
-    import normflows as nf
-
-    levels, steps = spec.levels, spec.steps[0]
-    c, h, w = in_shape
-
-    def build(hidden: int):
-        q0, merges, flows = [], [], []
-        for i in range(levels):
-            block = [
-                nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel")
-                for _ in range(steps)
-            ]
-            flows.append([*block, nf.flows.Squeeze()])
-            if i > 0:
-                merges.append(nf.flows.Merge())
-                s = 2 ** (levels - i)
-                latent = (c * s, h // s, w // s)
-            else:
-                s = 2**levels
-                latent = (c * 2 * s, h // s, w // s)
-            q0.append(nf.distributions.ClassCondDiagGaussian(latent, k))
-        return nf.MultiscaleFlow(q0, flows, merges, class_cond=True)
-
-    def flow_params(model) -> int:
-        return sum(p.numel() for p in model.flows.parameters())
-
-    lo, hi = 1, 2048  # flow_params grows with the width: bisect, then take the nearer side
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if flow_params(build(mid)) <= target_params else (lo, mid)
-    best = min((lo, hi), key=lambda wd: abs(flow_params(build(wd)) - target_params))
-    torch.manual_seed(0)
-    model = build(best)
-    return model, best, flow_params(model)
-
-
 def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     from nfpi.flows import PRESETS, build_flow
     from nfpi.training.heap import return_freed_memory
@@ -314,7 +275,7 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {"image_size": args.image_size, "hidden": flow.spec.hidden}
     if peer:
         spec = PRESETS[preset].replace(**_spec_overrides(args))
-        flow, width, n_peer = _peer_glow(n_params, spec, in_shape, k)
+        flow, width, n_peer = peer_glow(n_params, spec, in_shape, k)
         flow = flow.to(device)
         extra.update(hidden=width, matched_model=preset, matched_params=n_params)
         extra["params_with_base"] = sum(p.numel() for p in flow.parameters())

@@ -62,7 +62,7 @@ COMBOS: dict[str, list[tuple[str, str]]] = {
         (
             "run",
             (
-                "--smoke-test --methods fpi --first-seed 1 --no-mlflow "
+                "--smoke-test --methods fpi,normflows-glow --first-seed 1 --no-mlflow "
                 "--keep {tmp}/runs --set prior.resolve_every=0 --record {tmp}/p.json"
             ),
         ),
