@@ -4,9 +4,10 @@
         [--tables 3,2] [--seeds N] [--first-seed S] [--lambdas L,...] [--epochs N] [--set K=V ...]
 
 Single-process runs of the library loop (no Ray) of the ``digits`` experiment (tiny MEF flow,
-30 epochs, the prior solved at the end of epochs 0 and 1 then frozen) with the prior section of
-the release's CIFAR-10 configs (:func:`nfpi.presets.released_overrides`, variant ``as_released``:
-reference form, alpha 10, pi pairwise, each setting its own lambda), the rows of
+30 epochs) with the prior section and schedule of the release's CIFAR-10 configs
+(:func:`nfpi.presets.released_overrides`, variant ``as_released``: reference form, alpha 10, pi
+pairwise, each setting its own lambda, one solve after epoch 0 from the gaussians the run holds,
+then frozen; method notes section 10), the rows of
 ``search_spaces/table3.py`` and ``search_spaces/table2.py`` on the digits flow:
 
 - Table 3: #1 none (``data-init``: the untrained flow's class moments), #2 means only from

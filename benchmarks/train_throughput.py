@@ -37,7 +37,9 @@ three levels of mef-cifar), forward and forward + backward, with the error again
 goes: conv-norm convolutions forward / backward, other convolutions, matrix exponential, ELU,
 optimizer, everything else; then the top operators by self time.
 
-``--compile`` adds a ``project`` row with ``torch.compile(flow)`` (compile time excluded);
+``--compile`` adds a ``project`` row with ``torch.compile(flow, dynamic=False)`` (compile time
+excluded; the row also gives the compiled step's bits/dim and log-determinants against the eager
+flow's on one batch, float32; tests/flows/test_compile.py checks them in float64);
 ``--compile-only`` runs that row alone (``benchmarks/gpu_rows.sh`` gives it its own time limit).
 
 ``--invertible-backward`` adds a row whose flow rebuilds activations in backward (its worker
@@ -313,7 +315,7 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     peak0, mix0, conv_rows = conv_peak(shapes, batch, device, peak_reps)
     if args.invertible_backward:  # after the FLOP count: the model's FLOPs, not the rebuild's
         flow.invertible_backward = True
-    net = torch.compile(flow) if args.compile else flow
+    net = torch.compile(flow, dynamic=False) if args.compile else flow
     opt = torch.optim.Adamax(flow.parameters(), lr=1e-3)
     reset_device_peak(device)
     rss_before_steps = vm("VmRSS")
@@ -355,6 +357,8 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     peak_train = peak_gpu if peak_gpu is not None else vm("VmHWM")
     if args.invertible_backward:
         extra.update(_invertible_checks(flow, loss_fn, images))
+    if args.compile:
+        extra.update(_compile_checks(flow, net, loss_fn, images))
     profile = _profile(step, device) if args.profile else None
     peak1, mix1, _ = conv_peak(shapes, batch, device, peak_reps)
     peak, mix = max(peak0, peak1), max(mix0, mix1)
@@ -400,6 +404,22 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     if profile is not None:
         row["profile"] = profile
     return row
+
+
+def _compile_checks(flow, net, loss_fn, images) -> dict[str, float]:
+    """The compiled flow against the eager one on one batch: largest bits/dim and
+    log-determinant differences (float32: round-off of a reordered sum is expected)."""
+    x, y = images()
+    with torch.no_grad():
+        _, ld_eager = flow(x)
+        _, ld_compiled = net(x)
+        bpd_eager, bpd_compiled = loss_fn(flow, x, y), loss_fn(net, x, y)
+    return {
+        "compile_bpd_abs_diff": float((bpd_compiled - bpd_eager).abs()),
+        "compile_logdet_max_rel_diff": float(
+            ((ld_compiled - ld_eager).abs() / ld_eager.abs().clamp_min(1.0)).max()
+        ),
+    }
 
 
 def _reset_hwm(device: str) -> None:
@@ -749,6 +769,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"1.35x); gradients vs autograd: max rel err {r['grad_max_rel_err_vs_autograd']:.1e}"
                 f"; rebuilt activations over {r['rebuild_layers']} layers: max abs err "
                 f"{r['rebuild_max_abs_err']:.1e} (rel {r['rebuild_max_rel_err']:.1e})"
+            )
+        compiled = [r for r in records if r["model"] == model and r["compile"]]
+        if "project" in by and compiled:
+            r, base = compiled[0], by["project"]
+            print(
+                f"{model}: torch.compile / eager images/s = "
+                f"{r['images_per_s'] / base['images_per_s']:.2f}x (median "
+                f"{r['images_per_s_median'] / base['images_per_s_median']:.2f}x); compiled vs "
+                f"eager on one batch: bits/dim {r['compile_bpd_abs_diff']:.1e}, log-det max rel "
+                f"{r['compile_logdet_max_rel_diff']:.1e}"
             )
         peer = [r for r in records if r["model"] == PEER and r.get("matched_model") == model]
         if "project" in by and peer:

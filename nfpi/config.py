@@ -214,8 +214,9 @@ class PriorConfig(Config):
     ``data-init``: class moments of the untrained flow at train start, frozen.
     ``fpi``: data-init at start, FPI solved at the end of epoch ``solve_epoch`` from statistics of
     the training set through the online flow, then frozen (or re-solved every ``resolve_every``
-    epochs when > 0; the release solves at epochs 0 and 1: ``solve_epoch=0, resolve_every=1,
-    solve_until=1``).
+    epochs when > 0; the release solves once, after epoch 0: ``solve_epoch=0, resolve_every=0``,
+    method notes section 10; the ``digits`` experiment solves after epochs 0 and 1:
+    ``resolve_every=1, solve_until=1``).
     ``gd``: data-init at start, then ``gd.steps_per_solve`` GD steps at the end of every epoch
     up to ``solve_until``.
 

@@ -151,7 +151,10 @@ class _ELUInplace(torch.autograd.Function):
 
 def elu_(x: Tensor, residual: Tensor | None = None) -> Tensor:
     """In-place ``elu(x + residual)`` (``x`` must be a fresh activation nobody else reads)."""
-    if x.device.type != "cpu":  # CUDA's ELU is vectorised: one fused kernel
+    # CUDA's ELU is vectorised: one fused kernel. Under torch.compile the compiler fuses it and
+    # plans the memory; the hand-written CPU function below would break the graph at every
+    # coupling (Dynamo cannot trace ``ctx.mark_dirty``).
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         if residual is not None:
             x += residual
         return F.elu(x, inplace=True)

@@ -298,4 +298,8 @@ def expm(a: Tensor) -> Tensor:
     ``torch.linalg.matrix_exp`` to round-off."""
     if not (a.is_floating_point() and not a.is_complex()):
         raise TypeError(f"expm expects a real floating tensor, got {a.dtype}")
+    if torch.compiler.is_compiling():
+        # The Taylor plan is chosen on the host from the norm of ``a`` (a graph break, and a
+        # recompile for every new norm); PyTorch's own exponential stays in the graph.
+        return torch.linalg.matrix_exp(a)
     return _Expm.apply(a)
