@@ -1,7 +1,7 @@
 """CIFAR-10 on CPU: data-init, GD and FPI priors at equal objective and equal budget, real images.
 
     python benchmarks/cifar10_cpu.py [--quick | --smoke-test] [--out PATH] [--data TARBALL]
-        [--methods data-init,gd,fpi] [--seeds N] [--epochs N] [--jobs N] [--threads N]
+        [--methods data-init,gd,fpi[,normflows-glow]] [--seeds N] [--epochs N] [--jobs N] [--threads N]
         [--record PATH]
 
 Every run is the ``cifar10_cpu`` experiment (nfpi/presets.py) through the library loop
@@ -11,6 +11,9 @@ the released Table 1 cifar10 setting) for every method. What differs is the prio
 keeps the class moments of the untrained flow, ``gd`` takes 100 Adam steps on the objective at the
 end of every epoch (policy sublinear_v1, lr 0.3 -> 1e-3), ``fpi`` solves the released fixed point at
 the end of every epoch. GD and the FPI pay the same statistics pass per epoch.
+``--methods ...,normflows-glow`` adds the peer: normflows' Glow at this flow's parameter count,
+its class-conditional diagonal gaussians learned by gradient descent with the flow, on the same
+data, batch, epochs, optimiser and dequantisation (``run_peer``; needs the ``bench`` extra).
 
 Records: ``method``, ``seed``, ``nf_acc`` (last epoch, full test set), ``test_bpd``,
 ``nf_acc_after_solve`` (right after the first prior update, end of epoch 0), ``minutes`` (wall
