@@ -406,6 +406,12 @@ def _train_worker(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _speedup(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Row ``a``'s images/s over row ``b``'s: best steps, and medians in brackets."""
+    best = a["images_per_s"] / b["images_per_s"]
+    return f"{best:.2f}x (median {a['images_per_s_median'] / b['images_per_s_median']:.2f}x)"
+
+
 def _compile_checks(flow, net, loss_fn, images) -> dict[str, float]:
     """The compiled flow against the eager one on one batch: largest bits/dim and
     log-determinant differences (float32: round-off of a reordered sum is expected)."""
@@ -764,19 +770,15 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{model}: invertible backward: peak memory {r['peak_mb']} MiB vs "
                 f"{base['peak_mb']} MiB ({r['peak_mb'] / base['peak_mb']:.2f}x), time per step "
-                f"{base['images_per_s'] / r['images_per_s']:.2f}x (median "
-                f"{base['images_per_s_median'] / r['images_per_s_median']:.2f}x; target <= "
-                f"1.35x); gradients vs autograd: max rel err {r['grad_max_rel_err_vs_autograd']:.1e}"
-                f"; rebuilt activations over {r['rebuild_layers']} layers: max abs err "
+                f"{_speedup(base, r)} (target <= 1.35x); gradients vs autograd: max rel err "
+                f"{r['grad_max_rel_err_vs_autograd']:.1e}; rebuilt activations over {r['rebuild_layers']} layers: max abs err "
                 f"{r['rebuild_max_abs_err']:.1e} (rel {r['rebuild_max_rel_err']:.1e})"
             )
         compiled = [r for r in records if r["model"] == model and r["compile"]]
         if "project" in by and compiled:
             r, base = compiled[0], by["project"]
             print(
-                f"{model}: torch.compile / eager images/s = "
-                f"{r['images_per_s'] / base['images_per_s']:.2f}x (median "
-                f"{r['images_per_s_median'] / base['images_per_s_median']:.2f}x); compiled vs "
+                f"{model}: torch.compile / eager images/s = {_speedup(r, base)}; compiled vs "
                 f"eager on one batch: bits/dim {r['compile_bpd_abs_diff']:.1e}, log-det max rel "
                 f"{r['compile_logdet_max_rel_diff']:.1e}"
             )
@@ -786,8 +788,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{model} ({ours['params']:,} parameters, width {ours['hidden']}) / normflows "
                 f"Glow ({r['params']:,} flow parameters, width {r['hidden']}) images/s = "
-                f"{ours['images_per_s'] / r['images_per_s']:.2f}x (median "
-                f"{ours['images_per_s_median'] / r['images_per_s_median']:.2f}x; target >= 1.2x)"
+                f"{_speedup(ours, r)} (target >= 1.2x)"
             )
     for r in records:
         if "profile" in r:
