@@ -3,7 +3,8 @@
 ``peer_glow`` builds it at the parameter count of one of the project's flows;
 ``class_log_probs`` scores every class in one pass of the flow (NF-Acc); ``bits_per_dim`` is
 its NLL in the project's units. Used by ``train_throughput.py --peer`` (images/s) and
-``cifar10_cpu.py --peer`` (NF-Acc at equal budget). Needs the ``bench`` extra
+``cifar10_cpu.py --methods ...,normflows-glow`` (NF-Acc at equal
+budget). Needs the ``bench`` extra
 (``pip install -e '.[bench]'``).
 """
 

@@ -236,7 +236,6 @@ def log_to_mlflow(tracking: Any, parent_id: str, result: dict[str, Any]) -> None
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per method, mean +- std over seeds (``-``: not evaluated, eval.every)."""
-    fmt = mean_sd
     rows = [
         "| method | seeds | NF-Acc (%) | NF-Acc after 1st update (%) | test bits/dim | minutes |",
         "|---|---|---|---|---|---|",
@@ -247,9 +246,9 @@ def table(records: list[dict[str, Any]]) -> str:
             continue
         col = {key: [r[key] for r in recs] for key in recs[0]}
         rows.append(
-            f"| {method} | {len(recs)} | {fmt(col['nf_acc'], 100)} | "
-            f"{fmt(col['nf_acc_after_solve'], 100)} | {fmt(col['test_bpd'], 1, 3)} | "
-            f"{fmt(col['minutes'], 1, 1)} |"
+            f"| {method} | {len(recs)} | {mean_sd(col['nf_acc'], 100)} | "
+            f"{mean_sd(col['nf_acc_after_solve'], 100)} | {mean_sd(col['test_bpd'], 1, 3)} | "
+            f"{mean_sd(col['minutes'], 1, 1)} |"
         )
     return "\n".join(rows)
 

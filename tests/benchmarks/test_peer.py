@@ -1,26 +1,32 @@
 """The normflows peer (benchmarks/_peer.py): its width matches the project's parameter count,
 and its one-pass class scores are normflows' own ``log_prob`` for every class."""
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _peer import bits_per_dim, class_log_probs, peer_glow
-
 from nfpi.data import dequantization_offset
 from nfpi.flows import build_flow
 
 nf = pytest.importorskip("normflows")  # the bench extra; dev installs it too (pyproject.toml)
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def peer():
+def _peer():
+    """benchmarks/_peer.py, imported with benchmarks/ on sys.path for this module only."""
+    with pytest.MonkeyPatch.context() as m:
+        m.syspath_prepend(str(BENCH))
+        yield importlib.import_module("_peer")
+
+
+@pytest.fixture(scope="module")
+def peer(_peer):
     ours = build_flow("glow-small", in_shape=(3, 8, 8), hidden=8)
     n_ours = sum(p.numel() for p in ours.parameters())
-    model, width, n_peer = peer_glow(n_ours, ours.spec, (3, 8, 8), k=4, seed=3)
+    model, width, n_peer = _peer.peer_glow(n_ours, ours.spec, (3, 8, 8), k=4, seed=3)
     return model.double(), width, n_peer, n_ours
 
 
@@ -30,7 +36,7 @@ def test_the_peer_matches_the_parameter_count(peer):
     assert abs(n_peer - n_ours) <= 0.05 * n_ours
 
 
-def test_class_scores_are_normflows_log_prob_for_every_class(peer):
+def test_class_scores_are_normflows_log_prob_for_every_class(peer, _peer):
     model = peer[0]
     gen = torch.Generator().manual_seed(0)
     for q in model.q0:  # classes that differ, so that a mixed-up class shows
@@ -39,7 +45,7 @@ def test_class_scores_are_normflows_log_prob_for_every_class(peer):
     x = torch.rand(5, 3, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
         model.log_prob(x, torch.zeros(5, dtype=torch.long))  # ActNorm's data init, once
-        scores = class_log_probs(model, x)
+        scores = _peer.class_log_probs(model, x)
         expected = torch.stack(
             [model.log_prob(x, torch.full((5,), y, dtype=torch.long)) for y in range(4)], 1
         )
@@ -47,8 +53,8 @@ def test_class_scores_are_normflows_log_prob_for_every_class(peer):
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-9)
 
 
-def test_bits_per_dim_of_a_uniform_density_is_eight():
+def test_bits_per_dim_of_a_uniform_density_is_eight(_peer):
     d = 3 * 8 * 8
     log_p = torch.full((2,), -d * torch.log(torch.tensor(2.0)).item())  # uniform on [-1, 1]^d
-    bpd = bits_per_dim(log_p, d, dequantization_offset(d, 256))
+    bpd = _peer.bits_per_dim(log_p, d, dequantization_offset(d, 256))
     torch.testing.assert_close(bpd, torch.full((2,), 8.0))
